@@ -1,0 +1,641 @@
+//! `sluice-bench device`: drives one `UringDevice` queue pair from one reactor, the way
+//! the OSD will, and reports what the raw device does. Every other benchmark is divided
+//! by this one.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use sluice_dataplane::park::ParkState;
+use sluice_dataplane::reactor::{self, PollMode, ReactorConfig};
+use sluice_dataplane::{Context, PollResult, Poller};
+use sluice_nvme::{BlockDevice, DmaPool, IoCommand, OpKind, TaskRun, UringDevice, UringOptions};
+use sluice_vocab::limits::BLOCK_SIZE_BYTES;
+use sluice_vocab::{
+    BlockCount, ByteSize, Clock, CoreId, Lba, MonoTime, SystemClock, parse_duration,
+};
+
+use crate::machine::Machine;
+use crate::progress::Progress;
+use crate::report::{OpResults, Report, Results, SCHEMA, new_histogram, process_cpu_time};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rw {
+    Read,
+    Write,
+    Randread,
+    Randwrite,
+    Randrw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskRunArg {
+    /// COOP_TASKRUN: the reactor collects completions when it polls (no IPIs).
+    Cooperative,
+    /// io_uring's default: the kernel interrupts the reactor for every completion.
+    Interrupt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PollArg {
+    /// Spin for --spin after the last work, then sleep until woken.
+    Park,
+    /// Never sleep.
+    Dedicated,
+}
+
+/// Where to pin a reactor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuChoice {
+    /// On the CPU that takes the device's interrupts, if that can be found.
+    Auto,
+    /// Nowhere: the kernel places the thread.
+    None,
+    Cpu(usize),
+}
+
+impl std::str::FromStr for CpuChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(CpuChoice::Auto),
+            "none" => Ok(CpuChoice::None),
+            n => n
+                .parse()
+                .map(CpuChoice::Cpu)
+                .map_err(|_| format!("expected auto, none or a CPU number, got {n:?}")),
+        }
+    }
+}
+
+impl CpuChoice {
+    /// Resolves `auto` against the device at `path`, saying what it chose.
+    pub fn resolve(self, path: &std::path::Path) -> Option<usize> {
+        match self {
+            CpuChoice::Cpu(n) => Some(n),
+            CpuChoice::None => None,
+            CpuChoice::Auto => {
+                let cpu = sluice_nvme::irq::interrupt_cpus(path).and_then(|c| c.first().copied());
+                match cpu {
+                    Some(c) => eprintln!(
+                        "reactor pinned to CPU {c}: it takes the interrupts of the device behind {}",
+                        path.display()
+                    ),
+                    None => eprintln!(
+                        "reactor not pinned: cannot tell which CPU takes the interrupts of {}",
+                        path.display()
+                    ),
+                }
+                cpu
+            }
+        }
+    }
+}
+
+/// Options shared by benchmarks that run reactors.
+#[derive(Debug, Clone, Args)]
+pub struct ReactorArgs {
+    /// Pin the reactor: `auto` (the CPU taking the device's interrupts), `none`, or a CPU.
+    #[arg(long, default_value = "auto")]
+    pub cpu: CpuChoice,
+    /// What the reactor does when idle.
+    #[arg(long, value_enum, default_value = "park")]
+    pub poll: PollArg,
+    /// How long an idle reactor keeps polling before it sleeps (with --poll park).
+    #[arg(long, default_value = "200us", value_parser = parse_duration)]
+    pub spin: Duration,
+}
+
+impl ReactorArgs {
+    pub fn mode(&self) -> PollMode {
+        match self.poll {
+            PollArg::Park => PollMode::Park { spin: self.spin },
+            PollArg::Dedicated => PollMode::Dedicated,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Device file or block device. A missing or sparse file is created and filled first.
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Size of the device file to create (ignored for existing files and block devices).
+    #[arg(long, default_value = "4G")]
+    pub dev_size: ByteSize,
+    /// Access pattern.
+    #[arg(long, value_enum)]
+    pub rw: Rw,
+    /// Bytes per I/O (a multiple of 4k).
+    #[arg(long, default_value = "4k")]
+    pub bs: ByteSize,
+    /// I/Os kept in flight.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub runtime: Duration,
+    /// Flush after every N writes (like fio --fsync=N): stop issuing, drain, flush.
+    #[arg(long, default_value_t = 0)]
+    pub flush_every: u64,
+    /// Percentage of reads for --rw randrw.
+    #[arg(long, default_value_t = 50)]
+    pub rwmix_read: u8,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Use the kernel SQ polling thread (costs a CPU).
+    #[arg(long)]
+    pub sqpoll: bool,
+    /// Use polled completions (needs a block device with io_poll).
+    #[arg(long)]
+    pub iopoll: bool,
+    /// Go through the page cache instead of O_DIRECT.
+    #[arg(long)]
+    pub no_direct: bool,
+    /// How the kernel hands completions to the polling reactor.
+    #[arg(long, value_enum, default_value = "cooperative")]
+    pub taskrun: TaskRunArg,
+    /// Seed for random offsets.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub reactor: ReactorArgs,
+}
+
+pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
+    let bs = args.bs.0 as usize;
+    if bs == 0
+        || !bs.is_multiple_of(BLOCK_SIZE_BYTES)
+        || bs > sluice_vocab::limits::MAX_TRANSFER_BYTES
+    {
+        bail!("--bs must be a multiple of 4k up to 1M (got {})", args.bs);
+    }
+    if args.qd == 0 || args.qd > 1024 {
+        bail!("--qd must be between 1 and 1024 (got {})", args.qd);
+    }
+    if args.rwmix_read > 100 {
+        bail!("--rwmix-read is a percentage (got {})", args.rwmix_read);
+    }
+    prepare_file(&args)?;
+    let pool = DmaPool::new(bs, args.qd, Default::default()).context("allocating DMA buffers")?;
+    let opts = UringOptions {
+        queue_depth: args.qd.max(2),
+        direct: !args.no_direct,
+        sqpoll_idle_ms: args.sqpoll.then_some(50),
+        iopoll: args.iopoll,
+        fixed_pools: vec![pool.clone()],
+        taskrun: match args.taskrun {
+            TaskRunArg::Cooperative => TaskRun::Cooperative,
+            TaskRunArg::Interrupt => TaskRun::Interrupt,
+        },
+        ..Default::default()
+    };
+    let dev = UringDevice::open(&args.path, opts)?;
+    let span = dev.info().num_blocks / (bs / BLOCK_SIZE_BYTES) as u64;
+    if span == 0 {
+        bail!("{} is smaller than one {}-byte I/O", args.path.display(), bs);
+    }
+    let cpu = args.reactor.cpu.resolve(&args.path);
+    let config = json!({
+        "path": args.path,
+        "dev_size_bytes": dev.info().size_bytes(),
+        "rw": args.rw,
+        "bs_bytes": bs,
+        "qd": args.qd,
+        "runtime_s": args.runtime.as_secs_f64(),
+        "flush_every": args.flush_every,
+        "rwmix_read": args.rwmix_read,
+        "direct": !args.no_direct,
+        "sqpoll": args.sqpoll,
+        "iopoll": args.iopoll,
+        "taskrun": format!("{:?}", args.taskrun),
+        "cpu": cpu,
+        "poll": format!("{:?}", args.reactor.mode()),
+        "seed": args.seed,
+    });
+    let shared = Arc::new(Shared::default());
+    let load = Load::new(dev, pool, &args, span, Arc::clone(&shared));
+    let cfg = ReactorConfig { core: CoreId(0), cpu, mode: args.reactor.mode() };
+    let started_at_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let handle = reactor::spawn(cfg, ParkState::new()?, move |r| {
+        r.add_poller(Box::new(load))?;
+        Ok(())
+    })?;
+    let progress =
+        (!args.quiet).then(|| Progress::start("device", Arc::clone(&shared.ios), bs as u64));
+    while !shared.done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(progress);
+    let stats = handle.stop()?;
+    let c = shared
+        .collected
+        .lock()
+        .expect("results lock")
+        .take()
+        .context("benchmark produced no results")?;
+    let all = OpResults::from_histogram(&c.all, c.elapsed, bs as u64);
+    let mut results = Results::new(&all, c.elapsed, c.cpu, stats.busy_share(), c.errors);
+    let ops = |h: &Histogram<u64>| {
+        (!h.is_empty()).then(|| OpResults::from_histogram(h, c.elapsed, bs as u64))
+    };
+    results.read = ops(&c.read);
+    results.write = ops(&c.write);
+    results.flush = ops(&c.flush).map(|mut o| {
+        o.bytes_per_sec = 0.0;
+        o
+    });
+    results.durable_write = ops(&c.durable);
+    let report = Report {
+        schema: SCHEMA,
+        kind: "device",
+        commit: env!("SLUICE_COMMIT"),
+        started_at_unix_s,
+        machine: Machine::probe(Some(&args.path)),
+        config,
+        results,
+    };
+    report.print_table();
+    if let Some(p) = &args.json {
+        report.write_json(p)?;
+        println!("report written to {}", p.display());
+    }
+    if report.results.errors > 0 {
+        bail!("{} I/O errors during the run", report.results.errors);
+    }
+    Ok(())
+}
+
+/// Creates the device file if needed and makes sure every block was written, so reads
+/// hit the medium rather than holes.
+fn prepare_file(args: &DeviceArgs) -> anyhow::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let size = args.dev_size.0 / BLOCK_SIZE_BYTES as u64 * BLOCK_SIZE_BYTES as u64;
+    match std::fs::metadata(&args.path) {
+        Ok(md) if md.file_type().is_block_device() => return Ok(()),
+        Ok(md) if md.len() >= size && md.blocks() * 512 >= md.len() => return Ok(()),
+        Ok(md) if md.len() > 0 && md.len() < size && !md.file_type().is_file() => {
+            bail!("{} is not a regular file or block device", args.path.display())
+        }
+        _ => {}
+    }
+    let len = std::fs::metadata(&args.path).map_or(0, |m| m.len()).max(size);
+    sluice_nvme::create_device_file(&args.path, len)
+        .with_context(|| format!("creating {}", args.path.display()))?;
+    eprintln!(
+        "preparing {}: writing all {} so reads hit the medium",
+        args.path.display(),
+        ByteSize(len)
+    );
+    let mut dev = UringDevice::open(
+        &args.path,
+        UringOptions { queue_depth: 8, direct: !args.no_direct, ..Default::default() },
+    )?;
+    let chunk = BlockCount(256);
+    let total = dev.info().num_blocks;
+    let mut next = 0u64;
+    let mut pending = 0usize;
+    let mut bufs: Vec<_> =
+        (0..8).map(|_| sluice_nvme::DmaBuf::new(chunk.bytes() as usize)).collect();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        b.fill(0x5a ^ i as u8);
+    }
+    while next < total || pending > 0 {
+        while next < total {
+            let Some(buf) = bufs.pop() else { break };
+            let n = BlockCount(chunk.0.min(total - next));
+            let mut buf = buf;
+            buf.set_len(n.bytes() as usize);
+            dev.submit(IoCommand::Write { lba: Lba(next), blocks: n, fua: false }, Some(buf), next)
+                .map_err(|e| anyhow::anyhow!("prefill: {e}"))?;
+            next += n.0;
+            pending += 1;
+        }
+        dev.kick()?;
+        let mut err = None;
+        dev.poll(usize::MAX, &mut |c| {
+            if let Err(e) = c.result {
+                err = Some(e);
+            }
+            let mut b = c.buf.expect("write buffer");
+            b.set_len(b.capacity());
+            bufs.push(b);
+            pending -= 1;
+        });
+        if let Some(e) = err {
+            bail!("prefill of {} failed: {e}", args.path.display());
+        }
+    }
+    sluice_nvme::flush_sync(&mut dev)?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct Shared {
+    ios: Arc<AtomicU64>,
+    done: AtomicBool,
+    collected: Mutex<Option<Collected>>,
+}
+
+struct Collected {
+    all: Histogram<u64>,
+    read: Histogram<u64>,
+    write: Histogram<u64>,
+    flush: Histogram<u64>,
+    durable: Histogram<u64>,
+    elapsed: Duration,
+    cpu: Duration,
+    errors: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Running,
+    Draining,
+    Done,
+}
+
+/// The load generator: keeps `qd` I/Os in flight until the deadline.
+struct Load {
+    dev: UringDevice,
+    pool: DmaPool,
+    rw: Rw,
+    rwmix_read: u8,
+    bs_blocks: u64,
+    span: u64,
+    qd: usize,
+    flush_every: u64,
+    runtime: Duration,
+    rng: u64,
+    seq_next: u64,
+    /// Per tag: submission time and kind.
+    submitted_ns: Vec<u64>,
+    kind: Vec<OpKind>,
+    free_tags: Vec<u64>,
+    writes_since_flush: u64,
+    writes_in_flight: u64,
+    flush_in_flight: bool,
+    /// Submission times of completed writes not yet covered by a flush.
+    unflushed: Vec<u64>,
+    /// Those covered by the flush in flight.
+    covered: Vec<u64>,
+    hist: [Histogram<u64>; 5],
+    errors: u64,
+    phase: Phase,
+    start: MonoTime,
+    cpu_start: Duration,
+    shared: Arc<Shared>,
+    clock: SystemClock,
+}
+
+const H_ALL: usize = 0;
+const H_READ: usize = 1;
+const H_WRITE: usize = 2;
+const H_FLUSH: usize = 3;
+const H_DURABLE: usize = 4;
+const FLUSH_TAG_BIT: u64 = 1 << 63;
+
+impl Load {
+    fn new(
+        dev: UringDevice,
+        pool: DmaPool,
+        args: &DeviceArgs,
+        span: u64,
+        shared: Arc<Shared>,
+    ) -> Load {
+        let qd = args.qd;
+        Load {
+            dev,
+            pool,
+            rw: args.rw,
+            rwmix_read: args.rwmix_read,
+            bs_blocks: args.bs.0 / BLOCK_SIZE_BYTES as u64,
+            span,
+            qd,
+            flush_every: args.flush_every,
+            runtime: args.runtime,
+            rng: args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            seq_next: 0,
+            submitted_ns: vec![0; qd],
+            kind: vec![OpKind::Read; qd],
+            free_tags: (0..qd as u64).rev().collect(),
+            writes_since_flush: 0,
+            writes_in_flight: 0,
+            flush_in_flight: false,
+            unflushed: Vec::with_capacity(1024),
+            covered: Vec::with_capacity(1024),
+            hist: std::array::from_fn(|_| new_histogram()),
+            errors: 0,
+            phase: Phase::Starting,
+            start: MonoTime::ZERO,
+            cpu_start: Duration::ZERO,
+            shared,
+            clock: SystemClock,
+        }
+    }
+
+    /// xorshift64*: fast, and reproducible from the seed.
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn next_io(&mut self) -> (OpKind, Lba) {
+        let (kind, unit) = match self.rw {
+            Rw::Read | Rw::Write => {
+                let u = self.seq_next;
+                self.seq_next = (self.seq_next + 1) % self.span;
+                (if self.rw == Rw::Read { OpKind::Read } else { OpKind::Write }, u)
+            }
+            Rw::Randread => (OpKind::Read, self.next_random() % self.span),
+            Rw::Randwrite => (OpKind::Write, self.next_random() % self.span),
+            Rw::Randrw => {
+                let r = self.next_random();
+                let kind = if (r % 100) < u64::from(self.rwmix_read) {
+                    OpKind::Read
+                } else {
+                    OpKind::Write
+                };
+                (kind, (r / 100) % self.span)
+            }
+        };
+        (kind, Lba(unit * self.bs_blocks))
+    }
+
+    fn reap(&mut self, now_ns: u64) -> u64 {
+        let Load {
+            dev,
+            submitted_ns,
+            kind,
+            free_tags,
+            hist,
+            errors,
+            unflushed,
+            covered,
+            flush_in_flight,
+            writes_since_flush,
+            writes_in_flight,
+            flush_every,
+            ..
+        } = self;
+        let mut n = 0;
+        dev.poll(usize::MAX, &mut |c| {
+            if c.result.is_err() {
+                *errors += 1;
+            }
+            if c.tag & FLUSH_TAG_BIT != 0 {
+                let lat = now_ns - (c.tag & !FLUSH_TAG_BIT);
+                let _ = hist[H_FLUSH].record(lat.max(1));
+                for start in covered.drain(..) {
+                    let _ = hist[H_DURABLE].record((now_ns - start).max(1));
+                }
+                *flush_in_flight = false;
+                return;
+            }
+            let tag = c.tag as usize;
+            let lat = (now_ns - submitted_ns[tag]).max(1);
+            let _ = hist[H_ALL].record(lat);
+            match kind[tag] {
+                OpKind::Write => {
+                    let _ = hist[H_WRITE].record(lat);
+                    *writes_in_flight -= 1;
+                    if *flush_every > 0 {
+                        unflushed.push(submitted_ns[tag]);
+                        *writes_since_flush += 1;
+                    }
+                }
+                _ => {
+                    let _ = hist[H_READ].record(lat);
+                }
+            }
+            // The buffer goes back to the pool when `c` drops at the end of this closure.
+            free_tags.push(c.tag);
+            n += 1;
+        });
+        n
+    }
+
+    fn submit_more(&mut self, now_ns: u64) {
+        let flushing = self.flush_every > 0
+            && self.writes_since_flush + self.writes_in_flight >= self.flush_every;
+        if flushing {
+            // Like fio --fsync: stop, let in-flight I/O finish, flush, go on.
+            if !self.flush_in_flight && self.dev.in_flight() == 0 {
+                self.covered.append(&mut self.unflushed);
+                self.writes_since_flush = 0;
+                self.flush_in_flight = true;
+                self.dev
+                    .submit(IoCommand::Flush, None, FLUSH_TAG_BIT | now_ns)
+                    .expect("flush submit");
+            }
+            return;
+        }
+        while self.dev.in_flight() < self.qd {
+            let Some(tag) = self.free_tags.pop() else { break };
+            let (kind, lba) = self.next_io();
+            let buf = self.pool.alloc().expect("one buffer per tag");
+            let blocks = BlockCount(self.bs_blocks);
+            let cmd = match kind {
+                OpKind::Read => IoCommand::Read { lba, blocks },
+                _ => IoCommand::Write { lba, blocks, fua: false },
+            };
+            self.submitted_ns[tag as usize] = now_ns;
+            self.kind[tag as usize] = kind;
+            self.dev.submit(cmd, Some(buf), tag).expect("submit within queue depth");
+            if kind == OpKind::Write {
+                self.writes_in_flight += 1;
+                if self.flush_every > 0
+                    && self.writes_since_flush + self.writes_in_flight >= self.flush_every
+                {
+                    // The flush budget is used up: no more I/O until the flush.
+                    break;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, now: MonoTime) {
+        let elapsed = now.saturating_sub(self.start);
+        let [all, read, write, flush, durable] =
+            std::mem::replace(&mut self.hist, std::array::from_fn(|_| new_histogram()));
+        let c = Collected {
+            all,
+            read,
+            write,
+            flush,
+            durable,
+            elapsed,
+            cpu: process_cpu_time() - self.cpu_start,
+            errors: self.errors,
+        };
+        *self.shared.collected.lock().expect("results lock") = Some(c);
+        self.phase = Phase::Done;
+        self.shared.done.store(true, Ordering::Release);
+    }
+}
+
+impl Poller for Load {
+    fn name(&self) -> &'static str {
+        "device-load"
+    }
+
+    fn poll(&mut self, _cx: &mut Context<'_>) -> PollResult {
+        let now = self.clock.now();
+        match self.phase {
+            Phase::Done => return PollResult::Idle,
+            Phase::Starting => {
+                self.start = now;
+                self.cpu_start = process_cpu_time();
+                self.phase = Phase::Running;
+            }
+            _ => {}
+        }
+        let reaped = self.reap(now.as_nanos());
+        if reaped > 0 {
+            self.shared.ios.fetch_add(reaped, Ordering::Relaxed);
+        }
+        if self.phase == Phase::Running && now.saturating_sub(self.start) >= self.runtime {
+            self.phase = Phase::Draining;
+        }
+        let before = self.dev.in_flight();
+        if self.phase == Phase::Running {
+            self.submit_more(now.as_nanos());
+        }
+        let submitted = self.dev.in_flight() > before;
+        if submitted && let Err(e) = self.dev.kick() {
+            eprintln!("device error: {e}");
+            self.errors += 1;
+        }
+        if self.phase == Phase::Draining && self.dev.in_flight() == 0 {
+            self.finish(now);
+        }
+        PollResult::busy_if(reaped > 0 || submitted)
+    }
+
+    fn prepare_park(&mut self) -> bool {
+        self.dev.prepare_park()
+    }
+
+    fn after_park(&mut self) {
+        self.dev.after_park()
+    }
+
+    fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.dev.park_fd()
+    }
+}

@@ -1,0 +1,48 @@
+//! `sluice-bench`: measures Sluice against baselines taken in the same run.
+//!
+//! Every report has the same schema (see `docs/benchmarks.md`): IOPS, bytes per second,
+//! latency percentiles from an HDR histogram, CPU time per I/O and reactor busy share,
+//! with the commit, the machine and the full configuration.
+
+#![forbid(unsafe_code)]
+
+mod device;
+mod machine;
+mod progress;
+mod reactor_bench;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "Benchmarks for Sluice: devices, reactors, the store and objects."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Drive a file or block device through io_uring from one reactor: the raw-device
+    /// baseline every other benchmark is compared with.
+    Device(device::DeviceArgs),
+    /// Measure round trips between two reactors for several spin windows and gaps:
+    /// what parking costs and what spinning buys.
+    Reactor(reactor_bench::ReactorBenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Device(a) => device::run(a),
+        Cmd::Reactor(a) => reactor_bench::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("sluice-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,28 @@
+//! The Sluice OSD dataplane.
+//!
+//! One reactor thread per core, pinned, never blocking. A reactor is a list of pollers
+//! driven by `run_once(now)`: device completions, network, cross-core mailboxes, timers,
+//! background work. Each core owns its shards (store, PGs, connections, queue pair)
+//! outright; cores talk only through bounded lock-free mailboxes, never locks.
+//!
+//! What lives here today:
+//! * [`ring`]: the single-producer single-consumer ring under every mailbox;
+//! * [`mailbox`]: the mesh of rings between cores, FIFO per sender, bounded;
+//! * [`park`]: the spin-then-park protocol that never loses a wakeup;
+//! * [`reactor`]: pollers, timers, `run_once`, pinned threads, busy/idle accounting.
+//!
+//! Threads: a [`reactor::Reactor`] and its pollers belong to one thread. Mailbox ends and
+//! wakers are the only things shared between threads. Faults tolerated: a full mailbox
+//! pushes back (the sender keeps the message); nothing is dropped.
+
+#![deny(unsafe_code)]
+
+pub mod mailbox;
+pub mod park;
+pub mod reactor;
+pub mod ring;
+mod sync;
+
+pub use mailbox::{Full, Inbox, Outbox, mesh};
+pub use park::{ParkState, Waker};
+pub use reactor::{Context, PollMode, PollResult, Poller, Reactor, ReactorConfig, ReactorHandle};
