@@ -189,9 +189,16 @@ static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 impl DmaPool {
     /// Maps `count` buffers of `buf_size` bytes (rounded up to 4 KiB).
     pub fn new(buf_size: usize, count: usize, opts: PoolOptions) -> std::io::Result<DmaPool> {
-        assert!(count > 0 && count <= u32::MAX as usize, "pool of {count} buffers");
+        if count == 0 || count > u32::MAX as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a pool of {count} buffers"),
+            ));
+        }
         let buf_size = buf_size.max(1).next_multiple_of(DMA_ALIGN_BYTES);
-        let mut region_len = buf_size.checked_mul(count).expect("pool size overflows");
+        let mut region_len = buf_size.checked_mul(count).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "pool size overflows")
+        })?;
         let mut mo = memmap2::MmapOptions::new();
         if opts.hugepages {
             region_len = region_len.next_multiple_of(HUGE_PAGE_BYTES);

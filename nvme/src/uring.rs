@@ -101,6 +101,8 @@ pub enum OpenError {
     NoIopoll { path: String, why: String },
     #[error("{path}: io_uring setup failed: {source}")]
     Uring { path: String, source: std::io::Error },
+    #[error("{path}: invalid option: {why}")]
+    InvalidOption { path: String, why: String },
 }
 
 struct Slot {
@@ -138,8 +140,6 @@ pub struct UringDevice {
     info: DeviceInfo,
     slots: Box<[Slot]>,
     free: Vec<u32>,
-    unsubmitted: usize,
-    aux_unsubmitted: usize,
     in_flight: usize,
     eventfd: EventFd,
     fixed: Vec<FixedRegion>,
@@ -222,7 +222,12 @@ impl UringDevice {
         opts: UringOptions,
     ) -> Result<UringDevice, OpenError> {
         let depth = opts.queue_depth;
-        assert!(depth > 0 && depth <= MAX_QUEUE_DEPTH, "queue depth {depth}");
+        if depth == 0 || depth > MAX_QUEUE_DEPTH {
+            return Err(OpenError::InvalidOption {
+                path: name,
+                why: format!("queue depth {depth} is not between 1 and {MAX_QUEUE_DEPTH}"),
+            });
+        }
         let uring_err = |source| OpenError::Uring { path: name.clone(), source };
         if opts.iopoll {
             check_iopoll(&file).map_err(|why| OpenError::NoIopoll { path: name.clone(), why })?;
@@ -266,11 +271,13 @@ impl UringDevice {
             let mut off = 0;
             while off < len {
                 let chunk = (len - off).min(MAX_FIXED_IOVEC_BYTES);
-                fixed.push(FixedRegion {
-                    start: base as usize + off,
-                    len: chunk,
-                    index: u16::try_from(iovecs.len()).expect("too many fixed buffers"),
-                });
+                let Ok(index) = u16::try_from(iovecs.len()) else {
+                    return Err(OpenError::InvalidOption {
+                        path: name,
+                        why: "too many fixed buffer regions".into(),
+                    });
+                };
+                fixed.push(FixedRegion { start: base as usize + off, len: chunk, index });
                 iovecs
                     .push(libc::iovec { iov_base: base.wrapping_add(off).cast(), iov_len: chunk });
                 off += chunk;
@@ -304,8 +311,6 @@ impl UringDevice {
             },
             slots,
             free: (0..depth as u32).rev().collect(),
-            unsubmitted: 0,
-            aux_unsubmitted: 0,
             in_flight: 0,
             eventfd,
             fixed,
@@ -403,6 +408,70 @@ impl UringDevice {
     }
 }
 
+/// How long dropping a queue pair waits for in-flight commands before leaking their
+/// buffers rather than freeing memory the kernel may still write.
+const DRAIN_ON_DROP: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Drop for UringDevice {
+    /// Commands still in flight own DMA buffers the kernel may be reading or writing.
+    /// Cancel them and wait for every completion before the buffers are freed; if that
+    /// does not finish, leak the buffers (and the pool mappings) instead.
+    fn drop(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        for r in std::iter::once(&mut self.ring).chain(self.aux.as_mut()) {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                .build()
+                .user_data(CANCEL_TAG);
+            // SAFETY: a cancel request references no memory.
+            let _ = unsafe { r.submission().push(&cancel) };
+            let _ = r.submit();
+        }
+        let deadline = std::time::Instant::now() + DRAIN_ON_DROP;
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            let mut reaped = 0;
+            let Self { ring, aux, slots, free, in_flight, .. } = self;
+            for r in std::iter::once(&mut *ring).chain(aux.as_mut()) {
+                let _ = r.submit_and_wait(if *in_flight > 0 { 1 } else { 0 });
+                for cqe in r.completion() {
+                    if cqe.user_data() == CANCEL_TAG {
+                        continue;
+                    }
+                    let slot_no = (cqe.user_data() & !AUX_BIT) as u32;
+                    let slot = &mut slots[slot_no as usize];
+                    if slot.kind != SlotKind::Free {
+                        slot.kind = SlotKind::Free;
+                        slot.buf = None;
+                        free.push(slot_no);
+                        *in_flight -= 1;
+                        reaped += 1;
+                    }
+                }
+            }
+            if reaped == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        if self.in_flight > 0 {
+            log::error!(
+                "{}: {} commands still in flight at close; leaking their buffers",
+                self.info.name,
+                self.in_flight
+            );
+            for slot in self.slots.iter_mut() {
+                if let Some(b) = slot.buf.take() {
+                    std::mem::forget(b);
+                }
+            }
+            std::mem::forget(std::mem::take(&mut self._keepalive));
+        }
+    }
+}
+
+/// `user_data` of the cancel requests issued at drop.
+const CANCEL_TAG: u64 = u64::MAX;
+
 trait RingExt {
     fn completion_shared_disable_eventfd(&self);
     fn set_cq_notify(&self, on: bool);
@@ -459,23 +528,20 @@ impl BlockDevice for UringDevice {
         };
         if on_aux {
             Self::push(self.aux.as_mut().expect("aux ring"), &entry);
-            self.aux_unsubmitted += 1;
         } else {
             Self::push(&mut self.ring, &entry);
-            self.unsubmitted += 1;
         }
         self.in_flight += 1;
         Ok(())
     }
 
     fn kick(&mut self) -> Result<(), IoError> {
-        if self.unsubmitted > 0 {
-            Self::submit_ring(&self.ring)?;
-            self.unsubmitted = 0;
-        }
-        if self.aux_unsubmitted > 0 {
-            Self::submit_ring(self.aux.as_ref().expect("aux ring"))?;
-            self.aux_unsubmitted = 0;
+        // The SQ ring itself says what is left: entries the kernel did not take (EAGAIN,
+        // a partial submit) stay there and the next kick submits them.
+        for r in std::iter::once(&mut self.ring).chain(self.aux.as_mut()) {
+            if !r.submission().is_empty() {
+                Self::submit_ring(r)?;
+            }
         }
         Ok(())
     }
@@ -489,10 +555,12 @@ impl BlockDevice for UringDevice {
             // a cooperative ring posts completions when we enter it. One enter collects
             // everything pending (it also submits anything queued, which kick allows).
             let _ = self.ring.submit();
-            self.unsubmitted = 0;
         }
         let mut n = 0;
         let Self { ring, aux, slots, free, in_flight, .. } = self;
+        if max == 0 {
+            return 0;
+        }
         for r in std::iter::once(ring).chain(aux.as_mut()) {
             for cqe in r.completion() {
                 let slot_no = (cqe.user_data() & !AUX_BIT) as u32;
@@ -533,7 +601,9 @@ impl BlockDevice for UringDevice {
     }
 
     fn prepare_park(&mut self) -> bool {
-        if self.unsubmitted > 0 || self.aux_unsubmitted > 0 {
+        if !self.ring.submission().is_empty()
+            || self.aux.as_mut().is_some_and(|a| !a.submission().is_empty())
+        {
             return false;
         }
         if self.ring.params().is_setup_iopoll() && self.in_flight > 0 {

@@ -135,3 +135,35 @@ fn flushed_data_survives_reopen() {
     let mut dev = UringDevice::open(&path, UringOptions::default()).unwrap();
     assert_eq!(read_sync(&mut dev, Lba(100), BlockCount(1)).unwrap().to_vec(), block(0x5a));
 }
+
+#[test]
+fn dropping_a_queue_pair_with_io_in_flight_returns_every_buffer_after_the_kernel_is_done() {
+    let (_d, path) = scratch();
+    let pool = DmaPool::new(4096, 16, Default::default()).unwrap();
+    {
+        let mut dev = UringDevice::open(
+            &path,
+            UringOptions { queue_depth: 16, fixed_pools: vec![pool.clone()], ..Default::default() },
+        )
+        .unwrap();
+        for i in 0..8u64 {
+            let buf = pool.alloc().unwrap();
+            dev.submit(IoCommand::Read { lba: Lba(i), blocks: BlockCount(1) }, Some(buf), i)
+                .unwrap();
+        }
+        for i in 8..16u64 {
+            let mut buf = pool.alloc().unwrap();
+            buf.fill(i as u8);
+            dev.submit(
+                IoCommand::Write { lba: Lba(100 + i), blocks: BlockCount(1), fua: false },
+                Some(buf),
+                i,
+            )
+            .unwrap();
+        }
+        dev.kick().unwrap();
+        assert_eq!(pool.available(), 0);
+        // Dropped with everything in flight (some commands may not even have been reaped).
+    }
+    assert_eq!(pool.available(), 16, "drop must wait for the kernel, then return the buffers");
+}

@@ -17,7 +17,35 @@ pub const MAX_QUEUE_DEPTH: usize = 4096;
 /// Most reactor cores one process runs.
 pub const MAX_CORES: usize = 256;
 
+/// Longest object name.
+pub const MAX_OBJECT_NAME_BYTES: usize = 1024;
+
+/// Longest xattr key and value.
+pub const MAX_XATTR_KEY_BYTES: usize = 256;
+pub const MAX_XATTR_VALUE_BYTES: usize = 64 << 10;
+
+/// Largest PG log entry the store accepts.
+pub const MAX_PGLOG_ENTRY_BYTES: usize = 64 << 10;
+
+/// Most data one transaction may write (a 4 MiB + 1 object fits with room to spare).
+pub const MAX_TXN_DATA_BYTES: usize = 8 << 20;
+
+/// Most operations in one transaction.
+pub const MAX_TXN_OPS: usize = 1024;
+
+/// Most store shards on one device.
+pub const MAX_SHARDS: usize = 64;
+
+/// Most parts one checkpoint may be split into (each fits in one segment).
+pub const MAX_CHECKPOINT_PARTS: usize = 128;
+
+/// Smallest segment (tests use small ones; a segment must hold a batch of the largest
+/// transaction, which the store enforces per device).
+pub const MIN_SEGMENT_BYTES: usize = 64 << 10;
+
 const _: () = assert!(BLOCK_SIZE_BYTES.is_power_of_two());
+const _: () = assert!(MIN_SEGMENT_BYTES.is_multiple_of(BLOCK_SIZE_BYTES));
+const _: () = assert!(MAX_SHARDS <= MAX_CORES);
 const _: () = assert!(DMA_ALIGN_BYTES >= BLOCK_SIZE_BYTES);
 const _: () = assert!(DMA_ALIGN_BYTES.is_multiple_of(BLOCK_SIZE_BYTES));
 const _: () = assert!(MAX_TRANSFER_BYTES.is_multiple_of(BLOCK_SIZE_BYTES));

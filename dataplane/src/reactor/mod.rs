@@ -64,6 +64,11 @@ pub trait Poller {
 
     /// The reactor wants to sleep: arm notifications and return `true` if nothing is
     /// pending, else `false` (the reactor stays awake).
+    ///
+    /// A poller that owns an [`Inbox`](crate::Inbox), a device or any queue fed from
+    /// elsewhere **must** override this and check it *after* the reactor announced
+    /// parking (which is when this is called), or a message published in between is
+    /// never noticed. The default suits pollers driven only by timers and their own fd.
     fn prepare_park(&mut self) -> bool {
         true
     }
@@ -111,6 +116,8 @@ pub struct Reactor {
     core: CoreId,
     pollers: Vec<Box<dyn Poller>>,
     timers: Timers,
+    /// Scratch list of timers due in this pass (kept to avoid allocating per pass).
+    due: Vec<(usize, u64)>,
     park: Arc<ParkState>,
     epoll: Epoll,
     timerfd: TimerFd,
@@ -142,6 +149,7 @@ impl Reactor {
             core,
             pollers: Vec::new(),
             timers: Timers::default(),
+            due: Vec::new(),
             park,
             epoll,
             timerfd,
@@ -181,8 +189,9 @@ impl Reactor {
     /// One pass: fires due timers, then polls every poller once.
     pub fn run_once(&mut self, now: MonoTime) -> PollResult {
         let mut result = PollResult::Idle;
-        let Reactor { core, pollers, timers, .. } = self;
-        while let Some((poller, token)) = timers.pop_due(now) {
+        let Reactor { core, pollers, timers, due, .. } = self;
+        timers.take_due(now, due);
+        for (poller, token) in due.drain(..) {
             let mut cx = Context { now, core: *core, timers, poller };
             pollers[poller].on_timer(token, &mut cx);
             result = PollResult::Busy;

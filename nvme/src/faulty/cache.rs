@@ -8,6 +8,26 @@ use crate::command::OpKind;
 /// Longest run forwarded to the inner device in one command, in blocks.
 const MAX_RUN_BLOCKS: u64 = 256;
 
+static ZERO_BLOCK: [u8; BLOCK_SIZE_BYTES] = [0; BLOCK_SIZE_BYTES];
+
+/// Which cache entries a flush job makes durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Covered {
+    /// A flush: the entries whose completion had been delivered when it was submitted.
+    Set(Vec<u64>),
+    /// A FUA write: its own entry.
+    One(u64),
+}
+
+impl Covered {
+    fn contains(&self, seq: u64) -> bool {
+        match self {
+            Covered::Set(v) => v.binary_search(&seq).is_ok(),
+            Covered::One(s) => *s == seq,
+        }
+    }
+}
+
 /// One completed, not yet durable write.
 #[derive(Debug)]
 pub(super) struct Entry {
@@ -16,7 +36,12 @@ pub(super) struct Entry {
     pub kind: OpKind,
     pub lba: u64,
     pub blocks: u64,
-    data: Vec<u8>,
+    /// `None`: zeroes (write-zeroes, trim), without a buffer.
+    data: Option<Vec<u8>>,
+    /// The user has seen this write complete; flushes submitted from now on cover it.
+    pub delivered: bool,
+    /// A flush job began writing this entry to the inner device: it may be there.
+    pub forwarded: bool,
     /// `dead[i]`: block i was superseded by a newer write that is already durable, so
     /// this entry's copy must never be read or land again.
     pub dead: Vec<bool>,
@@ -28,13 +53,9 @@ impl Entry {
     }
 
     pub fn block(&self, i: usize) -> &[u8] {
-        &self.data[i * BLOCK_SIZE_BYTES..(i + 1) * BLOCK_SIZE_BYTES]
-    }
-
-    fn is_covered(&self, upto: u64, only: Option<u64>) -> bool {
-        match only {
-            Some(seq) => self.seq == seq,
-            None => self.seq <= upto,
+        match &self.data {
+            Some(d) => &d[i * BLOCK_SIZE_BYTES..(i + 1) * BLOCK_SIZE_BYTES],
+            None => &ZERO_BLOCK,
         }
     }
 }
@@ -50,28 +71,59 @@ impl WriteCache {
         self.entries.len()
     }
 
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq
-    }
-
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter()
     }
 
-    pub fn insert(&mut self, tag: u64, kind: OpKind, lba: u64, blocks: u64, data: Vec<u8>) -> u64 {
-        assert_eq!(data.len() as u64, blocks * BLOCK_SIZE_BYTES as u64);
+    /// Adds a completed write; `data` is `None` for zeroes.
+    pub fn insert(
+        &mut self,
+        tag: u64,
+        kind: OpKind,
+        lba: u64,
+        blocks: u64,
+        data: Option<Vec<u8>>,
+    ) -> u64 {
+        if let Some(d) = &data {
+            assert_eq!(d.len() as u64, blocks * BLOCK_SIZE_BYTES as u64);
+        }
         self.last_seq += 1;
         let dead = vec![false; blocks as usize];
-        self.entries.push(Entry { seq: self.last_seq, tag, kind, lba, blocks, data, dead });
+        self.entries.push(Entry {
+            seq: self.last_seq,
+            tag,
+            kind,
+            lba,
+            blocks,
+            data,
+            delivered: false,
+            forwarded: false,
+            dead,
+        });
         self.last_seq
     }
 
-    /// The newest live cached copy of a block.
-    fn newest(&self, lba: u64, covered: Option<(u64, Option<u64>)>) -> Option<&[u8]> {
+    pub fn mark_delivered(&mut self, seq: u64) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.seq == seq) {
+            e.delivered = true;
+        }
+    }
+
+    /// What a flush submitted now covers.
+    pub fn delivered(&self) -> Covered {
+        Covered::Set(self.entries.iter().filter(|e| e.delivered).map(|e| e.seq).collect())
+    }
+
+    pub fn mark_forwarded(&mut self, covered: &Covered) {
+        for e in self.entries.iter_mut().filter(|e| covered.contains(e.seq)) {
+            e.forwarded = true;
+        }
+    }
+
+    /// The newest live cached copy of a block (among `covered` entries, if given).
+    fn newest(&self, lba: u64, covered: Option<&Covered>) -> Option<&[u8]> {
         self.entries.iter().rev().find_map(|e| {
-            if let Some((upto, only)) = covered
-                && !e.is_covered(upto, only)
-            {
+            if covered.is_some_and(|c| !c.contains(e.seq)) {
                 return None;
             }
             let i = e.block_index(lba)?;
@@ -86,25 +138,20 @@ impl WriteCache {
             .collect()
     }
 
-    /// Sequence numbers of the entries a flush job covers.
-    pub fn covered(&self, upto: u64, only: Option<u64>) -> impl Iterator<Item = u64> + '_ {
-        self.entries.iter().filter(move |e| e.is_covered(upto, only)).map(|e| e.seq)
-    }
-
     /// What a flush job must write: for every block of the covered entries, the newest
     /// covered live copy, coalesced into contiguous runs.
-    pub fn newest_runs(&self, upto: u64, only: Option<u64>) -> Vec<(u64, Vec<u8>)> {
+    pub fn newest_runs(&self, covered: &Covered) -> Vec<(u64, Vec<u8>)> {
         let mut blocks: Vec<u64> = self
             .entries
             .iter()
-            .filter(|e| e.is_covered(upto, only))
+            .filter(|e| covered.contains(e.seq))
             .flat_map(|e| e.lba..e.lba + e.blocks)
             .collect();
         blocks.sort_unstable();
         blocks.dedup();
         let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
         for b in blocks {
-            let Some(data) = self.newest(b, Some((upto, only))) else { continue };
+            let Some(data) = self.newest(b, Some(covered)) else { continue };
             match runs.last_mut() {
                 Some((start, buf))
                     if *start + (buf.len() / BLOCK_SIZE_BYTES) as u64 == b
@@ -118,21 +165,19 @@ impl WriteCache {
         runs
     }
 
-    /// A flush job finished: its entries are durable and leave the cache. A FUA write
-    /// (`only`) also supersedes older cached copies of its blocks.
-    pub fn make_durable(&mut self, upto: u64, only: Option<u64>) {
-        if let Some(seq) = only {
-            let Some(pos) = self.entries.iter().position(|e| e.seq == seq) else { return };
-            let done = self.entries.remove(pos);
-            for e in self.entries.iter_mut().filter(|e| e.seq < seq) {
-                for b in done.lba..done.lba + done.blocks {
-                    if let Some(i) = e.block_index(b) {
-                        e.dead[i] = true;
-                    }
+    /// A flush job finished: its entries are durable and leave the cache, and older
+    /// cached copies of their blocks are superseded by durable data.
+    pub fn make_durable(&mut self, covered: &Covered) {
+        let (done, kept): (Vec<Entry>, Vec<Entry>) =
+            std::mem::take(&mut self.entries).into_iter().partition(|e| covered.contains(e.seq));
+        self.entries = kept;
+        for d in &done {
+            for e in self.entries.iter_mut().filter(|e| e.seq < d.seq) {
+                for b in d.lba.max(e.lba)..(d.lba + d.blocks).min(e.lba + e.blocks) {
+                    let i = e.block_index(b).expect("overlap");
+                    e.dead[i] = true;
                 }
             }
-        } else {
-            self.entries.retain(|e| e.seq > upto);
         }
     }
 }

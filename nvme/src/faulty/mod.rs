@@ -5,9 +5,10 @@
 //!
 //! * **Volatile write cache.** Completed writes (and write-zeroes and trims) sit in a
 //!   cache held by the wrapper; the inner device only ever holds durable data. A
-//!   [`IoCommand::Flush`] snapshots the cache entries that exist when it is submitted,
-//!   writes them to the inner device, flushes the inner device, and only then completes
-//!   and drops those entries. A FUA write is forwarded (serialized behind earlier flushes)
+//!   [`IoCommand::Flush`] covers exactly the writes whose completion `poll` had handed
+//!   out when the flush was submitted (not writes merely executed, nor ones submitted
+//!   with it); it writes those to the inner device, flushes the inner device, and only
+//!   then completes and drops them. A FUA write is forwarded (serialized behind earlier flushes)
 //!   with FUA and completes when the inner device made it durable. Reads see the newest
 //!   cached data, else the inner device. This is exactly the durability contract of
 //!   [`BlockDevice`]: nothing more survives than it promises.
@@ -43,7 +44,7 @@ use crate::command::{IoCommand, OpKind};
 use crate::device::{BlockDevice, Completion, DeviceInfo, validate};
 use crate::dma::DmaBuf;
 use crate::error::{IoError, RejectReason, SubmitError};
-use cache::{Entry, WriteCache};
+use cache::{Covered, Entry, WriteCache};
 
 /// What happens to non-durable writes at a power cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,9 +168,8 @@ struct FlushJob {
     tag: u64,
     fua_buf: Option<DmaBuf>,
     fua: bool,
-    /// Cache entries this job makes durable: all with seq <= upto, or just `only`.
-    upto: u64,
-    only: Option<u64>,
+    /// Cache entries this job makes durable.
+    covered: Covered,
     stage: FlushStage,
     error: Option<IoError>,
 }
@@ -198,10 +198,11 @@ pub struct FaultyDevice<D: BlockDevice> {
     info: DeviceInfo,
     clock: Arc<dyn Clock>,
     ctl: FaultHandle,
-    /// Submitted, waiting for kick.
-    queued: VecDeque<(IoCommand, Option<DmaBuf>, u64)>,
-    /// Finished, held back until their release time.
-    ready: Vec<(MonoTime, Completion)>,
+    /// Submitted, waiting for kick; a flush carries what it covers.
+    queued: VecDeque<(IoCommand, Option<DmaBuf>, u64, Option<Covered>)>,
+    /// Finished, held back until their release time; cached writes name their entry so
+    /// delivery can mark it.
+    ready: Vec<(MonoTime, Completion, Option<u64>)>,
     pending: Vec<Option<Pending>>,
     free_pending: Vec<usize>,
     flushes: VecDeque<FlushJob>,
@@ -275,12 +276,8 @@ impl<D: BlockDevice> FaultyDevice<D> {
             std::thread::yield_now();
         }
         // 2. Fates, in submission order.
-        let landed: Vec<u64> = self
-            .flushes
-            .iter()
-            .filter(|f| f.stage != FlushStage::Queued)
-            .flat_map(|f| self.cache.covered(f.upto, f.only))
-            .collect();
+        // A flush job that began forwarding (and perhaps failed) may have put its entries
+        // on the medium: they are reported as landed.
         let mut rng = match policy {
             CutPolicy::Random { seed, .. } => Some(ChaCha8Rng::seed_from_u64(seed)),
             _ => None,
@@ -289,7 +286,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
         let mut survivors: Vec<(&Entry, Vec<bool>)> = Vec::new();
         for e in self.cache.entries() {
             let n = e.blocks as usize;
-            let fate = if landed.contains(&e.seq) {
+            let fate = if e.forwarded {
                 Fate::Landed
             } else {
                 match (policy, rng.as_mut()) {
@@ -388,7 +385,10 @@ impl<D: BlockDevice> FaultyDevice<D> {
                     let _ = self.inner.kick();
                     self.inner.poll(usize::MAX, &mut |_| {});
                 }
-                Err(e) => panic!("FaultyDevice: inner device rejected {cmd:?}: {e}"),
+                Err(e) => {
+                    log::error!("FaultyDevice: inner device rejected {cmd:?}: {e}");
+                    return;
+                }
             }
         }
     }
@@ -398,7 +398,10 @@ impl<D: BlockDevice> FaultyDevice<D> {
         self.backlog.push_back((cmd, buf, tag));
     }
 
-    fn pump_backlog(&mut self) {
+    /// Submits queued inner commands while there is room. Returns whether a command
+    /// completed synchronously (refused by the inner device).
+    fn pump_backlog(&mut self) -> bool {
+        let mut completed = false;
         while let Some((cmd, buf, tag)) = self.backlog.pop_front() {
             match self.inner.submit(cmd, buf, tag) {
                 Ok(()) => {}
@@ -408,6 +411,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
                 }
                 Err(e) => {
                     // The inner device refuses (gone): fail the command as the device would.
+                    completed = true;
                     self.on_inner_completion(Completion {
                         tag,
                         result: Err(match e.reason {
@@ -420,12 +424,23 @@ impl<D: BlockDevice> FaultyDevice<D> {
                 }
             }
         }
+        completed
     }
 
     fn release(&mut self, tag: u64, result: Result<(), IoError>, buf: Option<DmaBuf>) {
+        self.release_entry(tag, result, buf, None);
+    }
+
+    fn release_entry(
+        &mut self,
+        tag: u64,
+        result: Result<(), IoError>,
+        buf: Option<DmaBuf>,
+        entry: Option<u64>,
+    ) {
         let latency = self.ctl.lock().latency;
         let at = self.clock.now().after(latency);
-        self.ready.push((at, Completion { tag, result, buf }));
+        self.ready.push((at, Completion { tag, result, buf }, entry));
     }
 
     fn alloc_pending(&mut self, p: Pending) -> usize {
@@ -442,7 +457,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
     }
 
     /// Executes one user command at kick time.
-    fn execute(&mut self, cmd: IoCommand, buf: Option<DmaBuf>, tag: u64) {
+    fn execute(&mut self, cmd: IoCommand, buf: Option<DmaBuf>, tag: u64, covered: Option<Covered>) {
         let failed = {
             let mut c = self.ctl.lock();
             c.commands_seen += 1;
@@ -469,31 +484,35 @@ impl<D: BlockDevice> FaultyDevice<D> {
             }
             IoCommand::Write { lba, blocks, fua } => {
                 let buf = buf.expect("validated");
-                let seq = self.cache.insert(tag, OpKind::Write, lba.0, blocks.0, buf.to_vec());
+                let seq =
+                    self.cache.insert(tag, OpKind::Write, lba.0, blocks.0, Some(buf.to_vec()));
                 if fua {
-                    self.flushes.push_back(FlushJob::new(tag, Some(buf), true, seq, Some(seq)));
+                    self.flushes.push_back(FlushJob::new(tag, Some(buf), true, Covered::One(seq)));
                 } else {
-                    self.release(tag, Ok(()), Some(buf));
+                    self.release_entry(tag, Ok(()), Some(buf), Some(seq));
                 }
             }
             IoCommand::WriteZeroes { lba, blocks } | IoCommand::Trim { lba, blocks } => {
-                let zeros = vec![0u8; blocks.bytes() as usize];
-                self.cache.insert(tag, cmd.kind(), lba.0, blocks.0, zeros);
-                self.release(tag, Ok(()), None);
+                let seq = self.cache.insert(tag, cmd.kind(), lba.0, blocks.0, None);
+                self.release_entry(tag, Ok(()), None, Some(seq));
             }
             IoCommand::Flush => {
-                let upto = self.cache.last_seq();
-                self.flushes.push_back(FlushJob::new(tag, None, false, upto, None));
+                let covered = covered.expect("flushes carry their coverage from submit");
+                self.flushes.push_back(FlushJob::new(tag, None, false, covered));
             }
         }
     }
 
-    /// Moves the oldest flush job along; jobs run one at a time, in order.
-    fn advance_flushes(&mut self) {
+    /// Moves the oldest flush job along; jobs run one at a time, in order. Returns
+    /// whether anything changed.
+    fn advance_flushes(&mut self) -> bool {
+        let mut changed = false;
         while let Some(job) = self.flushes.front_mut() {
             match job.stage {
                 FlushStage::Queued => {
-                    let runs = self.cache.newest_runs(job.upto, job.only);
+                    changed = true;
+                    self.cache.mark_forwarded(&job.covered);
+                    let runs = self.cache.newest_runs(&job.covered);
                     let fua = job.fua;
                     job.stage = FlushStage::Writing(runs.len());
                     for (lba, data) in runs {
@@ -506,23 +525,38 @@ impl<D: BlockDevice> FaultyDevice<D> {
                     }
                 }
                 FlushStage::Writing(0) => {
+                    changed = true;
                     if job.fua || job.error.is_some() {
                         job.stage = FlushStage::Done;
                     } else {
                         job.stage = FlushStage::Flushing;
                         self.inner_submit(IoCommand::Flush, None, T_FLUSH_FLUSH);
-                        return;
+                        return changed;
                     }
                 }
-                FlushStage::Writing(_) | FlushStage::Flushing => return,
+                FlushStage::Writing(_) | FlushStage::Flushing => return changed,
                 FlushStage::Done => {
+                    changed = true;
                     let job = self.flushes.pop_front().expect("front exists");
                     if job.error.is_none() {
-                        self.cache.make_durable(job.upto, job.only);
+                        self.cache.make_durable(&job.covered);
                     }
                     let result = job.error.map_or(Ok(()), Err);
                     self.release(job.tag, result, job.fua_buf);
                 }
+            }
+        }
+        changed
+    }
+
+    /// Runs flush jobs and the backlog until neither moves (a command the inner device
+    /// refuses at once completes synchronously and may unblock the next step).
+    fn progress(&mut self) {
+        loop {
+            let a = self.advance_flushes();
+            let b = self.pump_backlog();
+            if !a && !b {
+                return;
             }
         }
     }
@@ -595,8 +629,8 @@ impl<D: BlockDevice> FaultyDevice<D> {
 }
 
 impl FlushJob {
-    fn new(tag: u64, fua_buf: Option<DmaBuf>, fua: bool, upto: u64, only: Option<u64>) -> Self {
-        FlushJob { tag, fua_buf, fua, upto, only, stage: FlushStage::Queued, error: None }
+    fn new(tag: u64, fua_buf: Option<DmaBuf>, fua: bool, covered: Covered) -> Self {
+        FlushJob { tag, fua_buf, fua, covered, stage: FlushStage::Queued, error: None }
     }
 }
 
@@ -615,20 +649,20 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         if self.in_flight >= self.info.queue_depth {
             return Err(SubmitError { reason: RejectReason::QueueFull, buf });
         }
-        self.queued.push_back((cmd, buf, tag));
+        let covered = matches!(cmd, IoCommand::Flush).then(|| self.cache.delivered());
+        self.queued.push_back((cmd, buf, tag, covered));
         self.in_flight += 1;
         Ok(())
     }
 
     fn kick(&mut self) -> Result<(), IoError> {
-        while let Some((cmd, buf, tag)) = self.queued.pop_front() {
+        while let Some((cmd, buf, tag, covered)) = self.queued.pop_front() {
             if self.check_power(true) {
                 return Err(IoError::DeviceGone);
             }
-            self.execute(cmd, buf, tag);
+            self.execute(cmd, buf, tag, covered);
         }
-        self.advance_flushes();
-        self.pump_backlog();
+        self.progress();
         self.inner.kick()
     }
 
@@ -642,9 +676,8 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         for c in inner_done {
             self.on_inner_completion(c);
         }
-        if progressed {
-            self.advance_flushes();
-            self.pump_backlog();
+        self.progress();
+        if progressed || !self.backlog.is_empty() {
             let _ = self.inner.kick();
         }
         let now = self.clock.now();
@@ -652,7 +685,10 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         let mut i = 0;
         while i < self.ready.len() && n < max {
             if self.ready[i].0 <= now {
-                let (_, c) = self.ready.remove(i);
+                let (_, c, entry) = self.ready.remove(i);
+                if let Some(seq) = entry {
+                    self.cache.mark_delivered(seq);
+                }
                 self.in_flight -= 1;
                 n += 1;
                 sink(c);

@@ -86,7 +86,8 @@ impl FaultRule {
         }
         if let Some((start, len)) = self.range {
             let (lba, blocks) = cmd.range()?;
-            let overlaps = lba.0 < start.0 + len.0 && start.0 < lba.0 + blocks.0;
+            let overlaps =
+                lba.0 < start.0.saturating_add(len.0) && start.0 < lba.0.saturating_add(blocks.0);
             if !overlaps {
                 return None;
             }

@@ -88,6 +88,30 @@ fn a_flush_covers_only_writes_completed_before_it() {
 }
 
 #[test]
+fn a_flush_does_not_cover_writes_whose_completion_was_not_yet_delivered() {
+    let mut d = dev();
+    d.submit(
+        IoCommand::Write { lba: Lba(7), blocks: BlockCount(1), fua: false },
+        Some(DmaBuf::from_slice(&blocks(7, 1, 1))),
+        1,
+    )
+    .unwrap();
+    d.kick().unwrap();
+    // The write has executed, but its completion is still in the device: not "completed"
+    // for the contract, so a flush submitted now does not cover it.
+    d.submit(IoCommand::Flush, None, 2).unwrap();
+    d.kick().unwrap();
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        d.poll(8, &mut |c| done.push(c.tag));
+    }
+    let report = d.power_cut(CutPolicy::DropAll);
+    assert_eq!(report.writes.len(), 1, "{report:?}");
+    assert_eq!(report.writes[0].fate, Fate::Dropped);
+    assert!(medium(&d, 7, 1).iter().all(|&b| b == 0));
+}
+
+#[test]
 fn fua_write_is_durable_on_completion_and_supersedes_older_cached_data() {
     let mut d = dev();
     write_sync(&mut d, Lba(5), &blocks(5, 2, 1), false).unwrap();
@@ -299,6 +323,11 @@ fn check_seed(seed: u64) {
             }
         }
         d.kick().unwrap();
+        // Sometimes leave completions unreaped, so later flushes are submitted while
+        // executed writes are not yet delivered (a flush must not cover those).
+        if rng.gen_range(0..3) == 0 && d.in_flight() < 8 {
+            continue;
+        }
         let mut done = Vec::new();
         d.poll(usize::MAX, &mut |c| done.push((c.tag, c.result)));
         for (t, r) in done {
