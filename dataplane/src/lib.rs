@@ -9,7 +9,8 @@
 //! * [`ring`]: the single-producer single-consumer ring under every mailbox;
 //! * [`mailbox`]: the mesh of rings between cores, FIFO per sender, bounded;
 //! * [`park`]: the spin-then-park protocol that never loses a wakeup;
-//! * [`reactor`]: pollers, timers, `run_once`, pinned threads, busy/idle accounting.
+//! * [`reactor`]: pollers, timers, `run_once`, pinned threads, busy/idle accounting;
+//! * [`store`]: the per-core log-structured object store.
 //!
 //! Threads: a [`reactor::Reactor`] and its pollers belong to one thread. Mailbox ends and
 //! wakers are the only things shared between threads. Faults tolerated: a full mailbox
@@ -21,6 +22,7 @@ pub mod mailbox;
 pub mod park;
 pub mod reactor;
 pub mod ring;
+pub mod store;
 mod sync;
 
 pub use mailbox::{Full, Inbox, Outbox, mesh};

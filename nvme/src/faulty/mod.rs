@@ -133,6 +133,11 @@ impl FaultHandle {
         c.cut_after_commands = Some((at, policy));
     }
 
+    /// Cancels a scheduled cut.
+    pub fn cancel_cut(&self) {
+        self.lock().cut_after_commands = None;
+    }
+
     /// Commands submitted so far (accepted or failed).
     pub fn commands_seen(&self) -> u64 {
         self.lock().commands_seen

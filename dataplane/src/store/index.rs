@@ -1,0 +1,341 @@
+//! The in-memory index of one shard: collections, their objects (size, version, xattrs,
+//! block map with a crc32c per block) and PG logs. Rebuilt at mount from the checkpoint
+//! plus the journal; every change goes through [`Index::apply`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::CollId;
+use super::delta::Delta;
+
+/// Where a block's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Loc {
+    /// On the device, at this shard-relative block.
+    Disk(u64),
+    /// Staged in memory, not yet durable (never in a checkpoint).
+    Pending(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRef {
+    pub loc: Loc,
+    pub crc: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Onode {
+    pub size: u64,
+    /// Sequence number of the last record that changed the object.
+    pub version: u64,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    pub blocks: BTreeMap<u64, BlockRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coll {
+    pub objects: BTreeMap<String, Onode>,
+    pub pglog: BTreeMap<u64, Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub colls: BTreeMap<CollId, Coll>,
+}
+
+/// A delta that cannot apply: at replay this means the journal contradicts itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("collection {0} does not exist")]
+    NoCollection(CollId),
+    #[error("collection {0} already exists")]
+    CollectionExists(CollId),
+    #[error("collection {0} is not empty")]
+    CollectionNotEmpty(CollId),
+    #[error("object {1:?} in collection {0} does not exist")]
+    NoObject(CollId, String),
+    #[error("record has fewer data blocks than its deltas use")]
+    DataShort,
+}
+
+/// Told about every disk mapping that appears or disappears, to keep segment live
+/// counts exact.
+pub trait LiveTracker {
+    fn mapped(&mut self, block: u64);
+    fn unmapped(&mut self, block: u64);
+}
+
+/// For callers that do not track liveness.
+#[derive(Debug)]
+pub struct NoTracking;
+
+impl LiveTracker for NoTracking {
+    fn mapped(&mut self, _: u64) {}
+    fn unmapped(&mut self, _: u64) {}
+}
+
+fn unmap(tr: &mut dyn LiveTracker, r: &BlockRef) {
+    if let Loc::Disk(b) = r.loc {
+        tr.unmapped(b);
+    }
+}
+
+impl Index {
+    pub fn object(&self, coll: CollId, name: &str) -> Option<&Onode> {
+        self.colls.get(&coll)?.objects.get(name)
+    }
+
+    /// Applies one delta. `data(i)` gives the location of the record's i-th data block
+    /// counted from `data_base` (the index of this delta's first data block in the
+    /// record). `seq` is the record's sequence number.
+    pub fn apply(
+        &mut self,
+        delta: &Delta,
+        seq: u64,
+        data: &mut dyn FnMut(u64) -> Option<Loc>,
+        tr: &mut dyn LiveTracker,
+    ) -> Result<(), ApplyError> {
+        fn coll_mut(
+            colls: &mut BTreeMap<CollId, Coll>,
+            c: CollId,
+        ) -> Result<&mut Coll, ApplyError> {
+            colls.get_mut(&c).ok_or(ApplyError::NoCollection(c))
+        }
+        match delta {
+            Delta::CreateCollection { coll } => {
+                if self.colls.contains_key(coll) {
+                    return Err(ApplyError::CollectionExists(*coll));
+                }
+                self.colls.insert(*coll, Coll::default());
+            }
+            Delta::RemoveCollection { coll } => {
+                let c = self.colls.get(coll).ok_or(ApplyError::NoCollection(*coll))?;
+                if !c.objects.is_empty() {
+                    return Err(ApplyError::CollectionNotEmpty(*coll));
+                }
+                self.colls.remove(coll);
+            }
+            Delta::Touch { coll, name } => {
+                let c = coll_mut(&mut self.colls, *coll)?;
+                c.objects.entry(name.clone()).or_default().version = seq;
+            }
+            Delta::WriteBlocks { coll, name, first_block, crcs } => {
+                let c = coll_mut(&mut self.colls, *coll)?;
+                let o = c.objects.entry(name.clone()).or_default();
+                o.version = seq;
+                for (i, crc) in crcs.iter().enumerate() {
+                    let loc = data(i as u64).ok_or(ApplyError::DataShort)?;
+                    if let Loc::Disk(b) = loc {
+                        tr.mapped(b);
+                    }
+                    if let Some(old) =
+                        o.blocks.insert(first_block + i as u64, BlockRef { loc, crc: *crc })
+                    {
+                        unmap(tr, &old);
+                    }
+                }
+            }
+            Delta::UnmapBlocks { coll, name, first_block, count } => {
+                let o = coll_mut(&mut self.colls, *coll)?
+                    .objects
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::NoObject(*coll, name.clone()))?;
+                o.version = seq;
+                let end = first_block.saturating_add(*count);
+                let doomed: Vec<u64> = o.blocks.range(first_block..&end).map(|(k, _)| *k).collect();
+                for k in doomed {
+                    if let Some(old) = o.blocks.remove(&k) {
+                        unmap(tr, &old);
+                    }
+                }
+            }
+            Delta::SetSize { coll, name, size } => {
+                let o = coll_mut(&mut self.colls, *coll)?
+                    .objects
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::NoObject(*coll, name.clone()))?;
+                o.size = *size;
+                o.version = seq;
+            }
+            Delta::Delete { coll, name } => {
+                let o = coll_mut(&mut self.colls, *coll)?
+                    .objects
+                    .remove(name)
+                    .ok_or_else(|| ApplyError::NoObject(*coll, name.clone()))?;
+                for r in o.blocks.values() {
+                    unmap(tr, r);
+                }
+            }
+            Delta::SetXattr { coll, name, key, value } => {
+                let o = coll_mut(&mut self.colls, *coll)?.objects.entry(name.clone()).or_default();
+                o.xattrs.insert(key.clone(), value.clone());
+                o.version = seq;
+            }
+            Delta::RmXattr { coll, name, key } => {
+                let o = coll_mut(&mut self.colls, *coll)?
+                    .objects
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::NoObject(*coll, name.clone()))?;
+                o.xattrs.remove(key);
+                o.version = seq;
+            }
+            Delta::PgLogAppend { coll, key, entry } => {
+                coll_mut(&mut self.colls, *coll)?.pglog.insert(*key, entry.clone());
+            }
+            Delta::PgLogTrim { coll, upto } => {
+                let c = coll_mut(&mut self.colls, *coll)?;
+                c.pglog = c.pglog.split_off(&upto.saturating_add(1));
+            }
+            Delta::Relocate { coll, name, block, from, crc } => {
+                let loc = data(0).ok_or(ApplyError::DataShort)?;
+                let Some(o) = self.colls.get_mut(coll).and_then(|c| c.objects.get_mut(name)) else {
+                    return Ok(());
+                };
+                if let Some(r) = o.blocks.get_mut(block)
+                    && r.loc == Loc::Disk(*from)
+                    && r.crc == *crc
+                {
+                    tr.unmapped(*from);
+                    if let Loc::Disk(b) = loc {
+                        tr.mapped(b);
+                    }
+                    r.loc = loc;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every disk block the index maps, with its owner; for live counts and fsck.
+    pub fn for_each_disk_block(&self, mut f: impl FnMut(CollId, &str, u64, u64, u32)) {
+        for (c, coll) in &self.colls {
+            for (name, o) in &coll.objects {
+                for (lb, r) in &o.blocks {
+                    if let Loc::Disk(b) = r.loc {
+                        f(*c, name, *lb, b, r.crc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Structural invariants (cheap enough for tests and fsck): no block beyond the
+    /// object's size, no pending location when `durable_only`.
+    pub fn check_invariants(&self, durable_only: bool) -> Result<(), String> {
+        for (c, coll) in &self.colls {
+            for (name, o) in &coll.objects {
+                let blocks_for_size = o.size.div_ceil(super::format::BS as u64);
+                if let Some((&last, _)) = o.blocks.last_key_value()
+                    && last >= blocks_for_size
+                {
+                    return Err(format!("{c}/{name}: block {last} mapped beyond size {}", o.size));
+                }
+                if durable_only && o.blocks.values().any(|r| matches!(r.loc, Loc::Pending(_))) {
+                    return Err(format!("{c}/{name}: pending block in a durable index"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Count(std::collections::HashMap<u64, i64>);
+    impl LiveTracker for Count {
+        fn mapped(&mut self, b: u64) {
+            *self.0.entry(b).or_default() += 1;
+        }
+        fn unmapped(&mut self, b: u64) {
+            *self.0.entry(b).or_default() -= 1;
+        }
+    }
+
+    #[test]
+    fn apply_tracks_liveness_and_relocation_is_conditional() {
+        let mut ix = Index::default();
+        let mut live = Count::default();
+        let c = CollId(1);
+        let mut none = |_| None;
+        ix.apply(&Delta::CreateCollection { coll: c }, 1, &mut none, &mut live).unwrap();
+        let at = |base: u64| move |i: u64| Some(Loc::Disk(base + i));
+        ix.apply(
+            &Delta::WriteBlocks { coll: c, name: "o".into(), first_block: 0, crcs: vec![1, 2] },
+            2,
+            &mut at(100),
+            &mut live,
+        )
+        .unwrap();
+        ix.apply(
+            &Delta::SetSize { coll: c, name: "o".into(), size: 8192 },
+            2,
+            &mut none,
+            &mut live,
+        )
+        .unwrap();
+        // Overwrite block 1: 101 dies.
+        ix.apply(
+            &Delta::WriteBlocks { coll: c, name: "o".into(), first_block: 1, crcs: vec![3] },
+            3,
+            &mut at(200),
+            &mut live,
+        )
+        .unwrap();
+        assert_eq!(live.0[&101], 0);
+        // Relocating block 1 from its old place does nothing; from its current place moves it.
+        ix.apply(
+            &Delta::Relocate { coll: c, name: "o".into(), block: 1, from: 101, crc: 2 },
+            4,
+            &mut at(300),
+            &mut live,
+        )
+        .unwrap();
+        assert_eq!(ix.object(c, "o").unwrap().blocks[&1].loc, Loc::Disk(200));
+        ix.apply(
+            &Delta::Relocate { coll: c, name: "o".into(), block: 1, from: 200, crc: 3 },
+            5,
+            &mut at(300),
+            &mut live,
+        )
+        .unwrap();
+        assert_eq!(ix.object(c, "o").unwrap().blocks[&1].loc, Loc::Disk(300));
+        assert_eq!((live.0[&200], live.0[&300]), (0, 1));
+        assert_eq!(ix.object(c, "o").unwrap().version, 3, "relocation is not a new version");
+        ix.apply(&Delta::Delete { coll: c, name: "o".into() }, 6, &mut none, &mut live).unwrap();
+        assert!(live.0.values().all(|&v| v == 0), "{:?}", live.0);
+        assert_eq!(
+            ix.apply(
+                &Delta::SetSize { coll: c, name: "o".into(), size: 1 },
+                7,
+                &mut none,
+                &mut live
+            ),
+            Err(ApplyError::NoObject(c, "o".into()))
+        );
+        ix.apply(&Delta::RemoveCollection { coll: c }, 8, &mut none, &mut live).unwrap();
+        assert!(ix.colls.is_empty());
+    }
+
+    #[test]
+    fn pglog_append_and_trim() {
+        let mut ix = Index::default();
+        let c = CollId(2);
+        let mut none = |_| None;
+        ix.apply(&Delta::CreateCollection { coll: c }, 1, &mut none, &mut NoTracking).unwrap();
+        for k in 1..=5 {
+            ix.apply(
+                &Delta::PgLogAppend { coll: c, key: k, entry: vec![k as u8] },
+                1 + k,
+                &mut none,
+                &mut NoTracking,
+            )
+            .unwrap();
+        }
+        ix.apply(&Delta::PgLogTrim { coll: c, upto: 3 }, 9, &mut none, &mut NoTracking).unwrap();
+        assert_eq!(ix.colls[&c].pglog.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+    }
+}

@@ -1,0 +1,891 @@
+//! The shard runtime: queues, group commit, device completions, checkpoints.
+
+use std::collections::{HashMap, VecDeque};
+
+use sluice_nvme::{BlockDevice, Completion, DmaBuf, DmaPool, IoCommand, IoError, RejectReason};
+use sluice_vocab::limits::{MAX_CHECKPOINT_PARTS, MAX_TRANSFER_BYTES};
+use sluice_vocab::{BlockCount, Lba};
+
+use super::checkpoint::{self, CheckpointData};
+use super::cleaner::Cleaner;
+use super::format::{
+    self, BS, BatchFixed, CheckpointRef, PartRef, RecordDesc, ShardSuperblock, store_tag,
+};
+use super::index::{LiveTracker, Loc};
+use super::mount::{self, MountError, MountOptions, ReplayInfo, ShardState};
+use super::stage::{Queued, Rmw, Staged};
+use super::{CollId, Query, StoreError, StoreEvent, Transaction};
+
+/// Tunables of a shard.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Journal bytes since the last checkpoint that trigger the next one (capped at an
+    /// eighth of the shard's capacity; space pressure triggers one earlier).
+    pub checkpoint_interval_bytes: u64,
+    /// Group commit packs transactions into one batch up to this size.
+    pub max_batch_bytes: u64,
+    /// Segments kept free for the cleaner, checkpoints and deletes.
+    pub reserve_segments: u32,
+    /// The cleaner works while fewer segments than this are reusable (default: an eighth
+    /// of the shard, at least reserve + 2).
+    pub clean_below_segments: Option<u32>,
+    /// Most cleaner reads in flight: the cleaner's rate limit.
+    pub cleaner_max_reads: usize,
+    /// Pooled read buffers (reads up to 64 KiB use them).
+    pub read_pool_bufs: usize,
+    pub mount: MountOptions,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            checkpoint_interval_bytes: 256 << 20,
+            max_batch_bytes: 2 << 20,
+            reserve_segments: 2,
+            clean_below_segments: None,
+            cleaner_max_reads: 8,
+            read_pool_bufs: 256,
+            mount: MountOptions::default(),
+        }
+    }
+}
+
+/// Counters a shard keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub txns_committed: u64,
+    pub txns_failed: u64,
+    pub batches: u64,
+    pub batch_records_max: u64,
+    pub bytes_written: u64,
+    pub reads: u64,
+    pub checkpoints: u64,
+    pub checkpoint_failures: u64,
+    pub segments_cleaned: u64,
+    pub blocks_relocated: u64,
+}
+
+/// A shard that could not be opened, with its device.
+pub struct OpenFailure<D> {
+    pub error: MountError,
+    pub device: D,
+}
+
+impl<D> std::fmt::Debug for OpenFailure<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenFailure").field("error", &self.error).finish()
+    }
+}
+
+impl<D> std::fmt::Display for OpenFailure<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<D> std::error::Error for OpenFailure<D> {}
+
+/// Device command tags: kind in the top byte.
+pub(super) const K_BATCH_WRITE: u64 = 1 << 56;
+pub(super) const K_BATCH_FLUSH: u64 = 2 << 56;
+pub(super) const K_READ: u64 = 3 << 56;
+pub(super) const K_RMW: u64 = 4 << 56;
+pub(super) const K_CLEAN: u64 = 5 << 56;
+pub(super) const K_CP_VERIFY: u64 = 6 << 56;
+pub(super) const K_SB_WRITE: u64 = 7 << 56;
+pub(super) const K_SB_FLUSH: u64 = 8 << 56;
+pub(super) const K_MASK: u64 = 0xff << 56;
+
+/// Changes staged but not yet durable, per object and collection: queries touching them
+/// wait, so reads only ever see committed state.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    pub objects: HashMap<(CollId, String), u32>,
+    pub colls: HashMap<CollId, u32>,
+    /// Staged transactions creating or removing collections.
+    pub coll_set: u32,
+    pub blocks: HashMap<u64, PendingBlock>,
+    pub next_block: u64,
+}
+
+/// A staged data block waiting for its batch to be durable.
+#[derive(Debug)]
+pub(super) struct PendingBlock {
+    pub data: Box<[u8]>,
+    pub coll: CollId,
+    pub name: String,
+    pub lblock: u64,
+}
+
+/// A checkpoint part waiting to be written by the batch pipeline.
+#[derive(Debug)]
+struct Special {
+    seq: u64,
+    index: u32,
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchStage {
+    Writing,
+    Flushing,
+}
+
+/// The one batch in flight.
+#[derive(Debug)]
+struct Batch {
+    txns: Vec<Staged>,
+    special: Option<Special>,
+    start: u64,
+    meta_blocks: u64,
+    blocks: u64,
+    writes_left: usize,
+    stage: BatchStage,
+}
+
+#[derive(Debug)]
+enum CpJob {
+    /// Waiting until nothing staged is pending, to snapshot exactly the durable state.
+    Quiescing,
+    Writing {
+        first_seq: u64,
+        parts: Vec<Option<PartRef>>,
+        total_bytes: u64,
+    },
+    Verifying {
+        cp: CheckpointRef,
+        left: usize,
+        bad: bool,
+    },
+    SbWriting {
+        cp: CheckpointRef,
+        generation: u64,
+    },
+    SbFlushing {
+        cp: CheckpointRef,
+        generation: u64,
+    },
+}
+
+/// One store shard. See the [module documentation](super).
+pub struct Shard<D: BlockDevice> {
+    pub(super) dev: D,
+    pub(super) st: ShardState,
+    pub(super) tag: u64,
+    pub(super) cfg: StoreConfig,
+    pub(super) pending: Pending,
+    pub(super) queue: VecDeque<Queued>,
+    pub(super) ready: VecDeque<Staged>,
+    specials: VecDeque<Special>,
+    batch: Option<Batch>,
+    pub(super) rmw: Rmw,
+    pub(super) reads: Vec<Option<super::query::ReadOp>>,
+    pub(super) free_reads: Vec<usize>,
+    pub(super) waiting: VecDeque<(u64, Query)>,
+    pub(super) events: VecDeque<StoreEvent>,
+    backlog: VecDeque<(IoCommand, Option<DmaBuf>, u64)>,
+    cp_job: Option<CpJob>,
+    pub(super) cleaner: Cleaner,
+    pub(super) failed: Option<IoError>,
+    pub(super) read_pool: DmaPool,
+    chunk_pool: DmaPool,
+    journal_bytes_since_cp: u64,
+    last_cp_blocks: u64,
+    /// Internal (cleaner) transactions committed, for the cleaner to count.
+    pub(super) internal_committed: u64,
+    /// A user transaction waits for space: the cleaner is urgent.
+    pub(super) space_wait: bool,
+    pub(super) stats: StoreStats,
+    replay: ReplayInfo,
+}
+
+impl<D: BlockDevice> std::fmt::Debug for Shard<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("device", &self.st.device)
+            .field("shard", &self.st.shard)
+            .field("next_seq", &self.st.next_seq)
+            .field("queued", &self.queue.len())
+            .field("ready", &self.ready.len())
+            .finish()
+    }
+}
+
+impl<D: BlockDevice> Shard<D> {
+    /// Mounts shard `shard` of the store on `dev` (retrying per `cfg.mount`), then
+    /// writes a recovery checkpoint so the new session starts on a clean log. On failure
+    /// the device comes back with the error.
+    pub fn open(mut dev: D, shard: u16, cfg: StoreConfig) -> Result<Shard<D>, OpenFailure<D>> {
+        let r = (|| {
+            let dsb = mount::with_retries(&cfg.mount, || mount::read_device_superblock(&mut dev))?;
+            let (mut st, replay) =
+                mount::with_retries(&cfg.mount, || mount::load_shard(&mut dev, &dsb, shard))?;
+            if let Some((off, seq)) = replay.torn_tail {
+                log::info!(
+                    "{}: shard {shard}: torn journal tail at byte offset {off} (record {seq}) cut off",
+                    st.device
+                );
+            }
+            mount::write_checkpoint(&mut dev, &mut st)?;
+            Ok((st, replay))
+        })();
+        match r {
+            Ok((st, replay)) => Self::from_state(dev, st, cfg, replay),
+            Err(error) => Err(OpenFailure { error, device: dev }),
+        }
+    }
+
+    fn from_state(
+        dev: D,
+        st: ShardState,
+        cfg: StoreConfig,
+        replay: ReplayInfo,
+    ) -> Result<Shard<D>, OpenFailure<D>> {
+        let io = |e: std::io::Error| MountError {
+            device: st.device.clone(),
+            structure: super::Structure::Journal(st.shard),
+            offset_bytes: 0,
+            kind: super::MountErrorKind::Io(IoError::Os {
+                errno: e.raw_os_error().unwrap_or(libc::ENOMEM),
+            }),
+            attempts: 1,
+        };
+        let chunks = (cfg.max_batch_bytes as usize)
+            .max(sluice_vocab::limits::MAX_TXN_DATA_BYTES + (1 << 20))
+            .div_ceil(MAX_TRANSFER_BYTES)
+            + 1;
+        let pools = DmaPool::new(64 << 10, cfg.read_pool_bufs.max(1), Default::default())
+            .and_then(|r| Ok((r, DmaPool::new(MAX_TRANSFER_BYTES, chunks, Default::default())?)));
+        let (read_pool, chunk_pool) = match pools {
+            Ok(p) => p,
+            Err(e) => return Err(OpenFailure { error: io(e), device: dev }),
+        };
+        let last_cp_blocks =
+            st.cp.as_ref().map_or(1, |c| c.parts.iter().map(|p| u64::from(p.blocks)).sum());
+        Ok(Shard {
+            tag: store_tag(&st.fsid),
+            dev,
+            st,
+            cfg,
+            pending: Pending::default(),
+            queue: VecDeque::new(),
+            ready: VecDeque::new(),
+            specials: VecDeque::new(),
+            batch: None,
+            rmw: Rmw::default(),
+            reads: Vec::new(),
+            free_reads: Vec::new(),
+            waiting: VecDeque::new(),
+            events: VecDeque::new(),
+            backlog: VecDeque::new(),
+            cp_job: None,
+            cleaner: Cleaner::default(),
+            failed: None,
+            read_pool,
+            chunk_pool,
+            journal_bytes_since_cp: 0,
+            last_cp_blocks,
+            internal_committed: 0,
+            space_wait: false,
+            stats: StoreStats::default(),
+            replay,
+        })
+    }
+
+    pub fn shard_id(&self) -> u16 {
+        self.st.shard
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    /// What the mount's replay found.
+    pub fn replay_info(&self) -> &ReplayInfo {
+        &self.replay
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    /// Gives the device back (e.g. after a simulated power cut). Anything not durable is
+    /// lost, as it would be on a crash. Commands already at the device are waited for
+    /// (their results dropped), so the next user of the device sees none of them.
+    pub fn into_device(mut self) -> D {
+        let mut spins = 0u64;
+        while self.dev.in_flight() > 0 {
+            if self.dev.poll(usize::MAX, &mut |_| {}) == 0 {
+                spins += 1;
+                if spins.is_multiple_of(1024) {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        self.dev
+    }
+
+    /// Nothing queued, staged, in flight or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+            && self.ready.is_empty()
+            && self.batch.is_none()
+            && self.specials.is_empty()
+            && self.waiting.is_empty()
+            && self.reads.iter().all(Option::is_none)
+            && self.backlog.is_empty()
+            && self.dev.in_flight() == 0
+            && self.cp_job.is_none()
+            && self.cleaner.is_idle()
+            && self.events.is_empty()
+    }
+
+    /// Space: (live blocks, capacity blocks, reusable segments, total segments).
+    pub fn space_usage(&self) -> (u64, u64, u32, u32) {
+        let sp = &self.st.space;
+        (sp.live_total(), sp.geo.capacity_blocks(), sp.reusable_count(), sp.geo.seg_count)
+    }
+
+    /// Queues a transaction. Its result arrives as [`StoreEvent::Txn`] with `token`.
+    /// Malformed transactions are refused here.
+    pub fn submit(&mut self, txn: Transaction, token: u64) -> Result<(), StoreError> {
+        if let Some(e) = self.failed {
+            return Err(StoreError::Failed(e));
+        }
+        super::stage::check_shape(&txn, self.max_txn_blocks())?;
+        self.queue.push_back(Queued::user(txn, token));
+        Ok(())
+    }
+
+    /// Queues a query. Its answer arrives as [`StoreEvent::Query`] with `token`.
+    pub fn query(&mut self, q: Query, token: u64) {
+        self.waiting.push_back((token, q));
+    }
+
+    /// The largest transaction (in blocks of data and metadata) a batch can hold.
+    pub(super) fn max_txn_blocks(&self) -> u64 {
+        self.st.space.geo.seg_blocks - 2
+    }
+
+    /// Does whatever work is ready; hands finished results to `sink`. Returns whether
+    /// anything happened.
+    pub fn poll(&mut self, sink: &mut dyn FnMut(StoreEvent)) -> bool {
+        let mut busy = false;
+        let mut done = Vec::new();
+        self.dev.poll(usize::MAX, &mut |c| done.push(c));
+        busy |= !done.is_empty();
+        for c in done {
+            self.on_completion(c);
+        }
+        if self.failed.is_none() {
+            busy |= self.stage();
+            busy |= self.form_batch();
+            busy |= self.advance_checkpoint();
+            busy |= self.advance_cleaner();
+        } else {
+            self.fail_everything();
+        }
+        busy |= self.answer_queries();
+        busy |= self.pump();
+        while let Some(e) = self.events.pop_front() {
+            busy = true;
+            sink(e);
+        }
+        busy
+    }
+
+    /// Whether the reactor may sleep (nothing to do until a device completion).
+    pub fn prepare_park(&mut self) -> bool {
+        self.events.is_empty() && self.backlog.is_empty() && self.dev.prepare_park()
+    }
+
+    pub fn after_park(&mut self) {
+        self.dev.after_park();
+    }
+
+    pub fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.dev.park_fd()
+    }
+
+    /// Queues a device command; it goes out at the next `pump`.
+    pub(super) fn io(&mut self, cmd: IoCommand, buf: Option<DmaBuf>, tag: u64) {
+        self.backlog.push_back((cmd, buf, tag));
+    }
+
+    /// Submits queued device commands while the queue pair has room; kicks once.
+    fn pump(&mut self) -> bool {
+        let mut sent = false;
+        while let Some((cmd, buf, tag)) = self.backlog.pop_front() {
+            let (cmd, buf, tag) = (cmd, buf, tag);
+            let abs = match cmd.range() {
+                Some((lba, blocks)) => {
+                    let lba = Lba(self.st.base + lba.0);
+                    match cmd {
+                        IoCommand::Read { .. } => IoCommand::Read { lba, blocks },
+                        IoCommand::Write { fua, .. } => IoCommand::Write { lba, blocks, fua },
+                        IoCommand::WriteZeroes { .. } => IoCommand::WriteZeroes { lba, blocks },
+                        IoCommand::Trim { .. } => IoCommand::Trim { lba, blocks },
+                        IoCommand::Flush => unreachable!(),
+                    }
+                }
+                None => cmd,
+            };
+            match self.dev.submit(abs, buf, tag) {
+                Ok(()) => sent = true,
+                Err(e) if e.reason == RejectReason::QueueFull => {
+                    self.backlog.push_front((cmd, e.buf, tag));
+                    break;
+                }
+                Err(e) => {
+                    let err = match e.reason {
+                        RejectReason::DeviceGone => IoError::DeviceGone,
+                        RejectReason::Invalid(w) => IoError::Invalid(w),
+                        RejectReason::QueueFull => unreachable!(),
+                    };
+                    self.on_completion(Completion { tag, result: Err(err), buf: e.buf });
+                }
+            }
+        }
+        if sent && let Err(e) = self.dev.kick() {
+            self.fail(e);
+        }
+        sent
+    }
+
+    /// A write or flush failed: the durable state is unknown, so the shard stops.
+    pub(super) fn fail(&mut self, e: IoError) {
+        if self.failed.is_none() {
+            log::error!(
+                "{}: shard {}: device error {e}; the shard stops (restart to recover)",
+                self.st.device,
+                self.st.shard
+            );
+            self.failed = Some(e);
+        }
+    }
+
+    fn fail_everything(&mut self) {
+        let e = self.failed.expect("failed");
+        for q in self.queue.drain(..) {
+            if let Some(token) = q.token() {
+                self.events
+                    .push_back(StoreEvent::Txn { token, result: Err(StoreError::Failed(e)) });
+            }
+        }
+        let staged: Vec<Staged> = self
+            .ready
+            .drain(..)
+            .chain(self.batch.take().map(|b| b.txns).unwrap_or_default())
+            .collect();
+        for s in staged {
+            if let Some(token) = s.token {
+                self.events
+                    .push_back(StoreEvent::Txn { token, result: Err(StoreError::Failed(e)) });
+            }
+        }
+        self.specials.clear();
+        self.cp_job = None;
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        let id = c.tag & !K_MASK;
+        match c.tag & K_MASK {
+            K_BATCH_WRITE => {
+                if let Err(e) = c.result {
+                    self.fail(e);
+                }
+                if let Some(b) = self.batch.as_mut() {
+                    b.writes_left -= 1;
+                    if b.writes_left == 0 && self.failed.is_none() {
+                        b.stage = BatchStage::Flushing;
+                        self.io(IoCommand::Flush, None, K_BATCH_FLUSH);
+                    }
+                }
+            }
+            K_BATCH_FLUSH => match c.result {
+                Ok(()) => self.commit_batch(),
+                Err(e) => self.fail(e),
+            },
+            K_READ => self.on_read(id, c),
+            K_RMW => self.on_rmw(id, c),
+            K_CLEAN => self.on_clean(id, c),
+            K_CP_VERIFY => self.on_cp_verify(id, c),
+            K_SB_WRITE => match c.result {
+                Ok(()) => {
+                    if let Some(CpJob::SbWriting { cp, generation }) = self.cp_job.take() {
+                        self.cp_job = Some(CpJob::SbFlushing { cp, generation });
+                        self.io(IoCommand::Flush, None, K_SB_FLUSH);
+                    }
+                }
+                Err(e) => self.fail(e),
+            },
+            K_SB_FLUSH => match c.result {
+                Ok(()) => self.checkpoint_done(),
+                Err(e) => self.fail(e),
+            },
+            other => panic!("completion with unknown tag kind {other:#x}"),
+        }
+    }
+
+    /// Packs staged transactions (or a checkpoint part) into one batch and writes it.
+    fn form_batch(&mut self) -> bool {
+        if self.batch.is_some() {
+            return false;
+        }
+        if let Some(sp) = self.specials.pop_front() {
+            let blocks = 1 + sp.bytes.len().div_ceil(BS) as u64;
+            let Some((start, seg_seq)) = self.st.space.place(blocks, sp.seq) else {
+                log::error!(
+                    "{}: shard {}: no room for a checkpoint part; checkpoint abandoned",
+                    self.st.device,
+                    self.st.shard
+                );
+                self.abandon_checkpoint();
+                return true;
+            };
+            let bytes = checkpoint::encode_part(
+                self.st.shard,
+                self.tag,
+                seg_seq,
+                sp.seq,
+                sp.index,
+                sp.count,
+                &sp.bytes,
+            );
+            self.write_batch(bytes, start, 1, Vec::new(), Some(sp));
+            return true;
+        }
+        if self.ready.is_empty() {
+            return false;
+        }
+        // Take transactions while they fit the batch limit and one segment. If the first
+        // fits in what is left of the open segment, fill that rather than leave it unused.
+        let seg_blocks = self.st.space.geo.seg_blocks;
+        let first = &self.ready[0];
+        let first_blocks =
+            (format::BATCH_FIXED_BYTES + format::RECORD_DESC_BYTES + first.deltas.len())
+                .div_ceil(BS) as u64
+                + first.data.len() as u64;
+        let room = self.st.space.open_remaining();
+        let limit = if first_blocks <= room { room } else { seg_blocks };
+        let mut n = 0;
+        let mut meta = format::BATCH_FIXED_BYTES;
+        let mut data = 0u64;
+        for s in &self.ready {
+            let m = meta + format::RECORD_DESC_BYTES + s.deltas.len();
+            let d = data + s.data.len() as u64;
+            let total = m.div_ceil(BS) as u64 + d;
+            if n > 0 && ((total * BS as u64) > self.cfg.max_batch_bytes || total > limit) {
+                break;
+            }
+            meta = m;
+            data = d;
+            n += 1;
+        }
+        let meta_blocks = meta.div_ceil(BS) as u64;
+        let blocks = meta_blocks + data;
+        let txns: Vec<Staged> = self.ready.drain(..n).collect();
+        let last_seq = txns.last().expect("at least one").seq;
+        let reserved: u64 = txns.iter().map(|t| t.reserved).sum();
+        self.st.space.reserved = self.st.space.reserved.saturating_sub(reserved);
+        let Some((start, seg_seq)) = self.st.space.place(blocks, last_seq) else {
+            // Reservations make this impossible; if it happens, stop rather than lose data.
+            panic!("shard {}: no room for a reserved batch of {blocks} blocks", self.st.shard);
+        };
+        let mut recs = Vec::with_capacity(txns.len());
+        let mut data_bytes = Vec::with_capacity(data as usize * BS);
+        for t in &txns {
+            let before = data_bytes.len();
+            for id in &t.data {
+                data_bytes.extend_from_slice(&self.pending.blocks[id].data);
+            }
+            let desc = RecordDesc {
+                deltas_len: t.deltas.len() as u32,
+                data_blocks: t.data.len() as u32,
+                crc: format::record_crc(&t.deltas, &data_bytes[before..]),
+            };
+            recs.push(desc);
+        }
+        let with: Vec<(RecordDesc, &[u8])> =
+            recs.iter().zip(&txns).map(|(d, t)| (*d, t.deltas.as_slice())).collect();
+        let first_seq = txns[0].seq;
+        let mut bytes = format::encode_batch_meta(
+            0,
+            self.st.shard,
+            self.tag,
+            seg_seq,
+            first_seq,
+            &with,
+            data as u32,
+        );
+        debug_assert_eq!(bytes.len() as u64, meta_blocks * BS as u64);
+        bytes.extend_from_slice(&data_bytes);
+        self.stats.batch_records_max = self.stats.batch_records_max.max(txns.len() as u64);
+        self.write_batch(bytes, start, meta_blocks, txns, None);
+        true
+    }
+
+    fn write_batch(
+        &mut self,
+        bytes: Vec<u8>,
+        start: u64,
+        meta_blocks: u64,
+        txns: Vec<Staged>,
+        special: Option<Special>,
+    ) {
+        let blocks = (bytes.len() / BS) as u64;
+        let mut writes = 0;
+        for (i, chunk) in bytes.chunks(MAX_TRANSFER_BYTES).enumerate() {
+            let mut buf =
+                self.chunk_pool.alloc().unwrap_or_else(|| DmaBuf::new(MAX_TRANSFER_BYTES));
+            buf.set_len(chunk.len());
+            buf.copy_from_slice(chunk);
+            let lba = Lba(start + (i * MAX_TRANSFER_BYTES / BS) as u64);
+            self.io(
+                IoCommand::Write { lba, blocks: BlockCount((chunk.len() / BS) as u64), fua: false },
+                Some(buf),
+                K_BATCH_WRITE,
+            );
+            writes += 1;
+        }
+        self.stats.bytes_written += bytes.len() as u64;
+        self.journal_bytes_since_cp += bytes.len() as u64;
+        self.batch = Some(Batch {
+            txns,
+            special,
+            start,
+            meta_blocks,
+            blocks,
+            writes_left: writes,
+            stage: BatchStage::Writing,
+        });
+    }
+
+    /// The batch in flight is durable: point the index at its blocks and report.
+    fn commit_batch(&mut self) {
+        let b = self.batch.take().expect("a batch was in flight");
+        debug_assert_eq!(b.stage, BatchStage::Flushing);
+        self.stats.batches += 1;
+        if let Some(sp) = b.special {
+            if let Some(CpJob::Writing { parts, .. }) = self.cp_job.as_mut() {
+                parts[sp.index as usize] =
+                    Some(PartRef { block: b.start, blocks: b.blocks as u32 });
+            }
+            return;
+        }
+        let mut addr = b.start + b.meta_blocks;
+        for t in b.txns {
+            for id in &t.data {
+                let pb = self.pending.blocks.remove(id).expect("pending block");
+                if let Some(o) =
+                    self.st.index.colls.get_mut(&pb.coll).and_then(|c| c.objects.get_mut(&pb.name))
+                    && let Some(r) = o.blocks.get_mut(&pb.lblock)
+                    && r.loc == Loc::Pending(*id)
+                {
+                    r.loc = Loc::Disk(addr);
+                    self.st.space.mapped(addr);
+                }
+                addr += 1;
+            }
+            self.pending_done(&t);
+            self.stats.txns_committed += 1;
+            match t.token {
+                Some(token) => self.events.push_back(StoreEvent::Txn { token, result: Ok(t.seq) }),
+                None => self.internal_committed += 1,
+            }
+        }
+    }
+
+    pub(super) fn pending_done(&mut self, t: &Staged) {
+        for key in &t.objects {
+            if let Some(n) = self.pending.objects.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.objects.remove(key);
+                }
+            }
+        }
+        for c in &t.colls {
+            if let Some(n) = self.pending.colls.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.colls.remove(c);
+                }
+            }
+        }
+        if t.coll_set {
+            self.pending.coll_set -= 1;
+        }
+    }
+
+    /// Blocks held back from users: the reserve segments and room for two checkpoints.
+    pub(super) fn reserve_blocks(&self) -> u64 {
+        u64::from(self.cfg.reserve_segments) * self.st.space.geo.seg_blocks
+            + 2 * self.last_cp_blocks
+    }
+
+    /// Whether staging must pause (a checkpoint wants a quiet index).
+    pub(super) fn staging_paused(&self) -> bool {
+        matches!(self.cp_job, Some(CpJob::Quiescing))
+    }
+
+    pub(super) fn checkpoint_running(&self) -> bool {
+        self.cp_job.is_some()
+    }
+
+    /// Starts a checkpoint unless one is running.
+    pub(super) fn request_checkpoint(&mut self) {
+        if self.cp_job.is_none() && self.failed.is_none() {
+            self.cp_job = Some(CpJob::Quiescing);
+        }
+    }
+
+    fn advance_checkpoint(&mut self) -> bool {
+        let interval = self
+            .cfg
+            .checkpoint_interval_bytes
+            .min(self.st.space.geo.capacity_blocks() * BS as u64 / 8);
+        if self.cp_job.is_none() && self.journal_bytes_since_cp >= interval {
+            self.request_checkpoint();
+        }
+        match &mut self.cp_job {
+            Some(CpJob::Quiescing) => {
+                if !self.ready.is_empty() || self.batch.is_some() || self.rmw.busy() {
+                    return false;
+                }
+                debug_assert!(self.pending.blocks.is_empty(), "quiet index has pending blocks");
+                let data = CheckpointData {
+                    shard: self.st.shard,
+                    last_seq: self.st.next_seq - 1,
+                    next_segment_seq: self.st.space.next_segment_seq,
+                    segs: self.st.space.segs.clone(),
+                    index: self.st.index.clone(),
+                };
+                let bytes = data.encode();
+                let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
+                let count = bytes.len().div_ceil(cap).max(1);
+                if count > MAX_CHECKPOINT_PARTS {
+                    log::error!(
+                        "{}: shard {}: index too large to checkpoint ({} bytes)",
+                        self.st.device,
+                        self.st.shard,
+                        bytes.len()
+                    );
+                    self.stats.checkpoint_failures += 1;
+                    self.cp_job = None;
+                    self.journal_bytes_since_cp = 0;
+                    return true;
+                }
+                let first_seq = self.st.next_seq;
+                for i in 0..count {
+                    let chunk =
+                        &bytes[(i * cap).min(bytes.len())..((i + 1) * cap).min(bytes.len())];
+                    self.specials.push_back(Special {
+                        seq: first_seq + i as u64,
+                        index: i as u32,
+                        count: count as u32,
+                        bytes: chunk.to_vec(),
+                    });
+                }
+                self.st.next_seq += count as u64;
+                self.journal_bytes_since_cp = 0;
+                self.cp_job = Some(CpJob::Writing {
+                    first_seq,
+                    parts: vec![None; count],
+                    total_bytes: bytes.len() as u64,
+                });
+                true
+            }
+            Some(CpJob::Writing { first_seq, parts, total_bytes }) => {
+                if parts.iter().any(Option::is_none) {
+                    return false;
+                }
+                let cp = CheckpointRef {
+                    first_seq: *first_seq,
+                    parts: parts.iter().map(|p| p.expect("all written")).collect(),
+                    total_bytes: *total_bytes,
+                };
+                for (i, p) in cp.parts.iter().enumerate() {
+                    let buf = DmaBuf::new(p.blocks as usize * BS);
+                    self.backlog.push_back((
+                        IoCommand::Read {
+                            lba: Lba(p.block),
+                            blocks: BlockCount(u64::from(p.blocks)),
+                        },
+                        Some(buf),
+                        K_CP_VERIFY | i as u64,
+                    ));
+                }
+                let left = cp.parts.len();
+                self.cp_job = Some(CpJob::Verifying { cp, left, bad: false });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn on_cp_verify(&mut self, id: u64, c: Completion) {
+        let Some(CpJob::Verifying { cp, left, bad }) = self.cp_job.as_mut() else { return };
+        *left -= 1;
+        let ok = c.result.is_ok()
+            && c.buf.as_ref().is_some_and(|b| {
+                BatchFixed::decode(b)
+                    .ok()
+                    .filter(|f| f.first_seq == cp.first_seq + id)
+                    .is_some_and(|f| checkpoint::decode_part(&f, b).is_ok())
+            });
+        *bad |= !ok;
+        if *left > 0 {
+            return;
+        }
+        if *bad {
+            log::error!(
+                "{}: shard {}: checkpoint did not read back intact; keeping the previous one",
+                self.st.device,
+                self.st.shard
+            );
+            self.abandon_checkpoint();
+            return;
+        }
+        let cp = cp.clone();
+        let generation = self.st.sb_generation + 1;
+        let sb = ShardSuperblock {
+            shard: self.st.shard,
+            fsid: self.st.fsid,
+            generation,
+            checkpoint: cp.clone(),
+        };
+        let slot = generation % 2;
+        self.io(
+            IoCommand::Write { lba: Lba(slot), blocks: BlockCount(1), fua: false },
+            Some(DmaBuf::from_slice(&sb.encode())),
+            K_SB_WRITE,
+        );
+        self.cp_job = Some(CpJob::SbWriting { cp, generation });
+    }
+
+    fn abandon_checkpoint(&mut self) {
+        self.stats.checkpoint_failures += 1;
+        self.specials.clear();
+        self.cp_job = None;
+    }
+
+    /// The superblock points at the new checkpoint and is durable: release the old one.
+    fn checkpoint_done(&mut self) {
+        let Some(CpJob::SbFlushing { cp, generation }) = self.cp_job.take() else { return };
+        let sp = &mut self.st.space;
+        for &seg in &self.st.cp_segments {
+            sp.pinned[seg as usize] = false;
+        }
+        self.st.cp_segments = cp.parts.iter().filter_map(|p| sp.geo.seg_of(p.block)).collect();
+        for &seg in &self.st.cp_segments {
+            sp.pinned[seg as usize] = true;
+        }
+        sp.cp_last_seq = cp.last_seq();
+        self.last_cp_blocks = cp.parts.iter().map(|p| u64::from(p.blocks)).sum();
+        self.st.sb_generation = generation;
+        self.st.cp = Some(cp);
+        self.stats.checkpoints += 1;
+    }
+}

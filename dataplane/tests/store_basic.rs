@@ -1,0 +1,233 @@
+//! The store's operations, end to end on a RAM device.
+
+use sluice_dataplane::store::blocking::{run_query, run_txn, settle};
+use sluice_dataplane::store::{
+    Answer, CollId, Missing, MkfsOptions, Query, Shard, StoreConfig, StoreError, Transaction, TxOp,
+    mkfs,
+};
+use sluice_nvme::RamDevice;
+
+const C: CollId = CollId(1);
+
+fn new_store(size: u64) -> Shard<RamDevice> {
+    let mut dev = RamDevice::new(size, 64);
+    mkfs(
+        &mut dev,
+        &MkfsOptions { shards: 1, segment_bytes: Some(256 << 10), ..Default::default() },
+    )
+    .unwrap();
+    Shard::open(dev, 0, StoreConfig::default()).map_err(|f| f.error).unwrap()
+}
+
+fn tx(ops: Vec<TxOp>) -> Transaction {
+    Transaction { ops }
+}
+
+fn read(
+    s: &mut Shard<RamDevice>,
+    name: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, StoreError> {
+    match run_query(s, Query::Read { coll: C, name: name.into(), offset, len })? {
+        Answer::Data(d) => Ok(d.data().to_vec()),
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+fn stat(s: &mut Shard<RamDevice>, name: &str) -> Result<(u64, u64), StoreError> {
+    match run_query(s, Query::Stat { coll: C, name: name.into() })? {
+        Answer::Stat(st) => Ok((st.size, st.version)),
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+#[test]
+fn writes_reads_and_metadata_round_trip() {
+    let mut s = new_store(16 << 20);
+    run_txn(&mut s, tx(vec![TxOp::CreateCollection { coll: C }])).unwrap();
+    assert_eq!(
+        run_txn(&mut s, tx(vec![TxOp::CreateCollection { coll: C }])),
+        Err(StoreError::Exists(C))
+    );
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+    let v = run_txn(
+        &mut s,
+        tx(vec![TxOp::WriteFull { coll: C, name: "a".into(), data: data.clone() }]),
+    )
+    .unwrap();
+    assert_eq!(read(&mut s, "a", 0, u64::MAX).unwrap(), data);
+    assert_eq!(read(&mut s, "a", 4000, 200).unwrap(), data[4000..4200]);
+    assert_eq!(read(&mut s, "a", 9_990, 100).unwrap(), data[9_990..]);
+    assert!(read(&mut s, "a", 20_000, 10).unwrap().is_empty());
+    assert_eq!(stat(&mut s, "a").unwrap(), (10_000, v));
+    // Unaligned overwrite across a block boundary, and an extension with a gap.
+    run_txn(
+        &mut s,
+        tx(vec![TxOp::Write { coll: C, name: "a".into(), offset: 4090, data: vec![0xee; 20] }]),
+    )
+    .unwrap();
+    run_txn(
+        &mut s,
+        tx(vec![TxOp::Write { coll: C, name: "a".into(), offset: 20_000, data: vec![1, 2, 3] }]),
+    )
+    .unwrap();
+    let mut want = data.clone();
+    want[4090..4110].fill(0xee);
+    want.resize(20_000, 0);
+    want.extend_from_slice(&[1, 2, 3]);
+    assert_eq!(read(&mut s, "a", 0, u64::MAX).unwrap(), want);
+    // Truncate down into a block, then extend again: the cut-off bytes read as zeroes.
+    run_txn(&mut s, tx(vec![TxOp::Truncate { coll: C, name: "a".into(), size: 5000 }])).unwrap();
+    run_txn(&mut s, tx(vec![TxOp::Truncate { coll: C, name: "a".into(), size: 9000 }])).unwrap();
+    want.truncate(5000);
+    want.resize(9000, 0);
+    assert_eq!(read(&mut s, "a", 0, u64::MAX).unwrap(), want);
+    // Zero a range inside.
+    run_txn(&mut s, tx(vec![TxOp::Zero { coll: C, name: "a".into(), offset: 100, len: 8000 }]))
+        .unwrap();
+    want[100..8100].fill(0);
+    assert_eq!(read(&mut s, "a", 0, u64::MAX).unwrap(), want);
+    // Xattrs.
+    run_txn(
+        &mut s,
+        tx(vec![TxOp::SetXattr {
+            coll: C,
+            name: "a".into(),
+            key: "k".into(),
+            value: b"v".to_vec(),
+        }]),
+    )
+    .unwrap();
+    assert!(
+        matches!(run_query(&mut s, Query::GetXattr { coll: C, name: "a".into(), key: "k".into() }).unwrap(), Answer::Xattr(v) if v == b"v")
+    );
+    run_txn(&mut s, tx(vec![TxOp::RmXattr { coll: C, name: "a".into(), key: "k".into() }]))
+        .unwrap();
+    assert_eq!(
+        run_txn(&mut s, tx(vec![TxOp::RmXattr { coll: C, name: "a".into(), key: "k".into() }])),
+        Err(StoreError::NotFound(Missing::Xattr(C, "a".into(), "k".into())))
+    );
+    // Delete.
+    run_txn(&mut s, tx(vec![TxOp::Delete { coll: C, name: "a".into() }])).unwrap();
+    assert_eq!(read(&mut s, "a", 0, 1), Err(StoreError::NotFound(Missing::Object(C, "a".into()))));
+    assert_eq!(
+        run_txn(&mut s, tx(vec![TxOp::Delete { coll: C, name: "a".into() }])),
+        Err(StoreError::NotFound(Missing::Object(C, "a".into())))
+    );
+}
+
+#[test]
+fn transactions_are_all_or_nothing() {
+    let mut s = new_store(16 << 20);
+    run_txn(&mut s, tx(vec![TxOp::CreateCollection { coll: C }])).unwrap();
+    let r = run_txn(
+        &mut s,
+        tx(vec![
+            TxOp::WriteFull { coll: C, name: "x".into(), data: vec![1; 100] },
+            TxOp::Delete { coll: C, name: "missing".into() },
+        ]),
+    );
+    assert_eq!(r, Err(StoreError::NotFound(Missing::Object(C, "missing".into()))));
+    assert!(
+        matches!(read(&mut s, "x", 0, 10), Err(StoreError::NotFound(_))),
+        "the first op must not have happened"
+    );
+    // Later ops see earlier ones: create, write, xattr, delete, recreate.
+    run_txn(
+        &mut s,
+        tx(vec![
+            TxOp::WriteFull { coll: C, name: "y".into(), data: vec![2; 10] },
+            TxOp::SetXattr { coll: C, name: "y".into(), key: "a".into(), value: vec![1] },
+            TxOp::Delete { coll: C, name: "y".into() },
+            TxOp::Write { coll: C, name: "y".into(), offset: 5, data: vec![3; 5] },
+        ]),
+    )
+    .unwrap();
+    assert_eq!(read(&mut s, "y", 0, 100).unwrap(), [vec![0; 5], vec![3; 5]].concat());
+    assert!(
+        matches!(run_query(&mut s, Query::GetXattrs { coll: C, name: "y".into() }).unwrap(), Answer::Xattrs(x) if x.is_empty())
+    );
+}
+
+#[test]
+fn listing_is_ordered_and_paged_and_collections_have_pg_logs() {
+    let mut s = new_store(16 << 20);
+    run_txn(
+        &mut s,
+        tx(vec![TxOp::CreateCollection { coll: C }, TxOp::CreateCollection { coll: CollId(2) }]),
+    )
+    .unwrap();
+    let mut ops = Vec::new();
+    for i in (0..25).rev() {
+        ops.push(TxOp::Touch { coll: C, name: format!("obj{i:02}") });
+    }
+    run_txn(&mut s, tx(ops)).unwrap();
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let Answer::List { names, next } =
+            run_query(&mut s, Query::List { coll: C, after: after.clone(), max: 10 }).unwrap()
+        else {
+            panic!()
+        };
+        all.extend(names);
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(all, (0..25).map(|i| format!("obj{i:02}")).collect::<Vec<_>>());
+    assert!(
+        matches!(run_query(&mut s, Query::ListCollections).unwrap(), Answer::Collections(c) if c == vec![C, CollId(2)])
+    );
+    assert_eq!(
+        run_txn(&mut s, tx(vec![TxOp::RemoveCollection { coll: C }])),
+        Err(StoreError::NotEmpty(C))
+    );
+    run_txn(&mut s, tx(vec![TxOp::RemoveCollection { coll: CollId(2) }])).unwrap();
+    for k in 1..=5u64 {
+        run_txn(&mut s, tx(vec![TxOp::PgLogAppend { coll: C, key: k, entry: vec![k as u8] }]))
+            .unwrap();
+    }
+    run_txn(&mut s, tx(vec![TxOp::PgLogTrim { coll: C, upto: 2 }])).unwrap();
+    let Answer::PgLog(entries) =
+        run_query(&mut s, Query::PgLog { coll: C, after: Some(3), max: 10 }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(entries, vec![(4, vec![4]), (5, vec![5])]);
+}
+
+#[test]
+fn state_survives_close_and_reopen() {
+    let mut s = new_store(16 << 20);
+    run_txn(&mut s, tx(vec![TxOp::CreateCollection { coll: C }])).unwrap();
+    for i in 0..50u32 {
+        run_txn(
+            &mut s,
+            tx(vec![TxOp::WriteFull {
+                coll: C,
+                name: format!("o{i}"),
+                data: vec![i as u8; 5000 + i as usize],
+            }]),
+        )
+        .unwrap();
+    }
+    settle(&mut s);
+    let dev = s.into_device();
+    let mut s = Shard::open(dev, 0, StoreConfig::default()).map_err(|f| f.error).unwrap();
+    for i in 0..50u32 {
+        assert_eq!(
+            read(&mut s, &format!("o{i}"), 0, u64::MAX).unwrap(),
+            vec![i as u8; 5000 + i as usize]
+        );
+    }
+    // And again, after more writes on top of the recovery checkpoint.
+    run_txn(&mut s, tx(vec![TxOp::WriteFull { coll: C, name: "o0".into(), data: vec![9; 3] }]))
+        .unwrap();
+    let dev = s.into_device();
+    let mut s = Shard::open(dev, 0, StoreConfig::default()).map_err(|f| f.error).unwrap();
+    assert_eq!(read(&mut s, "o0", 0, u64::MAX).unwrap(), vec![9; 3]);
+    assert_eq!(read(&mut s, "o49", 0, u64::MAX).unwrap(), vec![49; 5049]);
+}
