@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use sluice_dataplane::park::ParkState;
-use sluice_dataplane::reactor::{self, PollMode, ReactorConfig};
+use sluice_dataplane::reactor::{self, ReactorConfig};
 use sluice_dataplane::{Context, PollResult, Poller};
 use sluice_nvme::{BlockDevice, DmaPool, IoCommand, OpKind, TaskRun, UringDevice, UringOptions};
 use sluice_vocab::limits::BLOCK_SIZE_BYTES;
@@ -20,6 +20,7 @@ use sluice_vocab::{
     BlockCount, ByteSize, Clock, CoreId, Lba, MonoTime, SystemClock, parse_duration,
 };
 
+use crate::common::ReactorArgs;
 use crate::machine::Machine;
 use crate::progress::Progress;
 use crate::report::{OpResults, Report, Results, SCHEMA, new_histogram, process_cpu_time};
@@ -40,85 +41,6 @@ pub enum TaskRunArg {
     Cooperative,
     /// io_uring's default: the kernel interrupts the reactor for every completion.
     Interrupt,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PollArg {
-    /// Spin for --spin after the last work, then sleep until woken.
-    Park,
-    /// Never sleep.
-    Dedicated,
-}
-
-/// Where to pin a reactor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuChoice {
-    /// On the CPU that takes the device's interrupts, if that can be found.
-    Auto,
-    /// Nowhere: the kernel places the thread.
-    None,
-    Cpu(usize),
-}
-
-impl std::str::FromStr for CpuChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(CpuChoice::Auto),
-            "none" => Ok(CpuChoice::None),
-            n => n
-                .parse()
-                .map(CpuChoice::Cpu)
-                .map_err(|_| format!("expected auto, none or a CPU number, got {n:?}")),
-        }
-    }
-}
-
-impl CpuChoice {
-    /// Resolves `auto` against the device at `path`, saying what it chose.
-    pub fn resolve(self, path: &std::path::Path) -> Option<usize> {
-        match self {
-            CpuChoice::Cpu(n) => Some(n),
-            CpuChoice::None => None,
-            CpuChoice::Auto => {
-                let cpu = sluice_nvme::irq::interrupt_cpus(path).and_then(|c| c.first().copied());
-                match cpu {
-                    Some(c) => eprintln!(
-                        "reactor pinned to CPU {c}: it takes the interrupts of the device behind {}",
-                        path.display()
-                    ),
-                    None => eprintln!(
-                        "reactor not pinned: cannot tell which CPU takes the interrupts of {}",
-                        path.display()
-                    ),
-                }
-                cpu
-            }
-        }
-    }
-}
-
-/// Options shared by benchmarks that run reactors.
-#[derive(Debug, Clone, Args)]
-pub struct ReactorArgs {
-    /// Pin the reactor: `auto` (the CPU taking the device's interrupts), `none`, or a CPU.
-    #[arg(long, default_value = "auto")]
-    pub cpu: CpuChoice,
-    /// What the reactor does when idle.
-    #[arg(long, value_enum, default_value = "park")]
-    pub poll: PollArg,
-    /// How long an idle reactor keeps polling before it sleeps (with --poll park).
-    #[arg(long, default_value = "200us", value_parser = parse_duration)]
-    pub spin: Duration,
-}
-
-impl ReactorArgs {
-    pub fn mode(&self) -> PollMode {
-        match self.poll {
-            PollArg::Park => PollMode::Park { spin: self.spin },
-            PollArg::Dedicated => PollMode::Dedicated,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -186,7 +108,7 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if args.rwmix_read > 100 {
         bail!("--rwmix-read is a percentage (got {})", args.rwmix_read);
     }
-    prepare_file(&args)?;
+    crate::common::prepare_file(&args.path, args.dev_size, !args.no_direct)?;
     let pool = DmaPool::new(bs, args.qd, Default::default()).context("allocating DMA buffers")?;
     let opts = UringOptions {
         queue_depth: args.qd.max(2),
@@ -275,70 +197,6 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if report.results.errors > 0 {
         bail!("{} I/O errors during the run", report.results.errors);
     }
-    Ok(())
-}
-
-/// Creates the device file if needed and makes sure every block was written, so reads
-/// hit the medium rather than holes.
-fn prepare_file(args: &DeviceArgs) -> anyhow::Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let size = args.dev_size.0 / BLOCK_SIZE_BYTES as u64 * BLOCK_SIZE_BYTES as u64;
-    match std::fs::metadata(&args.path) {
-        Ok(md) if md.file_type().is_block_device() => return Ok(()),
-        Ok(md) if md.len() >= size && md.blocks() * 512 >= md.len() => return Ok(()),
-        Ok(md) if md.len() > 0 && md.len() < size && !md.file_type().is_file() => {
-            bail!("{} is not a regular file or block device", args.path.display())
-        }
-        _ => {}
-    }
-    let len = std::fs::metadata(&args.path).map_or(0, |m| m.len()).max(size);
-    sluice_nvme::create_device_file(&args.path, len)
-        .with_context(|| format!("creating {}", args.path.display()))?;
-    eprintln!(
-        "preparing {}: writing all {} so reads hit the medium",
-        args.path.display(),
-        ByteSize(len)
-    );
-    let mut dev = UringDevice::open(
-        &args.path,
-        UringOptions { queue_depth: 8, direct: !args.no_direct, ..Default::default() },
-    )?;
-    let chunk = BlockCount(256);
-    let total = dev.info().num_blocks;
-    let mut next = 0u64;
-    let mut pending = 0usize;
-    let mut bufs: Vec<_> =
-        (0..8).map(|_| sluice_nvme::DmaBuf::new(chunk.bytes() as usize)).collect();
-    for (i, b) in bufs.iter_mut().enumerate() {
-        b.fill(0x5a ^ i as u8);
-    }
-    while next < total || pending > 0 {
-        while next < total {
-            let Some(buf) = bufs.pop() else { break };
-            let n = BlockCount(chunk.0.min(total - next));
-            let mut buf = buf;
-            buf.set_len(n.bytes() as usize);
-            dev.submit(IoCommand::Write { lba: Lba(next), blocks: n, fua: false }, Some(buf), next)
-                .map_err(|e| anyhow::anyhow!("prefill: {e}"))?;
-            next += n.0;
-            pending += 1;
-        }
-        dev.kick()?;
-        let mut err = None;
-        dev.poll(usize::MAX, &mut |c| {
-            if let Err(e) = c.result {
-                err = Some(e);
-            }
-            let mut b = c.buf.expect("write buffer");
-            b.set_len(b.capacity());
-            bufs.push(b);
-            pending -= 1;
-        });
-        if let Some(e) = err {
-            bail!("prefill of {} failed: {e}", args.path.display());
-        }
-    }
-    sluice_nvme::flush_sync(&mut dev)?;
     Ok(())
 }
 

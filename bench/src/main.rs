@@ -6,11 +6,13 @@
 
 #![forbid(unsafe_code)]
 
+mod common;
 mod device;
 mod machine;
 mod progress;
 mod reactor_bench;
 mod report;
+mod store_bench;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,9 @@ enum Cmd {
     /// Drive a file or block device through io_uring from one reactor: the raw-device
     /// baseline every other benchmark is compared with.
     Device(device::DeviceArgs),
+    /// Durable object writes and verified reads through one store shard on its reactor,
+    /// in process: compare with `device` on the same file system.
+    Store(store_bench::StoreArgs),
     /// Measure round trips between two reactors for several spin windows and gaps:
     /// what parking costs and what spinning buys.
     Reactor(reactor_bench::ReactorBenchArgs),
@@ -40,6 +45,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Device(a) => device::run(a),
         Cmd::Reactor(a) => reactor_bench::run(a),
+        Cmd::Store(a) => store_bench::run(a),
     };
     if let Err(e) = r {
         eprintln!("sluice-bench: error: {e:#}");

@@ -231,3 +231,26 @@ fn state_survives_close_and_reopen() {
     assert_eq!(read(&mut s, "o0", 0, u64::MAX).unwrap(), vec![9; 3]);
     assert_eq!(read(&mut s, "o49", 0, u64::MAX).unwrap(), vec![49; 5049]);
 }
+
+/// A reactor may sleep only when a device completion will wake it: never with work that
+/// arrived since the last poll, never with queued work and nothing in flight.
+#[test]
+fn the_shard_refuses_to_park_while_work_can_progress() {
+    let mut s = new_store(16 << 20);
+    assert!(s.prepare_park(), "an idle shard may park");
+    s.after_park();
+    s.submit(tx(vec![TxOp::CreateCollection { coll: C }]), 1).unwrap();
+    assert!(!s.prepare_park(), "a transaction submitted after the last poll must be polled");
+    s.query(Query::Stat { coll: C, name: "x".into() }, 2);
+    assert!(!s.prepare_park(), "a query submitted after the last poll must be polled");
+    let mut done = Vec::new();
+    let mut rounds = 0;
+    while done.len() < 2 {
+        s.poll(&mut |e| done.push(e));
+        rounds += 1;
+        assert!(rounds < 10_000, "the shard never finished two operations");
+    }
+    settle(&mut s);
+    assert!(s.prepare_park(), "a shard with nothing to do may park again");
+    s.after_park();
+}

@@ -228,6 +228,7 @@ fn config() -> StoreConfig {
         clean_below_segments: None,
         cleaner_max_reads: 4,
         read_pool_bufs: 8,
+        max_completions_per_poll: 2,
         mount: MountOptions { retries: 0, ..Default::default() },
     }
 }

@@ -412,13 +412,23 @@ pub fn random_workload_matches_a_model(dev: &mut dyn BlockDevice) {
 pub fn parked_reactor_is_woken_by_a_completion(dev: &mut dyn BlockDevice) {
     assert!(dev.prepare_park(), "an idle device must allow parking");
     dev.after_park();
-    for round in 0..20u64 {
-        dev.submit(
-            IoCommand::Read { lba: Lba(round), blocks: BlockCount(1) },
-            Some(DmaBuf::new(4096)),
-            round,
-        )
-        .expect("submit");
+    // Reads complete from the block layer's interrupt; writes to a file may be punted to
+    // a kernel worker; flushes always are (io_uring runs fsync in io-wq). Each path must
+    // wake a parked reactor.
+    for round in 0..30u64 {
+        let (cmd, buf) = match round % 3 {
+            0 => (
+                IoCommand::Read { lba: Lba(round), blocks: BlockCount(1) },
+                Some(DmaBuf::new(4096)),
+            ),
+            1 => {
+                let mut b = DmaBuf::new(4096);
+                b.fill(round as u8);
+                (IoCommand::Write { lba: Lba(round), blocks: BlockCount(1), fua: false }, Some(b))
+            }
+            _ => (IoCommand::Flush, None),
+        };
+        dev.submit(cmd, buf, round).expect("submit");
         assert!(!dev.prepare_park(), "a device with unsubmitted commands must not allow parking");
         dev.after_park();
         dev.kick().expect("kick");
@@ -445,7 +455,7 @@ pub fn parked_reactor_is_woken_by_a_completion(dev: &mut dyn BlockDevice) {
         }
         let c = got.expect("completion");
         assert_eq!(c.tag, round);
-        c.result.expect("read");
+        c.result.expect("read, write or flush");
         assert!(waits <= 1_000_000);
     }
 }

@@ -18,13 +18,12 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
 use io_uring::{IoUring, opcode, squeue, types};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use sluice_vocab::Lba;
 use sluice_vocab::limits::{BLOCK_SIZE_BYTES, MAX_QUEUE_DEPTH};
 
@@ -62,9 +61,11 @@ pub enum TaskRun {
     /// The kernel interrupts the polling thread (an IPI when it runs on another CPU) to
     /// post each completion. io_uring's default.
     Interrupt,
-    /// COOP_TASKRUN + TASKRUN_FLAG: no interrupt; the kernel raises a flag in the SQ
-    /// ring and `poll` enters the kernel once to collect everything pending. A sleeping
-    /// (parked) thread is still woken. Cheaper for a thread that polls.
+    /// COOP_TASKRUN + TASKRUN_FLAG: no IPI; the kernel raises a flag in the SQ ring and
+    /// `poll` enters the kernel once to collect everything pending. A sleeping (parked)
+    /// thread is still woken (the kernel sets TIF_NOTIFY_SIGNAL and wakes interruptible
+    /// sleepers; only the IPI to a running thread is skipped). Cheaper for a thread that
+    /// polls.
     #[default]
     Cooperative,
 }
@@ -141,7 +142,6 @@ pub struct UringDevice {
     slots: Box<[Slot]>,
     free: Vec<u32>,
     in_flight: usize,
-    eventfd: EventFd,
     fixed: Vec<FixedRegion>,
     _keepalive: Vec<PoolKeepalive>,
 }
@@ -255,13 +255,8 @@ impl UringDevice {
         } else {
             None
         };
-        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| uring_err(e.into()))?;
         for r in std::iter::once(&ring).chain(aux.as_ref()) {
             r.submitter().register_files(&[file.as_raw_fd()]).map_err(uring_err)?;
-            r.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(uring_err)?;
-            // Notifications stay off while the reactor spins; prepare_park turns them on.
-            r.completion_shared_disable_eventfd();
         }
         let mut fixed = Vec::new();
         let mut keepalive = Vec::new();
@@ -312,7 +307,6 @@ impl UringDevice {
             slots,
             free: (0..depth as u32).rev().collect(),
             in_flight: 0,
-            eventfd,
             fixed,
             _keepalive: keepalive,
         })
@@ -473,25 +467,12 @@ impl Drop for UringDevice {
 const CANCEL_TAG: u64 = u64::MAX;
 
 trait RingExt {
-    fn completion_shared_disable_eventfd(&self);
-    fn set_cq_notify(&self, on: bool);
     fn cq_nonempty(&self) -> bool;
 }
 
 impl RingExt for IoUring {
-    fn completion_shared_disable_eventfd(&self) {
-        self.set_cq_notify(false);
-    }
-
-    fn set_cq_notify(&self, on: bool) {
-        // SAFETY: only the flags word is touched; no CQ entries are consumed through this
-        // shared view, so it cannot race with `completion()` on the same thread.
-        let cq = unsafe { self.completion_shared() };
-        if on { cq.enable_eventfd() } else { cq.disable_eventfd() }
-    }
-
     fn cq_nonempty(&self) -> bool {
-        // SAFETY: as above, read-only use of the shared view.
+        // SAFETY: read-only use of the shared view; no entries are consumed through it.
         !unsafe { self.completion_shared() }.is_empty()
     }
 }
@@ -596,8 +577,15 @@ impl BlockDevice for UringDevice {
         self.in_flight
     }
 
+    /// The ring's own fd: it polls readable while completions wait in the CQ. The kernel
+    /// checks the CQ after adding the sleeper to its poll waitqueue, so a completion can
+    /// never slip between our last look and the sleep. (The earlier design, an eventfd
+    /// switched on only while parked, relied on the enable flag and the CQ tail being
+    /// ordered as a store/load pair on both sides, which we could not show the kernel
+    /// guarantees; it also cost an extra fd.)
     fn park_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.eventfd.as_fd())
+        // SAFETY: the ring fd lives as long as `self.ring`, which outlives the borrow.
+        Some(unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) })
     }
 
     fn prepare_park(&mut self) -> bool {
@@ -608,26 +596,17 @@ impl BlockDevice for UringDevice {
         }
         if self.ring.params().is_setup_iopoll() && self.in_flight > 0 {
             // Polled completions need someone to poll: never sleep with I/O in flight.
+            // (The aux ring exists only with IOPOLL, so the main ring's fd covers
+            // everything else.)
             return false;
         }
-        for r in std::iter::once(&self.ring).chain(self.aux.as_ref()) {
-            r.set_cq_notify(true);
-        }
-        // A completion posted before notifications were on would not signal the eventfd:
-        // look once more after arming.
-        let pending = self.ring.cq_nonempty() || self.aux.as_ref().is_some_and(|a| a.cq_nonempty());
-        if pending {
-            self.after_park();
-        }
-        !pending
+        // Completion work the kernel flagged but has not posted yet: collect it first.
+        !(self.taskrun_pending()
+            || self.ring.cq_nonempty()
+            || self.aux.as_ref().is_some_and(|a| a.cq_nonempty()))
     }
 
-    fn after_park(&mut self) {
-        for r in std::iter::once(&self.ring).chain(self.aux.as_ref()) {
-            r.set_cq_notify(false);
-        }
-        let _ = self.eventfd.read();
-    }
+    fn after_park(&mut self) {}
 }
 
 /// Creates (or extends) a regular file of `size_bytes` for use as a device. Existing

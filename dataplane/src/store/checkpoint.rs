@@ -24,6 +24,32 @@ pub(super) struct CheckpointData {
     pub index: Index,
 }
 
+/// The same encoding as [`CheckpointData`], borrowed from the live shard, so taking a
+/// checkpoint does not first copy the whole index.
+#[derive(Debug, Serialize)]
+pub(super) struct CheckpointView<'a> {
+    pub shard: u16,
+    pub last_seq: u64,
+    pub next_segment_seq: u64,
+    pub segs: &'a [SegInfo],
+    pub index: &'a Index,
+}
+
+impl CheckpointView<'_> {
+    #[cfg(test)]
+    pub fn encode(&self) -> Vec<u8> {
+        self.encode_into(Vec::new(), 0)
+    }
+
+    /// Encodes into `buf` (cleared first) with room for `expect` bytes reserved up front:
+    /// growing a vector of tens of MiB by doubling copied it over and over.
+    pub fn encode_into(&self, mut buf: Vec<u8>, expect: usize) -> Vec<u8> {
+        buf.clear();
+        buf.reserve(expect);
+        postcard::to_extend(self, buf).expect("checkpoint serializes")
+    }
+}
+
 impl CheckpointData {
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("checkpoint serializes")
@@ -123,5 +149,49 @@ mod tests {
         let mut bad = b.clone();
         bad[BS + 5000] ^= 1;
         assert_eq!(decode_part(&f, &bad).unwrap_err(), FormatError::BadCrc);
+    }
+
+    #[test]
+    fn the_borrowed_view_decodes_as_the_owned_data() {
+        use crate::store::delta::Delta;
+        use crate::store::index::{Loc, NoTracking};
+        use crate::store::space::SegState;
+        let mut index = Index::default();
+        let c = crate::store::CollId(3);
+        index
+            .apply(&Delta::CreateCollection { coll: c }, 1, &mut |_| None, &mut NoTracking)
+            .unwrap();
+        for (i, name) in ["b", "a", "zz", "m"].iter().enumerate() {
+            let d = Delta::WriteBlocks {
+                coll: c,
+                name: name.to_string(),
+                first_block: i as u64,
+                crcs: vec![i as u32 + 7],
+            };
+            index
+                .apply(&d, 2 + i as u64, &mut |_| Some(Loc::Disk(100 + i as u64)), &mut NoTracking)
+                .unwrap();
+        }
+        let segs = vec![SegInfo { seq: 4, state: SegState::Sealed, max_record_seq: 9 }];
+        let owned = CheckpointData {
+            shard: 1,
+            last_seq: 9,
+            next_segment_seq: 5,
+            segs: segs.clone(),
+            index: index.clone(),
+        };
+        let view = CheckpointView {
+            shard: 1,
+            last_seq: 9,
+            next_segment_seq: 5,
+            segs: &segs,
+            index: &index,
+        };
+        let bytes = view.encode();
+        assert_eq!(bytes.len(), owned.encode().len());
+        let back = CheckpointData::decode(&bytes).unwrap();
+        assert_eq!(back, owned);
+        let names: Vec<_> = back.index.colls[&c].objects.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, ["a", "b", "m", "zz"], "objects come back in name order");
     }
 }

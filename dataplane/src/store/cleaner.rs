@@ -78,6 +78,10 @@ pub(super) struct Cleaner {
     moving: u64,
     /// Rounds in a row that ended with no more space than they started with.
     pub stalled_rounds: u32,
+    /// `Shard::completions` when an idle cleaner last found nothing to do. Space only
+    /// changes on a device completion (or when a batch is placed, which a completion
+    /// follows), so until the next one there is no need to count segments again.
+    idle_checked_at: Option<u64>,
 }
 
 impl Cleaner {
@@ -112,14 +116,19 @@ impl<D: BlockDevice> Shard<D> {
     pub(super) fn advance_cleaner(&mut self) -> bool {
         match &mut self.cleaner.state {
             State::Idle => {
+                if !self.space_wait && self.cleaner.idle_checked_at == Some(self.completions) {
+                    return false;
+                }
                 let sp = &self.st.space;
                 let threshold = self
                     .cfg
                     .clean_below_segments
                     .unwrap_or_else(|| (self.cfg.reserve_segments + 2).max(sp.geo.seg_count / 8));
                 if sp.reusable_count() >= threshold && !self.space_wait {
+                    self.cleaner.idle_checked_at = Some(self.completions);
                     return false;
                 }
+                self.cleaner.idle_checked_at = None;
                 // Segments written since the checkpoint cannot be cleaned: under space
                 // pressure, do not let them pile up.
                 if sp.awaiting_checkpoint() >= (sp.geo.seg_count / 16).max(2)

@@ -2,7 +2,7 @@
 //! block map with a crc32c per block) and PG logs. Rebuilt at mount from the checkpoint
 //! plus the journal; every change goes through [`Index::apply`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,8 +35,96 @@ pub struct Onode {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Coll {
-    pub objects: BTreeMap<String, Onode>,
+    pub objects: ObjectMap,
     pub pglog: BTreeMap<u64, Vec<u8>>,
+}
+
+/// The objects of one collection: a hash map for point lookups (one or two cache misses
+/// instead of a string comparison per B-tree level, which dominated the read path at
+/// 100k objects) plus the sorted names for listing with a cursor. Encoded as a map in
+/// hash order (walking the names instead costs a random lookup per object, which made
+/// checkpoints of 500k objects stall the shard twice as long); decoding sorts.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectMap {
+    by_name: HashMap<String, Onode>,
+    names: BTreeSet<String>,
+}
+
+impl ObjectMap {
+    pub fn get(&self, name: &str) -> Option<&Onode> {
+        self.by_name.get(name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Onode> {
+        self.by_name.get_mut(name)
+    }
+
+    /// The object, created empty if missing.
+    pub fn get_or_create(&mut self, name: &str) -> &mut Onode {
+        if !self.by_name.contains_key(name) {
+            self.names.insert(name.to_string());
+            self.by_name.insert(name.to_string(), Onode::default());
+        }
+        self.by_name.get_mut(name).expect("just inserted")
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Onode> {
+        let o = self.by_name.remove(name)?;
+        let had = self.names.remove(name);
+        debug_assert!(had, "object map name set out of step");
+        Some(o)
+    }
+
+    pub fn len(&self) -> usize {
+        debug_assert_eq!(self.by_name.len(), self.names.len());
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Objects in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Onode)> {
+        self.names.iter().map(|n| (n, &self.by_name[n]))
+    }
+
+    /// Objects in no particular order (cheaper than [`iter`](Self::iter)).
+    pub fn values(&self) -> impl Iterator<Item = &Onode> {
+        self.by_name.values()
+    }
+
+    /// Names after `after` (all when `None`), in order.
+    pub fn names_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = &'a String> + 'a {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.names.range::<str, _>((lower, Bound::Unbounded))
+    }
+}
+
+impl PartialEq for ObjectMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_name == other.by_name
+    }
+}
+
+impl Eq for ObjectMap {}
+
+impl Serialize for ObjectMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.by_name.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for ObjectMap {
+    fn deserialize<De: serde::Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
+        let sorted = BTreeMap::<String, Onode>::deserialize(d)?;
+        let names = sorted.keys().cloned().collect();
+        Ok(ObjectMap { by_name: sorted.into_iter().collect(), names })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,11 +206,11 @@ impl Index {
             }
             Delta::Touch { coll, name } => {
                 let c = coll_mut(&mut self.colls, *coll)?;
-                c.objects.entry(name.clone()).or_default().version = seq;
+                c.objects.get_or_create(name).version = seq;
             }
             Delta::WriteBlocks { coll, name, first_block, crcs } => {
                 let c = coll_mut(&mut self.colls, *coll)?;
-                let o = c.objects.entry(name.clone()).or_default();
+                let o = c.objects.get_or_create(name);
                 o.version = seq;
                 for (i, crc) in crcs.iter().enumerate() {
                     let loc = data(i as u64).ok_or(ApplyError::DataShort)?;
@@ -168,7 +256,7 @@ impl Index {
                 }
             }
             Delta::SetXattr { coll, name, key, value } => {
-                let o = coll_mut(&mut self.colls, *coll)?.objects.entry(name.clone()).or_default();
+                let o = coll_mut(&mut self.colls, *coll)?.objects.get_or_create(name);
                 o.xattrs.insert(key.clone(), value.clone());
                 o.version = seq;
             }
@@ -210,7 +298,7 @@ impl Index {
     /// Every disk block the index maps, with its owner; for live counts and fsck.
     pub fn for_each_disk_block(&self, mut f: impl FnMut(CollId, &str, u64, u64, u32)) {
         for (c, coll) in &self.colls {
-            for (name, o) in &coll.objects {
+            for (name, o) in coll.objects.iter() {
                 for (lb, r) in &o.blocks {
                     if let Loc::Disk(b) = r.loc {
                         f(*c, name, *lb, b, r.crc);
@@ -224,7 +312,7 @@ impl Index {
     /// object's size, no pending location when `durable_only`.
     pub fn check_invariants(&self, durable_only: bool) -> Result<(), String> {
         for (c, coll) in &self.colls {
-            for (name, o) in &coll.objects {
+            for (name, o) in coll.objects.iter() {
                 let blocks_for_size = o.size.div_ceil(super::format::BS as u64);
                 if let Some((&last, _)) = o.blocks.last_key_value()
                     && last >= blocks_for_size

@@ -41,6 +41,7 @@ impl<D: BlockDevice> Shard<D> {
             return true;
         }
         match name {
+            Some(_) if self.pending.objects.is_empty() => false,
             Some(n) => self.pending.objects.contains_key(&(coll, n.to_string())),
             None => self.pending.colls.contains_key(&coll),
         }
@@ -95,12 +96,7 @@ impl<D: BlockDevice> Shard<D> {
                 object(coll, &name).map(|o| Answer::Xattrs(o.xattrs.clone()))
             }
             Query::List { coll, after, max } => ix.colls.get(&coll).ok_or(no_coll(coll)).map(|c| {
-                use std::ops::Bound;
-                let lower = match &after {
-                    Some(a) => Bound::Excluded(a.clone()),
-                    None => Bound::Unbounded,
-                };
-                let mut it = c.objects.range((lower, Bound::Unbounded)).map(|(k, _)| k.clone());
+                let mut it = c.objects.names_after(after.as_deref()).cloned();
                 let names: Vec<String> = it.by_ref().take(max).collect();
                 let next = if it.next().is_some() { names.last().cloned() } else { None };
                 Answer::List { names, next }

@@ -6,7 +6,7 @@ use sluice_nvme::{BlockDevice, Completion, DmaBuf, DmaPool, IoCommand, IoError, 
 use sluice_vocab::limits::{MAX_CHECKPOINT_PARTS, MAX_TRANSFER_BYTES};
 use sluice_vocab::{BlockCount, Lba};
 
-use super::checkpoint::{self, CheckpointData};
+use super::checkpoint::{self, CheckpointView};
 use super::cleaner::Cleaner;
 use super::format::{
     self, BS, BatchFixed, CheckpointRef, PartRef, RecordDesc, ShardSuperblock, store_tag,
@@ -33,6 +33,10 @@ pub struct StoreConfig {
     pub cleaner_max_reads: usize,
     /// Pooled read buffers (reads up to 64 KiB use them).
     pub read_pool_bufs: usize,
+    /// Device completions handled per `poll`. Completions arrive in bursts; handing them
+    /// up a few at a time lets the first answers (and the I/O they trigger) go out
+    /// before the whole burst is processed, so the queue does not move in lockstep.
+    pub max_completions_per_poll: usize,
     pub mount: MountOptions,
 }
 
@@ -45,6 +49,7 @@ impl Default for StoreConfig {
             clean_below_segments: None,
             cleaner_max_reads: 8,
             read_pool_bufs: 256,
+            max_completions_per_poll: 8,
             mount: MountOptions::default(),
         }
     }
@@ -153,10 +158,12 @@ enum CpJob {
         parts: Vec<Option<PartRef>>,
         total_bytes: u64,
     },
+    /// Reading the parts back: per part, its chunks as they arrive.
     Verifying {
         cp: CheckpointRef,
         left: usize,
         bad: bool,
+        got: Vec<Vec<Option<DmaBuf>>>,
     },
     SbWriting {
         cp: CheckpointRef,
@@ -196,6 +203,14 @@ pub struct Shard<D: BlockDevice> {
     pub(super) internal_committed: u64,
     /// A user transaction waits for space: the cleaner is urgent.
     pub(super) space_wait: bool,
+    /// A transaction or query arrived since the last `poll`: the reactor must not sleep.
+    new_work: bool,
+    /// The data area of the last batch, kept for the next one.
+    batch_scratch: Vec<u8>,
+    /// Size of the last checkpoint's encoding: the next one reserves room for it.
+    last_cp_bytes: u64,
+    /// Device completions handled (a cheap "space may have changed" generation).
+    pub(super) completions: u64,
     pub(super) stats: StoreStats,
     replay: ReplayInfo,
 }
@@ -288,6 +303,10 @@ impl<D: BlockDevice> Shard<D> {
             last_cp_blocks,
             internal_committed: 0,
             space_wait: false,
+            new_work: false,
+            batch_scratch: Vec::new(),
+            last_cp_bytes: last_cp_blocks * BS as u64,
+            completions: 0,
             stats: StoreStats::default(),
             replay,
         })
@@ -355,12 +374,14 @@ impl<D: BlockDevice> Shard<D> {
         }
         super::stage::check_shape(&txn, self.max_txn_blocks())?;
         self.queue.push_back(Queued::user(txn, token));
+        self.new_work = true;
         Ok(())
     }
 
     /// Queues a query. Its answer arrives as [`StoreEvent::Query`] with `token`.
     pub fn query(&mut self, q: Query, token: u64) {
         self.waiting.push_back((token, q));
+        self.new_work = true;
     }
 
     /// The largest transaction (in blocks of data and metadata) a batch can hold.
@@ -371,9 +392,9 @@ impl<D: BlockDevice> Shard<D> {
     /// Does whatever work is ready; hands finished results to `sink`. Returns whether
     /// anything happened.
     pub fn poll(&mut self, sink: &mut dyn FnMut(StoreEvent)) -> bool {
-        let mut busy = false;
+        let mut busy = std::mem::take(&mut self.new_work);
         let mut done = Vec::new();
-        self.dev.poll(usize::MAX, &mut |c| done.push(c));
+        self.dev.poll(self.cfg.max_completions_per_poll.max(1), &mut |c| done.push(c));
         busy |= !done.is_empty();
         for c in done {
             self.on_completion(c);
@@ -397,7 +418,26 @@ impl<D: BlockDevice> Shard<D> {
 
     /// Whether the reactor may sleep (nothing to do until a device completion).
     pub fn prepare_park(&mut self) -> bool {
-        self.events.is_empty() && self.backlog.is_empty() && self.dev.prepare_park()
+        if self.new_work || !self.events.is_empty() || !self.backlog.is_empty() {
+            return false;
+        }
+        // With nothing in flight no completion will come to wake us, so any queued work
+        // must be finished by polling, not by sleeping.
+        if self.dev.in_flight() == 0 && self.has_pending_work() {
+            return false;
+        }
+        self.dev.prepare_park()
+    }
+
+    /// Whether transactions, queries or internal jobs are still unfinished.
+    fn has_pending_work(&self) -> bool {
+        !self.queue.is_empty()
+            || !self.ready.is_empty()
+            || !self.specials.is_empty()
+            || !self.waiting.is_empty()
+            || self.batch.is_some()
+            || self.cp_job.is_some()
+            || self.rmw.busy()
     }
 
     pub fn after_park(&mut self) {
@@ -489,6 +529,7 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     fn on_completion(&mut self, c: Completion) {
+        self.completions += 1;
         let id = c.tag & !K_MASK;
         match c.tag & K_MASK {
             K_BATCH_WRITE => {
@@ -553,7 +594,7 @@ impl<D: BlockDevice> Shard<D> {
                 sp.count,
                 &sp.bytes,
             );
-            self.write_batch(bytes, start, 1, Vec::new(), Some(sp));
+            self.write_batch(&[&bytes], start, 1, Vec::new(), Some(sp));
             return true;
         }
         if self.ready.is_empty() {
@@ -594,7 +635,11 @@ impl<D: BlockDevice> Shard<D> {
             panic!("shard {}: no room for a reserved batch of {blocks} blocks", self.st.shard);
         };
         let mut recs = Vec::with_capacity(txns.len());
-        let mut data_bytes = Vec::with_capacity(data as usize * BS);
+        // Reused from batch to batch: a fresh multi-MiB vector per batch costs a page
+        // fault per 4 KiB.
+        let mut data_bytes = std::mem::take(&mut self.batch_scratch);
+        data_bytes.clear();
+        data_bytes.reserve(data as usize * BS);
         for t in &txns {
             let before = data_bytes.len();
             for id in &t.data {
@@ -610,7 +655,7 @@ impl<D: BlockDevice> Shard<D> {
         let with: Vec<(RecordDesc, &[u8])> =
             recs.iter().zip(&txns).map(|(d, t)| (*d, t.deltas.as_slice())).collect();
         let first_seq = txns[0].seq;
-        let mut bytes = format::encode_batch_meta(
+        let meta_bytes = format::encode_batch_meta(
             0,
             self.st.shard,
             self.tag,
@@ -619,38 +664,58 @@ impl<D: BlockDevice> Shard<D> {
             &with,
             data as u32,
         );
-        debug_assert_eq!(bytes.len() as u64, meta_blocks * BS as u64);
-        bytes.extend_from_slice(&data_bytes);
+        debug_assert_eq!(meta_bytes.len() as u64, meta_blocks * BS as u64);
+        drop(with);
         self.stats.batch_records_max = self.stats.batch_records_max.max(txns.len() as u64);
-        self.write_batch(bytes, start, meta_blocks, txns, None);
+        self.write_batch(&[&meta_bytes, &data_bytes], start, meta_blocks, txns, None);
+        self.batch_scratch = data_bytes;
         true
     }
 
+    /// Writes the concatenation of `parts` (block-aligned in total) at `start`, in DMA
+    /// transfers of at most `MAX_TRANSFER_BYTES`.
     fn write_batch(
         &mut self,
-        bytes: Vec<u8>,
+        parts: &[&[u8]],
         start: u64,
         meta_blocks: u64,
         txns: Vec<Staged>,
         special: Option<Special>,
     ) {
-        let blocks = (bytes.len() / BS) as u64;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(total > 0 && total.is_multiple_of(BS), "batch of {total} bytes");
+        let blocks = (total / BS) as u64;
         let mut writes = 0;
-        for (i, chunk) in bytes.chunks(MAX_TRANSFER_BYTES).enumerate() {
+        let mut src = parts.iter().copied().flat_map(|p| p.chunks(MAX_TRANSFER_BYTES)).peekable();
+        let mut done = 0usize;
+        while done < total {
+            let len = MAX_TRANSFER_BYTES.min(total - done);
             let mut buf =
                 self.chunk_pool.alloc().unwrap_or_else(|| DmaBuf::new(MAX_TRANSFER_BYTES));
-            buf.set_len(chunk.len());
-            buf.copy_from_slice(chunk);
-            let lba = Lba(start + (i * MAX_TRANSFER_BYTES / BS) as u64);
+            buf.set_len(len);
+            let mut filled = 0;
+            while filled < len {
+                let piece = src.peek_mut().expect("parts cover the batch");
+                let n = piece.len().min(len - filled);
+                buf[filled..filled + n].copy_from_slice(&piece[..n]);
+                filled += n;
+                if n == piece.len() {
+                    src.next();
+                } else {
+                    *piece = &piece[n..];
+                }
+            }
+            let lba = Lba(start + (done / BS) as u64);
             self.io(
-                IoCommand::Write { lba, blocks: BlockCount((chunk.len() / BS) as u64), fua: false },
+                IoCommand::Write { lba, blocks: BlockCount((len / BS) as u64), fua: false },
                 Some(buf),
                 K_BATCH_WRITE,
             );
+            done += len;
             writes += 1;
         }
-        self.stats.bytes_written += bytes.len() as u64;
-        self.journal_bytes_since_cp += bytes.len() as u64;
+        self.stats.bytes_written += total as u64;
+        self.journal_bytes_since_cp += total as u64;
         self.batch = Some(Batch {
             txns,
             special,
@@ -742,9 +807,14 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     fn advance_checkpoint(&mut self) -> bool {
+        // A checkpoint costs time in proportion to the index (encoding stalls the shard,
+        // ~0.3 us per object), so space them at least 64x their own size apart; never
+        // more than an eighth of the shard (journal after the checkpoint cannot be
+        // cleaned, and replay reads it all).
         let interval = self
             .cfg
             .checkpoint_interval_bytes
+            .max(self.last_cp_bytes.saturating_mul(64))
             .min(self.st.space.geo.capacity_blocks() * BS as u64 / 8);
         if self.cp_job.is_none() && self.journal_bytes_since_cp >= interval {
             self.request_checkpoint();
@@ -755,14 +825,16 @@ impl<D: BlockDevice> Shard<D> {
                     return false;
                 }
                 debug_assert!(self.pending.blocks.is_empty(), "quiet index has pending blocks");
-                let data = CheckpointData {
+                let expect = self.last_cp_bytes + self.last_cp_bytes / 4 + 4096;
+                let bytes = CheckpointView {
                     shard: self.st.shard,
                     last_seq: self.st.next_seq - 1,
                     next_segment_seq: self.st.space.next_segment_seq,
-                    segs: self.st.space.segs.clone(),
-                    index: self.st.index.clone(),
-                };
-                let bytes = data.encode();
+                    segs: &self.st.space.segs,
+                    index: &self.st.index,
+                }
+                .encode_into(Vec::new(), expect as usize);
+                self.last_cp_bytes = bytes.len() as u64;
                 let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
                 let count = bytes.len().div_ceil(cap).max(1);
                 if count > MAX_CHECKPOINT_PARTS {
@@ -806,19 +878,28 @@ impl<D: BlockDevice> Shard<D> {
                     parts: parts.iter().map(|p| p.expect("all written")).collect(),
                     total_bytes: *total_bytes,
                 };
+                // Read every part back, in transfers of at most 1 MiB.
+                let chunk = (MAX_TRANSFER_BYTES / BS) as u64;
+                let mut reads = Vec::new();
+                let mut got = Vec::new();
                 for (i, p) in cp.parts.iter().enumerate() {
-                    let buf = DmaBuf::new(p.blocks as usize * BS);
-                    self.backlog.push_back((
-                        IoCommand::Read {
-                            lba: Lba(p.block),
-                            blocks: BlockCount(u64::from(p.blocks)),
-                        },
-                        Some(buf),
-                        K_CP_VERIFY | i as u64,
-                    ));
+                    let n = u64::from(p.blocks).div_ceil(chunk);
+                    got.push((0..n).map(|_| None).collect::<Vec<Option<DmaBuf>>>());
+                    for c in 0..n {
+                        let blocks = chunk.min(u64::from(p.blocks) - c * chunk);
+                        let lba = Lba(p.block + c * chunk);
+                        reads.push((
+                            IoCommand::Read { lba, blocks: BlockCount(blocks) },
+                            K_CP_VERIFY | ((i as u64) << 32) | c,
+                        ));
+                    }
                 }
-                let left = cp.parts.len();
-                self.cp_job = Some(CpJob::Verifying { cp, left, bad: false });
+                let left = reads.len();
+                for (cmd, tag) in reads {
+                    let (_, blocks) = cmd.range().expect("a read");
+                    self.backlog.push_back((cmd, Some(DmaBuf::new(blocks.bytes() as usize)), tag));
+                }
+                self.cp_job = Some(CpJob::Verifying { cp, left, bad: false, got });
                 true
             }
             _ => false,
@@ -826,18 +907,28 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     fn on_cp_verify(&mut self, id: u64, c: Completion) {
-        let Some(CpJob::Verifying { cp, left, bad }) = self.cp_job.as_mut() else { return };
+        let Some(CpJob::Verifying { cp, left, bad, got }) = self.cp_job.as_mut() else { return };
         *left -= 1;
-        let ok = c.result.is_ok()
-            && c.buf.as_ref().is_some_and(|b| {
-                BatchFixed::decode(b)
-                    .ok()
-                    .filter(|f| f.first_seq == cp.first_seq + id)
-                    .is_some_and(|f| checkpoint::decode_part(&f, b).is_ok())
-            });
-        *bad |= !ok;
+        let (part, chunk) = ((id >> 32) as usize, (id & 0xffff_ffff) as usize);
+        match (c.result, c.buf) {
+            (Ok(()), Some(b)) => got[part][chunk] = Some(b),
+            _ => *bad = true,
+        }
         if *left > 0 {
             return;
+        }
+        if !*bad {
+            for (i, chunks) in got.iter().enumerate() {
+                let mut bytes = Vec::with_capacity(chunks.iter().flatten().map(|b| b.len()).sum());
+                for b in chunks {
+                    bytes.extend_from_slice(b.as_ref().expect("every chunk arrived"));
+                }
+                let ok = BatchFixed::decode(&bytes)
+                    .ok()
+                    .filter(|f| f.first_seq == cp.first_seq + i as u64)
+                    .is_some_and(|f| checkpoint::decode_part(&f, &bytes).is_ok());
+                *bad |= !ok;
+            }
         }
         if *bad {
             log::error!(

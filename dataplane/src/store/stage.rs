@@ -301,13 +301,17 @@ impl<D: BlockDevice> Shard<D> {
         let mut sim = Sim::default();
         let ix = &self.st.index;
         let coll_exists = |sim: &Sim, c: CollId| {
-            sim.colls.get(&c).copied().unwrap_or_else(|| ix.colls.contains_key(&c))
+            let simulated = if sim.colls.is_empty() { None } else { sim.colls.get(&c).copied() };
+            simulated.unwrap_or_else(|| ix.colls.contains_key(&c))
         };
         let obj_exists = |sim: &Sim, c: CollId, n: &str| {
-            sim.objects
-                .get(&(c, n.to_string()))
-                .copied()
-                .unwrap_or_else(|| ix.object(c, n).is_some())
+            // Most transactions touch one object: skip building a key for an empty map.
+            let simulated = if sim.objects.is_empty() {
+                None
+            } else {
+                sim.objects.get(&(c, n.to_string())).copied()
+            };
+            simulated.unwrap_or_else(|| ix.object(c, n).is_some())
         };
         for op in &txn.ops {
             match op {

@@ -1,0 +1,346 @@
+//! `sluice-osd`: the object storage daemon and its store tools.
+//!
+//! * `mkfs` creates a store on a device file or block device;
+//! * `fsck` checks it without writing;
+//! * `run` opens every shard on its own reactor, exactly as `fsck` reads it, and serves.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_dataplane::park::ParkState;
+use sluice_dataplane::reactor::{self, PollMode, ReactorConfig};
+use sluice_dataplane::store::{self, MkfsError, MkfsOptions, MountOptions, Shard, StoreConfig};
+use sluice_dataplane::{Context, PollResult, Poller};
+use sluice_nvme::uring::open_file;
+use sluice_nvme::{UringDevice, UringOptions};
+use sluice_vocab::{ByteSize, CoreId, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-osd",
+    version,
+    about = "The Sluice object storage daemon and its store tools."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create an empty store on a device. Refuses to overwrite a store or other data
+    /// unless --force is given, and says what it found.
+    Mkfs {
+        /// Device file (created if missing) or block device.
+        #[arg(long)]
+        dev: PathBuf,
+        /// Size of the device file to create; for a block device, defaults to its size.
+        #[arg(long)]
+        size: Option<ByteSize>,
+        /// Store shards: one per reactor core.
+        #[arg(long, default_value_t = 1)]
+        shards: u16,
+        /// Log segment size (default: a 32nd of a shard, 1M..64M). The largest
+        /// transaction must fit in one segment.
+        #[arg(long)]
+        segment_size: Option<ByteSize>,
+        /// Destroy whatever is on the device.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every structure of a store without writing anything. Exit code 0: clean,
+    /// 1: problems (listed), 2: the check could not run.
+    Fsck {
+        /// Device file or block device holding the store.
+        #[arg(long)]
+        dev: PathBuf,
+        /// Also read every data block and verify its checksum.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Open the store and serve. Each shard runs on its own reactor thread.
+    Run {
+        /// Device file or block device holding the store (made by `mkfs`).
+        #[arg(long)]
+        dev: PathBuf,
+        /// CPUs to pin the reactors to, one per shard (e.g. 0,1); default: not pinned.
+        #[arg(long, value_delimiter = ',')]
+        cpus: Vec<usize>,
+        /// What an idle reactor does.
+        #[arg(long, value_enum, default_value = "park")]
+        poll: PollArg,
+        /// How long an idle reactor polls before sleeping (with --poll park).
+        #[arg(long, default_value = "200us", value_parser = parse_duration)]
+        spin: Duration,
+        /// Mount retries after the first attempt when the device fails to read.
+        #[arg(long, default_value_t = 5)]
+        mount_retries: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PollArg {
+    Park,
+    Dedicated,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Mkfs { dev, size, shards, segment_size, force } => {
+            report(mkfs(&dev, size, shards, segment_size, force))
+        }
+        Cmd::Fsck { dev, deep } => match fsck(&dev, deep) {
+            Ok(clean) => {
+                if clean {
+                    0
+                } else {
+                    1
+                }
+            }
+            Err(e) => {
+                eprintln!("sluice-osd fsck: {e:#}");
+                2
+            }
+        },
+        Cmd::Run { dev, cpus, poll, spin, mount_retries } => {
+            report(run(&dev, &cpus, poll, spin, mount_retries))
+        }
+    };
+    std::process::exit(code);
+}
+
+fn report(r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sluice-osd: {e:#}");
+            1
+        }
+    }
+}
+
+fn open_dev(path: &Path) -> anyhow::Result<UringDevice> {
+    Ok(UringDevice::open(path, UringOptions { queue_depth: 64, ..Default::default() })?)
+}
+
+fn mkfs(
+    path: &Path,
+    size: Option<ByteSize>,
+    shards: u16,
+    segment: Option<ByteSize>,
+    force: bool,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    if !is_block {
+        let Some(size) = size else {
+            bail!("--size is needed to create the device file {}", path.display());
+        };
+        let bytes = size.0 / 4096 * 4096;
+        let existing = std::fs::metadata(path).map_or(0, |m| m.len());
+        if existing > 0 && existing != bytes && !force {
+            bail!(
+                "{} exists with {} bytes, not the {} asked for; pass --force to resize and overwrite it",
+                path.display(),
+                existing,
+                bytes
+            );
+        }
+        if existing != bytes {
+            let f =
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+            f.set_len(bytes).with_context(|| format!("sizing {}", path.display()))?;
+        }
+    }
+    let mut dev = open_dev(path)?;
+    let opts = MkfsOptions { shards, segment_bytes: segment.map(|s| s.0), force, fsid: None };
+    match store::mkfs(&mut dev, &opts) {
+        Ok(sb) => {
+            let region = sb.shards[0].blocks * 4096;
+            println!(
+                "created a Sluice store on {}: fsid {}, {} shard(s) of {}, segments of {}",
+                path.display(),
+                sb.fsid.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                sb.shards.len(),
+                ByteSize(region),
+                ByteSize(u64::from(sb.segment_blocks) * 4096)
+            );
+            Ok(())
+        }
+        Err(e @ MkfsError::Exists { .. }) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn fsck(path: &Path, deep: bool) -> anyhow::Result<bool> {
+    let mut dev = open_dev(path)?;
+    let r = store::fsck(&mut dev, deep);
+    for (i, s) in r.shards.iter().enumerate() {
+        println!(
+            "shard {i}: {} collections, {} objects, {} live blocks, {} journal records replayed{}",
+            s.collections,
+            s.objects,
+            s.live_blocks,
+            s.replayed_records,
+            if deep { format!(", {} blocks verified", s.blocks_verified) } else { String::new() }
+        );
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+    for p in &r.problems {
+        println!("PROBLEM: {p}");
+    }
+    if r.is_clean() {
+        println!("{}: clean", path.display());
+    } else {
+        println!("{}: {} problem(s)", path.display(), r.problems.len());
+    }
+    Ok(r.is_clean())
+}
+
+/// The per-core poller that owns a shard. It gains the network side with the serving path.
+struct ShardPoller {
+    shard: Shard<UringDevice>,
+}
+
+impl Poller for ShardPoller {
+    fn name(&self) -> &'static str {
+        "store-shard"
+    }
+
+    fn poll(&mut self, _cx: &mut Context<'_>) -> PollResult {
+        PollResult::busy_if(self.shard.poll(&mut |e| tracing::debug!("store event: {e:?}")))
+    }
+
+    fn prepare_park(&mut self) -> bool {
+        self.shard.prepare_park()
+    }
+
+    fn after_park(&mut self) {
+        self.shard.after_park()
+    }
+
+    fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.shard.park_fd()
+    }
+}
+
+fn run(
+    path: &Path,
+    cpus: &[usize],
+    poll: PollArg,
+    spin: Duration,
+    mount_retries: u32,
+) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    // SIGINT and SIGTERM are taken by the main thread only: block them before any
+    // thread starts so the reactors inherit the mask.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()?;
+
+    let (file, size) = open_file(path, true)?;
+    let file = Arc::new(file);
+    let mut probe = UringDevice::open_shared(
+        Arc::clone(&file),
+        size,
+        path.display().to_string(),
+        UringOptions::default(),
+    )?;
+    let mount = MountOptions { retries: mount_retries, ..Default::default() };
+    let dsb = store::read_device_superblock(&mut probe).map_err(anyhow::Error::new)?;
+    drop(probe);
+    let shards = dsb.shards.len();
+    if !cpus.is_empty() && cpus.len() != shards {
+        bail!("the store has {shards} shard(s): give one CPU per shard (--cpus), or none");
+    }
+    let mode = match poll {
+        PollArg::Park => PollMode::Park { spin },
+        PollArg::Dedicated => PollMode::Dedicated,
+    };
+    let (tx, rx) = mpsc::channel::<(u16, Result<String, String>)>();
+    let mut handles = Vec::new();
+    for shard in 0..shards as u16 {
+        let cfg =
+            ReactorConfig { core: CoreId(shard), cpu: cpus.get(shard as usize).copied(), mode };
+        let file = Arc::clone(&file);
+        let name = path.display().to_string();
+        let tx = tx.clone();
+        let h = reactor::spawn(cfg, ParkState::new()?, move |r| {
+            let opened = UringDevice::open_shared(
+                file,
+                size,
+                name,
+                UringOptions { queue_depth: 128, ..Default::default() },
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|dev| {
+                Shard::open(dev, shard, StoreConfig { mount, ..Default::default() })
+                    .map_err(|f| f.error.to_string())
+            });
+            match opened {
+                Ok(s) => {
+                    let info = s.replay_info().clone();
+                    let _ = tx.send((
+                        shard,
+                        Ok(format!(
+                            "{} journal records replayed{}",
+                            info.records,
+                            info.torn_tail.map_or(String::new(), |(off, seq)| format!(
+                                ", torn tail at byte offset {off} (record {seq}) cut off"
+                            ))
+                        )),
+                    ));
+                    r.add_poller(Box::new(ShardPoller { shard: s }))?;
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = tx.send((shard, Err(e.clone())));
+                    Err(std::io::Error::other(e))
+                }
+            }
+        })?;
+        handles.push(h);
+    }
+    drop(tx);
+    let mut failed = Vec::new();
+    for _ in 0..shards {
+        match rx.recv() {
+            Ok((s, Ok(msg))) => tracing::info!("shard {s} open: {msg}"),
+            Ok((s, Err(e))) => failed.push(format!("shard {s}: {e}")),
+            Err(_) => failed.push("a reactor thread died while opening its shard".into()),
+        }
+    }
+    if !failed.is_empty() {
+        for h in handles {
+            let _ = h.stop();
+        }
+        bail!("the store could not be opened; nothing was changed:\n  {}", failed.join("\n  "));
+    }
+    tracing::info!(
+        "store on {} open on {shards} reactor(s); the network path arrives with the serving work, so this daemon serves no clients yet; stop with Ctrl-C",
+        path.display()
+    );
+    let sig = sigs.wait()?;
+    tracing::info!("{sig:?}: stopping");
+    for h in handles {
+        h.stop()?;
+    }
+    Ok(())
+}
