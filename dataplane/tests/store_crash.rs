@@ -229,6 +229,8 @@ fn config() -> StoreConfig {
         cleaner_max_reads: 4,
         read_pool_bufs: 8,
         max_completions_per_poll: 2,
+        // Tiny slices: checkpoint walks span many polls, with transactions in between.
+        checkpoint_walk_slice: 3,
         mount: MountOptions { retries: 0, ..Default::default() },
     }
 }

@@ -76,6 +76,24 @@ pub enum Delta {
 }
 
 impl Delta {
+    /// The object a per-object delta changes (`None` for collection-level deltas).
+    pub fn object(&self) -> Option<(CollId, &str)> {
+        match self {
+            Delta::Touch { coll, name }
+            | Delta::WriteBlocks { coll, name, .. }
+            | Delta::UnmapBlocks { coll, name, .. }
+            | Delta::SetSize { coll, name, .. }
+            | Delta::Delete { coll, name }
+            | Delta::SetXattr { coll, name, .. }
+            | Delta::RmXattr { coll, name, .. }
+            | Delta::Relocate { coll, name, .. } => Some((*coll, name)),
+            Delta::CreateCollection { .. }
+            | Delta::RemoveCollection { .. }
+            | Delta::PgLogAppend { .. }
+            | Delta::PgLogTrim { .. } => None,
+        }
+    }
+
     /// Data blocks this delta consumes from its record.
     pub fn data_blocks(&self) -> u64 {
         match self {

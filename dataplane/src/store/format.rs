@@ -18,7 +18,7 @@ use sluice_vocab::codec::{CodecError, Dec, Enc};
 use sluice_vocab::limits::{BLOCK_SIZE_BYTES, MAX_CHECKPOINT_PARTS, MAX_SHARDS};
 
 pub const BS: usize = BLOCK_SIZE_BYTES;
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 pub const DEVICE_SB_MAGIC: u64 = u64::from_le_bytes(*b"SLUICEDV");
 pub const SHARD_SB_MAGIC: u64 = u64::from_le_bytes(*b"SLUICESH");
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"SLBT");
@@ -169,25 +169,31 @@ impl DeviceSuperblock {
     }
 }
 
-/// Where one part of a checkpoint lies: the shard-relative block of its batch header.
+/// Where one part of a checkpoint lies: the shard-relative block of its batch header,
+/// its length and its sequence number (parts interleave with newer transactions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartRef {
     pub block: u64,
     pub blocks: u32,
+    pub seq: u64,
 }
 
 /// The pointer to a shard's current checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointRef {
-    /// Sequence number of the first part; part i has `first_seq + i`.
+    /// Sequence number of part 0 (the header): S + 1, where S is the last record the
+    /// checkpoint reflects. Replay starts at part 0.
     pub first_seq: u64,
+    /// In log order; sequence numbers strictly increase, the first is `first_seq`.
     pub parts: Vec<PartRef>,
+    /// Bytes of the entry stream (parts 1..).
     pub total_bytes: u64,
 }
 
 impl CheckpointRef {
-    pub fn last_seq(&self) -> u64 {
-        self.first_seq + self.parts.len() as u64 - 1
+    /// S: the last record the checkpoint reflects.
+    pub fn state_seq(&self) -> u64 {
+        self.first_seq - 1
     }
 }
 
@@ -212,7 +218,7 @@ impl ShardSuperblock {
         let cp = &self.checkpoint;
         e.u64(cp.first_seq).u64(cp.total_bytes).u32(cp.parts.len() as u32);
         for p in &cp.parts {
-            e.u64(p.block).u32(p.blocks);
+            e.u64(p.block).u32(p.blocks).u64(p.seq);
         }
         let mut out = seal(e);
         assert!(out.len() <= BS);
@@ -239,11 +245,18 @@ impl ShardSuperblock {
         if n == 0 || n > MAX_CHECKPOINT_PARTS {
             return Err(FormatError::Invalid("checkpoint part count"));
         }
-        let mut parts = Vec::with_capacity(n);
+        let mut parts: Vec<PartRef> = Vec::with_capacity(n);
         for _ in 0..n {
-            parts.push(PartRef { block: d.u64()?, blocks: d.u32()? });
+            let p = PartRef { block: d.u64()?, blocks: d.u32()?, seq: d.u64()? };
+            if parts.last().is_some_and(|q| q.seq >= p.seq) || p.blocks == 0 {
+                return Err(FormatError::Invalid("checkpoint parts out of order"));
+            }
+            parts.push(p);
         }
         check_crc(block, d.position())?;
+        if first_seq == 0 || parts[0].seq != first_seq {
+            return Err(FormatError::Invalid("checkpoint first part"));
+        }
         Ok(ShardSuperblock {
             shard,
             fsid,
@@ -446,12 +459,18 @@ mod tests {
             generation: 9,
             checkpoint: CheckpointRef {
                 first_seq: 100,
-                parts: vec![PartRef { block: 2, blocks: 3 }, PartRef { block: 300, blocks: 1 }],
+                parts: vec![
+                    PartRef { block: 2, blocks: 3, seq: 100 },
+                    PartRef { block: 300, blocks: 1, seq: 107 },
+                ],
                 total_bytes: 9000,
             },
         };
         assert_eq!(ShardSuperblock::decode(&sb.encode()).unwrap(), sb);
-        assert_eq!(sb.checkpoint.last_seq(), 101);
+        assert_eq!(sb.checkpoint.state_seq(), 99);
+        let mut bad = sb.clone();
+        bad.checkpoint.parts[1].seq = 100;
+        assert!(ShardSuperblock::decode(&bad.encode()).is_err(), "parts out of order");
     }
 
     #[test]
@@ -493,7 +512,7 @@ mod tests {
             let mut b = match which {
                 0 => dsb().encode(),
                 1 => ShardSuperblock { shard: 0, fsid: [0; 16], generation: 1,
-                      checkpoint: CheckpointRef { first_seq: 1, parts: vec![PartRef { block: 2, blocks: 1 }], total_bytes: 10 } }.encode(),
+                      checkpoint: CheckpointRef { first_seq: 1, parts: vec![PartRef { block: 2, blocks: 1, seq: 1 }], total_bytes: 10 } }.encode(),
                 _ => encode_batch_meta(0, 0, 9, 1, 1, &[(RecordDesc { deltas_len: 3, data_blocks: 0, crc: 0 }, b"abc".as_slice())], 0),
             };
             b[flip / 8] ^= 1 << (flip % 8);

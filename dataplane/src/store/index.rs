@@ -3,6 +3,7 @@
 //! plus the journal; every change goes through [`Index::apply`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +31,162 @@ pub struct Onode {
     /// Sequence number of the last record that changed the object.
     pub version: u64,
     pub xattrs: BTreeMap<String, Vec<u8>>,
-    pub blocks: BTreeMap<u64, BlockRef>,
+    pub blocks: BlockMap,
+}
+
+/// An object's block map: block index within the object -> where the block is and its
+/// crc32c. Most objects are small, so up to [`BlockMap::SMALL_MAX`] entries live in one
+/// sorted vector (one small allocation; a B-tree node is ~300 bytes even for one entry,
+/// and at 500k objects those nodes made every index update a cache miss). Larger maps
+/// are a B-tree. Encoded exactly like a `BTreeMap<u64, BlockRef>`.
+#[derive(Debug, Clone)]
+pub enum BlockMap {
+    Small(Vec<(u64, BlockRef)>),
+    Big(BTreeMap<u64, BlockRef>),
+}
+
+impl Default for BlockMap {
+    fn default() -> Self {
+        BlockMap::Small(Vec::new())
+    }
+}
+
+impl BlockMap {
+    pub const SMALL_MAX: usize = 32;
+
+    pub fn get(&self, k: &u64) -> Option<&BlockRef> {
+        match self {
+            BlockMap::Small(v) => v.binary_search_by_key(k, |e| e.0).ok().map(|i| &v[i].1),
+            BlockMap::Big(m) => m.get(k),
+        }
+    }
+
+    pub fn get_mut(&mut self, k: &u64) -> Option<&mut BlockRef> {
+        match self {
+            BlockMap::Small(v) => match v.binary_search_by_key(k, |e| e.0) {
+                Ok(i) => Some(&mut v[i].1),
+                Err(_) => None,
+            },
+            BlockMap::Big(m) => m.get_mut(k),
+        }
+    }
+
+    pub fn contains_key(&self, k: &u64) -> bool {
+        self.get(k).is_some()
+    }
+
+    /// Inserts or replaces; returns the old entry.
+    pub fn insert(&mut self, k: u64, r: BlockRef) -> Option<BlockRef> {
+        match self {
+            BlockMap::Small(v) => match v.binary_search_by_key(&k, |e| e.0) {
+                Ok(i) => Some(std::mem::replace(&mut v[i].1, r)),
+                Err(i) if v.len() < Self::SMALL_MAX => {
+                    v.insert(i, (k, r));
+                    None
+                }
+                Err(_) => {
+                    let mut m: BTreeMap<u64, BlockRef> = v.drain(..).collect();
+                    m.insert(k, r);
+                    *self = BlockMap::Big(m);
+                    None
+                }
+            },
+            BlockMap::Big(m) => m.insert(k, r),
+        }
+    }
+
+    pub fn remove(&mut self, k: &u64) -> Option<BlockRef> {
+        match self {
+            BlockMap::Small(v) => match v.binary_search_by_key(k, |e| e.0) {
+                Ok(i) => Some(v.remove(i).1),
+                Err(_) => None,
+            },
+            BlockMap::Big(m) => m.remove(k),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            BlockMap::Small(v) => v.len(),
+            BlockMap::Big(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries in block order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &BlockRef)> + '_ {
+        let (small, big) = match self {
+            BlockMap::Small(v) => (Some(v.iter().map(|(k, r)| (*k, r))), None),
+            BlockMap::Big(m) => (None, Some(m.iter().map(|(k, r)| (*k, r)))),
+        };
+        small.into_iter().flatten().chain(big.into_iter().flatten())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &BlockRef> + '_ {
+        self.iter().map(|(_, r)| r)
+    }
+
+    /// The highest mapped block.
+    pub fn last_key_value(&self) -> Option<(u64, &BlockRef)> {
+        match self {
+            BlockMap::Small(v) => v.last().map(|(k, r)| (*k, r)),
+            BlockMap::Big(m) => m.last_key_value().map(|(k, r)| (*k, r)),
+        }
+    }
+
+    /// Mapped blocks in `[from, to)`, in order.
+    pub fn keys_in(&self, from: u64, to: u64) -> Vec<u64> {
+        if from >= to {
+            return Vec::new();
+        }
+        match self {
+            BlockMap::Small(v) => {
+                v.iter().map(|e| e.0).filter(|k| (from..to).contains(k)).collect()
+            }
+            BlockMap::Big(m) => m.range(from..to).map(|(k, _)| *k).collect(),
+        }
+    }
+}
+
+impl std::ops::Index<&u64> for BlockMap {
+    type Output = BlockRef;
+    fn index(&self, k: &u64) -> &BlockRef {
+        self.get(k).expect("block mapped")
+    }
+}
+
+impl PartialEq for BlockMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for BlockMap {}
+
+impl Serialize for BlockMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // The length up front: postcard cannot encode a map of unknown length.
+        let mut m = s.serialize_map(Some(self.len()))?;
+        for (k, r) in self.iter() {
+            m.serialize_entry(&k, r)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockMap {
+    fn deserialize<De: serde::Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
+        let m = BTreeMap::<u64, BlockRef>::deserialize(d)?;
+        Ok(if m.len() <= Self::SMALL_MAX {
+            BlockMap::Small(m.into_iter().collect())
+        } else {
+            BlockMap::Big(m)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +202,9 @@ pub struct Coll {
 /// checkpoints of 500k objects stall the shard twice as long); decoding sorts.
 #[derive(Debug, Clone, Default)]
 pub struct ObjectMap {
-    by_name: HashMap<String, Onode>,
-    names: BTreeSet<String>,
+    /// Names are shared between the two maps (one allocation per object).
+    by_name: HashMap<Arc<str>, Onode>,
+    names: BTreeSet<Arc<str>>,
 }
 
 impl ObjectMap {
@@ -62,10 +219,22 @@ impl ObjectMap {
     /// The object, created empty if missing.
     pub fn get_or_create(&mut self, name: &str) -> &mut Onode {
         if !self.by_name.contains_key(name) {
-            self.names.insert(name.to_string());
-            self.by_name.insert(name.to_string(), Onode::default());
+            let key: Arc<str> = Arc::from(name);
+            self.names.insert(Arc::clone(&key));
+            self.by_name.insert(key, Onode::default());
         }
         self.by_name.get_mut(name).expect("just inserted")
+    }
+
+    /// Inserts an object that must not exist yet; false (and no change) if it does.
+    pub fn insert_new(&mut self, name: String, o: Onode) -> bool {
+        if self.by_name.contains_key(name.as_str()) {
+            return false;
+        }
+        let key: Arc<str> = Arc::from(name);
+        self.names.insert(Arc::clone(&key));
+        self.by_name.insert(key, o);
+        true
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Onode> {
@@ -85,8 +254,8 @@ impl ObjectMap {
     }
 
     /// Objects in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Onode)> {
-        self.names.iter().map(|n| (n, &self.by_name[n]))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Onode)> {
+        self.names.iter().map(|n| (&**n, &self.by_name[n]))
     }
 
     /// Objects in no particular order (cheaper than [`iter`](Self::iter)).
@@ -95,13 +264,13 @@ impl ObjectMap {
     }
 
     /// Names after `after` (all when `None`), in order.
-    pub fn names_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = &'a String> + 'a {
+    pub fn names_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = &'a str> + 'a {
         use std::ops::Bound;
         let lower = match after {
             Some(a) => Bound::Excluded(a),
             None => Bound::Unbounded,
         };
-        self.names.range::<str, _>((lower, Bound::Unbounded))
+        self.names.range::<str, _>((lower, Bound::Unbounded)).map(|n| &**n)
     }
 }
 
@@ -115,15 +284,21 @@ impl Eq for ObjectMap {}
 
 impl Serialize for ObjectMap {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.by_name.iter())
+        s.collect_map(self.by_name.iter().map(|(k, v)| (&**k, v)))
     }
 }
 
 impl<'de> Deserialize<'de> for ObjectMap {
     fn deserialize<De: serde::Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
         let sorted = BTreeMap::<String, Onode>::deserialize(d)?;
-        let names = sorted.keys().cloned().collect();
-        Ok(ObjectMap { by_name: sorted.into_iter().collect(), names })
+        let mut m = ObjectMap::default();
+        m.by_name.reserve(sorted.len());
+        for (k, v) in sorted {
+            let key: Arc<str> = Arc::from(k);
+            m.names.insert(Arc::clone(&key));
+            m.by_name.insert(key, v);
+        }
+        Ok(m)
     }
 }
 
@@ -231,7 +406,7 @@ impl Index {
                     .ok_or_else(|| ApplyError::NoObject(*coll, name.clone()))?;
                 o.version = seq;
                 let end = first_block.saturating_add(*count);
-                let doomed: Vec<u64> = o.blocks.range(first_block..&end).map(|(k, _)| *k).collect();
+                let doomed = o.blocks.keys_in(*first_block, end);
                 for k in doomed {
                     if let Some(old) = o.blocks.remove(&k) {
                         unmap(tr, &old);
@@ -299,9 +474,9 @@ impl Index {
     pub fn for_each_disk_block(&self, mut f: impl FnMut(CollId, &str, u64, u64, u32)) {
         for (c, coll) in &self.colls {
             for (name, o) in coll.objects.iter() {
-                for (lb, r) in &o.blocks {
+                for (lb, r) in o.blocks.iter() {
                     if let Loc::Disk(b) = r.loc {
-                        f(*c, name, *lb, b, r.crc);
+                        f(*c, name, lb, b, r.crc);
                     }
                 }
             }
@@ -314,7 +489,7 @@ impl Index {
         for (c, coll) in &self.colls {
             for (name, o) in coll.objects.iter() {
                 let blocks_for_size = o.size.div_ceil(super::format::BS as u64);
-                if let Some((&last, _)) = o.blocks.last_key_value()
+                if let Some((last, _)) = o.blocks.last_key_value()
                     && last >= blocks_for_size
                 {
                     return Err(format!("{c}/{name}: block {last} mapped beyond size {}", o.size));
@@ -425,5 +600,45 @@ mod tests {
         }
         ix.apply(&Delta::PgLogTrim { coll: c, upto: 3 }, 9, &mut none, &mut NoTracking).unwrap();
         assert_eq!(ix.colls[&c].pglog.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+    }
+
+    proptest::proptest! {
+        /// The block map behaves exactly like a B-tree map through every operation,
+        /// across the switch from small to big, and encodes the same.
+        #[test]
+        fn block_map_matches_a_btree_map(
+            ops in proptest::collection::vec((0u8..4, 0u64..80, 0u64..80), 0..200)
+        ) {
+            let mut m = BlockMap::default();
+            let mut model = BTreeMap::new();
+            for (i, (op, a, b)) in ops.into_iter().enumerate() {
+                let r = BlockRef { loc: Loc::Disk(i as u64), crc: i as u32 };
+                match op {
+                    0 | 1 => proptest::prop_assert_eq!(m.insert(a, r), model.insert(a, r)),
+                    2 => proptest::prop_assert_eq!(m.remove(&a), model.remove(&a)),
+                    _ => {
+                        let want: Vec<u64> = if a < b {
+                            model.range(a..b).map(|(k, _)| *k).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        proptest::prop_assert_eq!(m.keys_in(a, b), want);
+                    }
+                }
+                proptest::prop_assert_eq!(m.len(), model.len());
+                proptest::prop_assert_eq!(m.get(&a), model.get(&a));
+                proptest::prop_assert_eq!(
+                    m.last_key_value(),
+                    model.last_key_value().map(|(k, r)| (*k, r))
+                );
+            }
+            let pairs: Vec<(u64, BlockRef)> = m.iter().map(|(k, r)| (k, *r)).collect();
+            let want: Vec<(u64, BlockRef)> = model.iter().map(|(k, r)| (*k, *r)).collect();
+            proptest::prop_assert_eq!(pairs, want);
+            let bytes = postcard::to_allocvec(&m).unwrap();
+            proptest::prop_assert_eq!(&bytes, &postcard::to_allocvec(&model).unwrap());
+            let back: BlockMap = postcard::from_bytes(&bytes).unwrap();
+            proptest::prop_assert_eq!(back, m);
+        }
     }
 }

@@ -24,7 +24,7 @@ use sluice_vocab::limits::{
 };
 use sluice_vocab::{BlockCount, Lba};
 
-use super::checkpoint::{self, CheckpointData};
+use super::checkpoint::{self, CheckpointData, CheckpointHeader};
 use super::delta;
 use super::format::{
     self, BS, BatchFixed, CheckpointRef, DEVICE_HEADER_BLOCKS, DeviceSuperblock, FLAG_CHECKPOINT,
@@ -461,23 +461,22 @@ pub(super) fn write_checkpoint<D: BlockDevice + ?Sized>(
     let s = st.shard;
     let err = |lba: u64, kind| MountError::new(&st.device, Structure::Checkpoint(s), lba, kind);
     st.space.seal_open();
-    let data = CheckpointData {
+    let header = CheckpointHeader {
         shard: s,
         last_seq: st.next_seq - 1,
         next_segment_seq: st.space.next_segment_seq,
         segs: st.space.segs.clone(),
-        index: st.index.clone(),
-    };
-    let bytes = data.encode();
+    }
+    .encode();
+    let stream = checkpoint::encode_stream(&st.index);
     let cap = checkpoint::part_capacity(st.space.geo.seg_blocks);
-    let chunks: Vec<&[u8]> =
-        if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(cap).collect() };
+    let chunks: Vec<&[u8]> = std::iter::once(&header[..]).chain(stream.chunks(cap)).collect();
     if chunks.len() > MAX_CHECKPOINT_PARTS {
         return Err(err(
             st.base,
             MountErrorKind::Corrupt(format!(
                 "index too large for a checkpoint ({} bytes)",
-                bytes.len()
+                stream.len()
             )),
         ));
     }
@@ -490,14 +489,17 @@ pub(super) fn write_checkpoint<D: BlockDevice + ?Sized>(
         let Some((block, seg_seq)) = st.space.place(blocks, seq) else {
             return Err(err(st.base, MountErrorKind::Full));
         };
-        let b = checkpoint::encode_part(s, tag, seg_seq, seq, i as u32, chunks.len() as u32, chunk);
+        let b = checkpoint::encode_part(s, tag, seg_seq, seq, i as u32, chunk);
         write_blocks(dev, st.base + block, &b)
             .map_err(|e| err(st.base + block, MountErrorKind::Io(e)))?;
-        parts.push(PartRef { block, blocks: blocks as u32 });
+        // Durable before the next record goes out, as for every batch: a power cut may
+        // then lose only the newest part, which replay sees as a torn tail, never a hole
+        // with valid records after it (that would read as mid-journal corruption).
+        flush_sync(dev).map_err(|e| err(st.base + block, MountErrorKind::Io(e)))?;
+        parts.push(PartRef { block, blocks: blocks as u32, seq });
     }
     st.next_seq = first_seq + parts.len() as u64;
     st.space.seal_open();
-    flush_sync(dev).map_err(|e| err(st.base, MountErrorKind::Io(e)))?;
     for p in &parts {
         let b = read_blocks(dev, st.base + p.block, u64::from(p.blocks))
             .map_err(|e| err(st.base + p.block, MountErrorKind::Io(e)))?;
@@ -508,7 +510,7 @@ pub(super) fn write_checkpoint<D: BlockDevice + ?Sized>(
             err(st.base + p.block, MountErrorKind::Corrupt(format!("read back: {e}")))
         })?;
     }
-    let cp = CheckpointRef { first_seq, parts, total_bytes: bytes.len() as u64 };
+    let cp = CheckpointRef { first_seq, parts, total_bytes: stream.len() as u64 };
     let generation = st.sb_generation + 1;
     let sb = ShardSuperblock { shard: s, fsid: st.fsid, generation, checkpoint: cp.clone() };
     let slot = generation % 2;
@@ -530,7 +532,7 @@ pub(super) fn write_checkpoint<D: BlockDevice + ?Sized>(
     for &seg in &st.cp_segments {
         st.space.pinned[seg as usize] = true;
     }
-    st.space.cp_last_seq = cp.last_seq();
+    st.space.cp_last_seq = cp.state_seq();
     st.sb_generation = generation;
     st.cp = Some(cp);
     Ok(())
@@ -582,7 +584,8 @@ pub(super) fn load_shard<D: BlockDevice + ?Sized>(
 
     // 2. The checkpoint.
     let cpst = Structure::Checkpoint(shard);
-    let mut bytes = Vec::with_capacity(sb.checkpoint.total_bytes as usize);
+    let mut header = Vec::new();
+    let mut bytes = Vec::with_capacity(sb.checkpoint.total_bytes.min(1 << 30) as usize);
     let mut part_heads = Vec::new();
     for (i, p) in sb.checkpoint.parts.iter().enumerate() {
         let lba = base + p.block;
@@ -601,43 +604,41 @@ pub(super) fn load_shard<D: BlockDevice + ?Sized>(
         let f = BatchFixed::decode(&b).map_err(|e| corrupt(e.to_string()))?;
         if f.shard != shard
             || f.store_tag != tag
-            || f.first_seq != sb.checkpoint.first_seq + i as u64
+            || f.first_seq != p.seq
             || f.total_blocks() != u64::from(p.blocks)
         {
             return Err(corrupt("header does not match the superblock".into()));
         }
         let part = checkpoint::decode_part(&f, &b).map_err(|e| corrupt(e.to_string()))?;
-        if part.index as usize != i || part.count as usize != sb.checkpoint.parts.len() {
+        if part.index as usize != i {
             return Err(corrupt("part numbering".into()));
         }
-        bytes.extend_from_slice(part.bytes);
+        if i == 0 {
+            header = part.bytes.to_vec();
+        } else {
+            bytes.extend_from_slice(part.bytes);
+        }
         part_heads.push(f);
     }
+    let first_lba = base + sb.checkpoint.parts[0].block;
     if bytes.len() as u64 != sb.checkpoint.total_bytes {
-        return Err(err(
-            cpst,
-            base + sb.checkpoint.parts[0].block,
-            MountErrorKind::Corrupt("checkpoint length".into()),
-        ));
+        return Err(err(cpst, first_lba, MountErrorKind::Corrupt("checkpoint length".into())));
     }
-    let data = CheckpointData::decode(&bytes).map_err(|e| {
-        err(
-            cpst,
-            base + sb.checkpoint.parts[0].block,
-            MountErrorKind::Corrupt(format!("cannot decode: {e}")),
-        )
+    let data = CheckpointData::decode(&header, &bytes).map_err(|e| {
+        err(cpst, first_lba, MountErrorKind::Corrupt(format!("cannot decode: {e}")))
     })?;
-    if data.shard != shard
-        || data.segs.len() != geo.seg_count as usize
-        || data.last_seq + 1 != sb.checkpoint.first_seq
+    if data.header.shard != shard
+        || data.header.segs.len() != geo.seg_count as usize
+        || data.header.last_seq != sb.checkpoint.state_seq()
     {
         return Err(err(
             cpst,
-            base + sb.checkpoint.parts[0].block,
+            first_lba,
             MountErrorKind::Corrupt("contents do not match the shard".into()),
         ));
     }
-    let mut space = Space::new(geo, data.segs, data.next_segment_seq, sb.checkpoint.last_seq());
+    let mut space =
+        Space::new(geo, data.header.segs, data.header.next_segment_seq, sb.checkpoint.state_seq());
     let mut bad_block = None;
     data.index.for_each_disk_block(|_, _, _, b, _| {
         if geo.seg_of(b).is_none() {
@@ -686,18 +687,12 @@ pub(super) fn load_shard<D: BlockDevice + ?Sized>(
         cp: Some(sb.checkpoint.clone()),
         cp_segments,
         sb_generation: sb.generation,
-        next_seq: sb.checkpoint.last_seq() + 1,
+        next_seq: sb.checkpoint.first_seq,
     };
 
-    // 3. The journal after the checkpoint.
-    let last = sb.checkpoint.parts.last().expect("at least one part");
-    let info = replay(
-        dev,
-        &mut st,
-        tag,
-        last.block + u64::from(last.blocks),
-        part_heads.last().expect("a part").segment_seq,
-    )?;
+    // 3. The journal after S, from part 0 on (the parts themselves replay as no-ops;
+    // newer transactions interleave with them).
+    let info = replay(dev, &mut st, tag, sb.checkpoint.parts[0].block, part_heads[0].segment_seq)?;
     Ok((st, info))
 }
 
@@ -785,7 +780,7 @@ fn replay<D: BlockDevice + ?Sized>(
     }
     heads.sort_by_key(|h| h.segment_seq);
     let mut info = ReplayInfo::default();
-    let mut seg = geo.seg_of(pos.saturating_sub(1)).expect("checkpoint lies in a segment");
+    let mut seg = geo.seg_of(pos).expect("checkpoint part 0 lies in a segment");
     loop {
         let seg_end = geo.seg_start(seg) + geo.seg_blocks;
         let mut torn_at = None;

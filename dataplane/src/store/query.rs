@@ -96,7 +96,7 @@ impl<D: BlockDevice> Shard<D> {
                 object(coll, &name).map(|o| Answer::Xattrs(o.xattrs.clone()))
             }
             Query::List { coll, after, max } => ix.colls.get(&coll).ok_or(no_coll(coll)).map(|c| {
-                let mut it = c.objects.names_after(after.as_deref()).cloned();
+                let mut it = c.objects.names_after(after.as_deref()).map(str::to_string);
                 let names: Vec<String> = it.by_ref().take(max).collect();
                 let next = if it.next().is_some() { names.last().cloned() } else { None };
                 Answer::List { names, next }

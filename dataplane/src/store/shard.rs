@@ -6,7 +6,7 @@ use sluice_nvme::{BlockDevice, Completion, DmaBuf, DmaPool, IoCommand, IoError, 
 use sluice_vocab::limits::{MAX_CHECKPOINT_PARTS, MAX_TRANSFER_BYTES};
 use sluice_vocab::{BlockCount, Lba};
 
-use super::checkpoint::{self, CheckpointView};
+use super::checkpoint::{self, CheckpointHeader, Walk};
 use super::cleaner::Cleaner;
 use super::format::{
     self, BS, BatchFixed, CheckpointRef, PartRef, RecordDesc, ShardSuperblock, store_tag,
@@ -37,6 +37,9 @@ pub struct StoreConfig {
     /// up a few at a time lets the first answers (and the I/O they trigger) go out
     /// before the whole burst is processed, so the queue does not move in lockstep.
     pub max_completions_per_poll: usize,
+    /// Objects a checkpoint walk encodes per poll (bounds the pause it causes: 2048 is
+    /// about a millisecond at 500k objects).
+    pub checkpoint_walk_slice: usize,
     pub mount: MountOptions,
 }
 
@@ -50,6 +53,7 @@ impl Default for StoreConfig {
             cleaner_max_reads: 8,
             read_pool_bufs: 256,
             max_completions_per_poll: 8,
+            checkpoint_walk_slice: 2048,
             mount: MountOptions::default(),
         }
     }
@@ -127,7 +131,6 @@ pub(super) struct PendingBlock {
 struct Special {
     seq: u64,
     index: u32,
-    count: u32,
     bytes: Vec<u8>,
 }
 
@@ -153,10 +156,16 @@ struct Batch {
 enum CpJob {
     /// Waiting until nothing staged is pending, to snapshot exactly the durable state.
     Quiescing,
-    Writing {
+    /// Walking the index and writing parts as they fill, while transactions go on.
+    Walking {
+        walk: Walk,
         first_seq: u64,
+        /// Per part created so far: where it landed, once durable.
         parts: Vec<Option<PartRef>>,
+        /// Bytes of the entry stream so far.
         total_bytes: u64,
+        /// Cut a part once this many bytes are waiting.
+        target: usize,
     },
     /// Reading the parts back: per part, its chunks as they arrive.
     Verifying {
@@ -574,15 +583,27 @@ impl<D: BlockDevice> Shard<D> {
         if self.batch.is_some() {
             return false;
         }
-        if let Some(sp) = self.specials.pop_front() {
+        // Parts and transactions go to the log in sequence-number order.
+        let special_first = match (self.specials.front(), self.ready.front()) {
+            (Some(sp), Some(t)) => sp.seq < t.seq,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if special_first {
+            let sp = self.specials.pop_front().expect("checked");
             let blocks = 1 + sp.bytes.len().div_ceil(BS) as u64;
             let Some((start, seg_seq)) = self.st.space.place(blocks, sp.seq) else {
+                // The part has its sequence number: skipping it would leave a hole in the
+                // log that replay must treat as its end. Stop instead (the reserve makes
+                // this unreachable unless the accounting is wrong).
                 log::error!(
-                    "{}: shard {}: no room for a checkpoint part; checkpoint abandoned",
+                    "{}: shard {}: no room for checkpoint part {} (record {})",
                     self.st.device,
-                    self.st.shard
+                    self.st.shard,
+                    sp.index,
+                    sp.seq
                 );
-                self.abandon_checkpoint();
+                self.fail(IoError::NoSpace { lba: Lba(self.st.base) });
                 return true;
             };
             let bytes = checkpoint::encode_part(
@@ -591,7 +612,6 @@ impl<D: BlockDevice> Shard<D> {
                 seg_seq,
                 sp.seq,
                 sp.index,
-                sp.count,
                 &sp.bytes,
             );
             self.write_batch(&[&bytes], start, 1, Vec::new(), Some(sp));
@@ -613,7 +633,11 @@ impl<D: BlockDevice> Shard<D> {
         let mut n = 0;
         let mut meta = format::BATCH_FIXED_BYTES;
         let mut data = 0u64;
+        let next_special = self.specials.front().map(|sp| sp.seq);
         for s in &self.ready {
+            if next_special.is_some_and(|sq| s.seq > sq) {
+                break;
+            }
             let m = meta + format::RECORD_DESC_BYTES + s.deltas.len();
             let d = data + s.data.len() as u64;
             let total = m.div_ceil(BS) as u64 + d;
@@ -733,9 +757,13 @@ impl<D: BlockDevice> Shard<D> {
         debug_assert_eq!(b.stage, BatchStage::Flushing);
         self.stats.batches += 1;
         if let Some(sp) = b.special {
-            if let Some(CpJob::Writing { parts, .. }) = self.cp_job.as_mut() {
+            // (A part of an abandoned checkpoint is still written: it holds a sequence
+            // number. It is simply not referenced.)
+            if let Some(CpJob::Walking { parts, first_seq, .. }) = self.cp_job.as_mut()
+                && sp.seq >= *first_seq
+            {
                 parts[sp.index as usize] =
-                    Some(PartRef { block: b.start, blocks: b.blocks as u32 });
+                    Some(PartRef { block: b.start, blocks: b.blocks as u32, seq: sp.seq });
             }
             return;
         }
@@ -752,6 +780,9 @@ impl<D: BlockDevice> Shard<D> {
                     self.st.space.mapped(addr);
                 }
                 addr += 1;
+            }
+            for &old in &t.freed {
+                self.st.space.unmapped(old);
             }
             self.pending_done(&t);
             self.stats.txns_committed += 1;
@@ -825,59 +856,75 @@ impl<D: BlockDevice> Shard<D> {
                     return false;
                 }
                 debug_assert!(self.pending.blocks.is_empty(), "quiet index has pending blocks");
-                let expect = self.last_cp_bytes + self.last_cp_bytes / 4 + 4096;
-                let bytes = CheckpointView {
+                // The index is exactly the durable state up to S = next_seq - 1. Part 0,
+                // the header, takes S + 1; the walk runs from here a slice per poll.
+                let header = CheckpointHeader {
                     shard: self.st.shard,
                     last_seq: self.st.next_seq - 1,
                     next_segment_seq: self.st.space.next_segment_seq,
-                    segs: &self.st.space.segs,
-                    index: &self.st.index,
+                    segs: self.st.space.segs.clone(),
                 }
-                .encode_into(Vec::new(), expect as usize);
-                self.last_cp_bytes = bytes.len() as u64;
-                let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
-                let count = bytes.len().div_ceil(cap).max(1);
-                if count > MAX_CHECKPOINT_PARTS {
-                    log::error!(
-                        "{}: shard {}: index too large to checkpoint ({} bytes)",
-                        self.st.device,
-                        self.st.shard,
-                        bytes.len()
-                    );
-                    self.stats.checkpoint_failures += 1;
-                    self.cp_job = None;
-                    self.journal_bytes_since_cp = 0;
-                    return true;
-                }
+                .encode();
                 let first_seq = self.st.next_seq;
-                for i in 0..count {
-                    let chunk =
-                        &bytes[(i * cap).min(bytes.len())..((i + 1) * cap).min(bytes.len())];
-                    self.specials.push_back(Special {
-                        seq: first_seq + i as u64,
-                        index: i as u32,
-                        count: count as u32,
-                        bytes: chunk.to_vec(),
-                    });
-                }
-                self.st.next_seq += count as u64;
+                self.push_part(0, header);
+                let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
+                let target = ((self.last_cp_bytes / 48) as usize)
+                    .clamp(MAX_TRANSFER_BYTES, cap.max(MAX_TRANSFER_BYTES))
+                    .min(cap);
                 self.journal_bytes_since_cp = 0;
-                self.cp_job = Some(CpJob::Writing {
+                self.cp_job = Some(CpJob::Walking {
+                    walk: Walk::new(&self.st.index),
                     first_seq,
-                    parts: vec![None; count],
-                    total_bytes: bytes.len() as u64,
+                    parts: vec![None],
+                    total_bytes: 0,
+                    target,
                 });
                 true
             }
-            Some(CpJob::Writing { first_seq, parts, total_bytes }) => {
-                if parts.iter().any(Option::is_none) {
-                    return false;
+            Some(CpJob::Walking { walk, parts, total_bytes, target, first_seq }) => {
+                let mut busy = false;
+                if !walk.done() {
+                    walk.step(&self.st.index, self.cfg.checkpoint_walk_slice.max(1));
+                    busy = true;
+                }
+                let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
+                if parts.len() + 1 >= MAX_CHECKPOINT_PARTS {
+                    // Nearly out of part slots (the index grew since the last
+                    // checkpoint): make the remaining parts as large as a segment allows.
+                    *target = cap;
+                }
+                while walk.out.len() >= *target || (walk.done() && !walk.out.is_empty()) {
+                    if parts.len() >= MAX_CHECKPOINT_PARTS {
+                        log::error!(
+                            "{}: shard {}: index too large to checkpoint (more than {} parts)",
+                            self.st.device,
+                            self.st.shard,
+                            MAX_CHECKPOINT_PARTS
+                        );
+                        self.stats.checkpoint_failures += 1;
+                        self.cp_job = None;
+                        return true;
+                    }
+                    let n = walk.out.len().min(cap);
+                    let rest = walk.out.split_off(n);
+                    let bytes = std::mem::replace(&mut walk.out, rest);
+                    *total_bytes += bytes.len() as u64;
+                    let index = parts.len() as u32;
+                    parts.push(None);
+                    let seq = self.st.next_seq;
+                    self.st.next_seq += 1;
+                    self.specials.push_back(Special { seq, index, bytes });
+                    busy = true;
+                }
+                if !walk.done() || parts.iter().any(Option::is_none) {
+                    return busy;
                 }
                 let cp = CheckpointRef {
                     first_seq: *first_seq,
                     parts: parts.iter().map(|p| p.expect("all written")).collect(),
                     total_bytes: *total_bytes,
                 };
+                self.last_cp_bytes = cp.total_bytes;
                 // Read every part back, in transfers of at most 1 MiB.
                 let chunk = (MAX_TRANSFER_BYTES / BS) as u64;
                 let mut reads = Vec::new();
@@ -925,7 +972,7 @@ impl<D: BlockDevice> Shard<D> {
                 }
                 let ok = BatchFixed::decode(&bytes)
                     .ok()
-                    .filter(|f| f.first_seq == cp.first_seq + i as u64)
+                    .filter(|f| f.first_seq == cp.parts[i].seq)
                     .is_some_and(|f| checkpoint::decode_part(&f, &bytes).is_ok());
                 *bad |= !ok;
             }
@@ -956,9 +1003,24 @@ impl<D: BlockDevice> Shard<D> {
         self.cp_job = Some(CpJob::SbWriting { cp, generation });
     }
 
+    /// A running checkpoint walk keeps what `d` is about to change, as of its start.
+    pub(super) fn checkpoint_before(&mut self, d: &super::delta::Delta) {
+        if let Some(CpJob::Walking { walk, .. }) = self.cp_job.as_mut() {
+            walk.before(&self.st.index, d);
+        }
+    }
+
+    /// Queues checkpoint part `index` with the next sequence number.
+    fn push_part(&mut self, index: u32, bytes: Vec<u8>) {
+        let seq = self.st.next_seq;
+        self.st.next_seq += 1;
+        self.specials.push_back(Special { seq, index, bytes });
+    }
+
+    /// Gives up on the running checkpoint; the previous one stays the root. Parts already
+    /// queued are still written (they hold sequence numbers; replay skips them).
     fn abandon_checkpoint(&mut self) {
         self.stats.checkpoint_failures += 1;
-        self.specials.clear();
         self.cp_job = None;
     }
 
@@ -973,7 +1035,7 @@ impl<D: BlockDevice> Shard<D> {
         for &seg in &self.st.cp_segments {
             sp.pinned[seg as usize] = true;
         }
-        sp.cp_last_seq = cp.last_seq();
+        sp.cp_last_seq = cp.state_seq();
         self.last_cp_blocks = cp.parts.iter().map(|p| u64::from(p.blocks)).sum();
         self.st.sb_generation = generation;
         self.st.cp = Some(cp);

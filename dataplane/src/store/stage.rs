@@ -68,6 +68,8 @@ pub(super) struct Staged {
     pub colls: Vec<CollId>,
     pub coll_set: bool,
     pub reserved: u64,
+    /// Disk blocks it unmaps, released from the live counts once it is durable.
+    pub freed: Vec<u64>,
 }
 
 /// Old block contents fetched for the head transaction's partial writes.
@@ -203,6 +205,26 @@ struct Build {
     seq: u64,
     deltas: Vec<Delta>,
     ids: Vec<u64>,
+    /// Disk blocks this transaction unmaps: they count as live until it is durable.
+    freed: Vec<u64>,
+}
+
+/// Live-count changes of a staged transaction: a block it unmaps stays live (its
+/// segment cannot be reused) until the transaction is durable, since a crash before
+/// that leaves the old mapping in force. Staging never maps a disk block (new data
+/// points at memory until its batch lands).
+struct Deferred<'a> {
+    freed: &'a mut Vec<u64>,
+}
+
+impl super::index::LiveTracker for Deferred<'_> {
+    fn mapped(&mut self, block: u64) {
+        panic!("staging mapped disk block {block}");
+    }
+
+    fn unmapped(&mut self, block: u64) {
+        self.freed.push(block);
+    }
 }
 
 /// Existence as the transaction's earlier operations left it.
@@ -481,10 +503,11 @@ impl<D: BlockDevice> Shard<D> {
 
     /// Applies one delta now, with `ids` as its data blocks.
     fn push_delta(&mut self, b: &mut Build, d: Delta, ids: &[u64]) {
+        self.checkpoint_before(&d);
         let mut loc = |j: u64| ids.get(j as usize).map(|id| Loc::Pending(*id));
         self.st
             .index
-            .apply(&d, b.seq, &mut loc, &mut self.st.space)
+            .apply(&d, b.seq, &mut loc, &mut Deferred { freed: &mut b.freed })
             .unwrap_or_else(|e| panic!("validated delta {d:?} failed to apply: {e}"));
         b.ids.extend_from_slice(ids);
         b.deltas.push(d);
@@ -522,7 +545,7 @@ impl<D: BlockDevice> Shard<D> {
     fn apply_txn(&mut self, token: u64, txn: Transaction, reserved: u64) {
         let seq = self.st.next_seq;
         self.st.next_seq += 1;
-        let mut b = Build { seq, deltas: Vec::new(), ids: Vec::new() };
+        let mut b = Build { seq, deltas: Vec::new(), ids: Vec::new(), freed: Vec::new() };
         let mut objects = Vec::new();
         let mut colls = Vec::new();
         let mut coll_set = false;
@@ -733,7 +756,7 @@ impl<D: BlockDevice> Shard<D> {
         if coll_set {
             self.pending.coll_set += 1;
         }
-        let Build { seq, deltas, ids } = b;
+        let Build { seq, deltas, ids, freed } = b;
         let bytes = delta::encode(&deltas);
         // The estimate reserved room for the record; it must hold.
         let actual = ids.len() as u64 + (bytes.len() as u64 + 64).div_ceil(BSU);
@@ -748,6 +771,7 @@ impl<D: BlockDevice> Shard<D> {
             colls,
             coll_set,
             reserved,
+            freed,
         });
     }
 
@@ -764,7 +788,7 @@ impl<D: BlockDevice> Shard<D> {
         }
         let seq = self.st.next_seq;
         self.st.next_seq += 1;
-        let mut b = Build { seq, deltas: Vec::new(), ids: Vec::new() };
+        let mut b = Build { seq, deltas: Vec::new(), ids: Vec::new(), freed: Vec::new() };
         let mut objects = Vec::new();
         let mut colls = Vec::new();
         for (d, block) in deltas.into_iter().zip(data) {
