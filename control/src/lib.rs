@@ -1,7 +1,11 @@
 //! The control plane: `sluice-mon` (Raft quorum holding the cluster maps) and the
 //! `sluice` CLI.
 //!
-//! Empty until the control-plane work lands; see `docs/ARCHITECTURE.md` for what exists
-//! today.
+//! Built so far: the cluster maps ([`maps`]): the OSD map with epochs and incrementals,
+//! and the versioned, checksummed envelope they are stored and sent in. The Raft quorum,
+//! the monitor daemon, the management API and the CLI build on them; see
+//! `docs/ARCHITECTURE.md` for what exists today.
 
 #![forbid(unsafe_code)]
+
+pub mod maps;

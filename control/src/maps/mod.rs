@@ -1,0 +1,10 @@
+//! The cluster maps the monitors replicate, and the envelope they travel in.
+
+pub mod envelope;
+pub mod osdmap;
+
+pub use envelope::{EnvelopeError, Kind};
+pub use osdmap::{
+    Change, FailureDomain, Flag, Flags, Incremental, Location, Maintenance, MapError, OsdAddrs,
+    OsdId, OsdInfo, OsdMap, Pool, PoolId,
+};
