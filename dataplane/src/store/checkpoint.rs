@@ -262,6 +262,8 @@ impl Walk {
             self.emit_coll(index, c);
             let mut last = None;
             let mut exhausted = true;
+            // Looked up once per slice; most objects were not touched.
+            let touched = self.touched.get(&c).filter(|t| !t.is_empty());
             for name in coll.objects.names_after(self.cursor.as_deref()) {
                 if budget == 0 {
                     exhausted = false;
@@ -269,7 +271,7 @@ impl Walk {
                 }
                 budget -= 1;
                 last = Some(name);
-                if self.touched.get(&c).is_some_and(|t| t.contains(name)) {
+                if touched.is_some_and(|t| t.contains(name)) {
                     continue;
                 }
                 let o = coll.objects.get(name).expect("listed");
