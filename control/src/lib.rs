@@ -9,3 +9,5 @@
 #![forbid(unsafe_code)]
 
 pub mod maps;
+pub mod monclient;
+pub mod state;

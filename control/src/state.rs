@@ -1,0 +1,615 @@
+//! The replicated state machine of the monitors: the OSD map with its recent history of
+//! incrementals (for subscribers), and central config. Every replica applies the same
+//! committed [`Command`]s in the same order, so this code must be deterministic: no
+//! clocks, no randomness, no iteration over hash maps.
+//!
+//! Policy lives here (what a command may do given the flags); structure checks live in
+//! [`OsdMap::apply`]. A command that changes the map produces exactly one incremental.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::maps::{
+    Change, FailureDomain, Flag, Incremental, Location, Maintenance, MapError, OsdAddrs, OsdId,
+    OsdMap, PoolId,
+};
+
+/// Incrementals kept for subscribers that are behind; older ones must fetch the full map.
+pub const HISTORY: usize = 500;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// First boot of an OSD: assigns an id. Idempotent: the same uuid gets the same id.
+    RegisterOsd {
+        uuid: [u8; 16],
+        location: Location,
+        weight: u32,
+    },
+    /// The OSD is running at these addresses. With `noup` it stays down.
+    Boot {
+        id: OsdId,
+        uuid: [u8; 16],
+        addrs: OsdAddrs,
+    },
+    /// Failure detection or an operator. With `nodown`, failure-detector marks are ignored.
+    MarkDown {
+        ids: Vec<OsdId>,
+        by_operator: bool,
+    },
+    SetIn {
+        ids: Vec<OsdId>,
+        is_in: bool,
+    },
+    SetLocation {
+        id: OsdId,
+        location: Location,
+    },
+    SetPrimaryAffinity {
+        id: OsdId,
+        affinity: u32,
+    },
+    SetMaintenance {
+        id: OsdId,
+        state: Maintenance,
+    },
+    SetFlag {
+        flag: Flag,
+        on: bool,
+    },
+    CreatePool {
+        name: String,
+        size: u8,
+        min_size: u8,
+        pg_num: u32,
+    },
+    RemovePool {
+        name: String,
+    },
+    /// `key` is one of `size`, `min_size`, `pg_num`.
+    SetPool {
+        name: String,
+        key: String,
+        value: u32,
+    },
+    ConfigSet {
+        key: String,
+        value: String,
+    },
+    ConfigRm {
+        key: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Applied; the map is now at this epoch (unchanged if nothing changed).
+    Done {
+        epoch: u64,
+    },
+    Registered {
+        id: OsdId,
+        epoch: u64,
+    },
+    /// `noup` is set: the OSD stays down until it is cleared.
+    BootDeferred {
+        epoch: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CommandError {
+    #[error("{0} does not exist")]
+    NoOsd(OsdId),
+    #[error("{id} is registered with another uuid")]
+    UuidMismatch { id: OsdId },
+    #[error("pool {0:?} does not exist")]
+    NoPool(String),
+    #[error("pool {0:?} exists already")]
+    PoolExists(String),
+    #[error("unknown pool setting {0:?} (size, min_size, pg_num)")]
+    UnknownPoolKey(String),
+    #[error("config key {0:?}: 1..=128 bytes of [a-z0-9_.-]")]
+    BadConfigKey(String),
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl From<MapError> for CommandError {
+    fn from(e: MapError) -> Self {
+        CommandError::Rejected(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub osdmap: OsdMap,
+    /// The last [`HISTORY`] incrementals, oldest first.
+    pub history: VecDeque<Incremental>,
+    pub config: BTreeMap<String, String>,
+}
+
+/// What a subscriber at `have` must receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Catchup<'a> {
+    UpToDate,
+    Incrementals(Vec<&'a Incremental>),
+    /// Too far behind (or ahead, i.e. another cluster's epochs): send the full map.
+    FullMap(&'a OsdMap),
+}
+
+impl ClusterState {
+    pub fn new(fsid: [u8; 16]) -> ClusterState {
+        ClusterState {
+            osdmap: OsdMap::new(fsid),
+            history: VecDeque::new(),
+            config: BTreeMap::new(),
+        }
+    }
+
+    /// Everything after epoch `have`, in order.
+    pub fn catch_up(&self, have: u64) -> Catchup<'_> {
+        let now = self.osdmap.epoch;
+        if have == now {
+            return Catchup::UpToDate;
+        }
+        match self.history.front() {
+            Some(first) if have < now && have + 1 >= first.epoch => {
+                Catchup::Incrementals(self.history.iter().filter(|i| i.epoch > have).collect())
+            }
+            _ => Catchup::FullMap(&self.osdmap),
+        }
+    }
+
+    fn commit(&mut self, changes: Vec<Change>) -> Result<u64, CommandError> {
+        if changes.is_empty() {
+            return Ok(self.osdmap.epoch);
+        }
+        let inc = Incremental { fsid: self.osdmap.fsid, epoch: self.osdmap.epoch + 1, changes };
+        self.osdmap.apply(&inc)?;
+        self.history.push_back(inc);
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        Ok(self.osdmap.epoch)
+    }
+
+    fn need_osd(&self, id: OsdId) -> Result<&crate::maps::OsdInfo, CommandError> {
+        self.osdmap.osd(id).ok_or(CommandError::NoOsd(id))
+    }
+
+    fn pool_id(&self, name: &str) -> Result<PoolId, CommandError> {
+        self.osdmap
+            .pool_by_name(name)
+            .map(|p| p.id)
+            .ok_or_else(|| CommandError::NoPool(name.into()))
+    }
+
+    /// Applies a committed command. Deterministic; an error changes nothing.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Response, CommandError> {
+        let m = &self.osdmap;
+        match cmd {
+            Command::RegisterOsd { uuid, location, weight } => {
+                if let Some(o) = m.osds.values().find(|o| o.uuid == *uuid) {
+                    return Ok(Response::Registered { id: o.id, epoch: m.epoch });
+                }
+                let id = OsdId(m.next_osd);
+                let epoch = self.commit(vec![Change::NewOsd {
+                    id,
+                    uuid: *uuid,
+                    location: location.clone(),
+                    weight: *weight,
+                }])?;
+                Ok(Response::Registered { id, epoch })
+            }
+            Command::Boot { id, uuid, addrs } => {
+                let o = self.need_osd(*id)?;
+                if o.uuid != *uuid {
+                    return Err(CommandError::UuidMismatch { id: *id });
+                }
+                if m.flags.noup {
+                    return Ok(Response::BootDeferred { epoch: m.epoch });
+                }
+                // An OSD that restarts while marked up is first marked down, so peers see
+                // a new interval.
+                let mut changes = Vec::new();
+                if o.up {
+                    changes.push(Change::MarkDown { id: *id });
+                }
+                changes.push(Change::Boot { id: *id, addrs: addrs.clone() });
+                Ok(Response::Done { epoch: self.commit(changes)? })
+            }
+            Command::MarkDown { ids, by_operator } => {
+                if m.flags.nodown && !by_operator {
+                    return Ok(Response::Done { epoch: m.epoch });
+                }
+                let mut changes = Vec::new();
+                for id in ids {
+                    if self.need_osd(*id)?.up {
+                        changes.push(Change::MarkDown { id: *id });
+                    }
+                }
+                Ok(Response::Done { epoch: self.commit(changes)? })
+            }
+            Command::SetIn { ids, is_in } => {
+                let mut changes = Vec::new();
+                for id in ids {
+                    if self.need_osd(*id)?.is_in != *is_in {
+                        changes.push(Change::SetIn { id: *id, is_in: *is_in });
+                    }
+                }
+                Ok(Response::Done { epoch: self.commit(changes)? })
+            }
+            Command::SetLocation { id, location } => {
+                self.need_osd(*id)?;
+                let c = Change::SetLocation { id: *id, location: location.clone() };
+                Ok(Response::Done { epoch: self.commit(vec![c])? })
+            }
+            Command::SetPrimaryAffinity { id, affinity } => {
+                self.need_osd(*id)?;
+                let c = Change::SetPrimaryAffinity { id: *id, affinity: *affinity };
+                Ok(Response::Done { epoch: self.commit(vec![c])? })
+            }
+            Command::SetMaintenance { id, state } => {
+                self.need_osd(*id)?;
+                let c = Change::SetMaintenance { id: *id, state: *state };
+                Ok(Response::Done { epoch: self.commit(vec![c])? })
+            }
+            Command::SetFlag { flag, on } => {
+                let changes = if m.flags.get(*flag) == *on {
+                    Vec::new()
+                } else {
+                    vec![Change::SetFlag { flag: *flag, on: *on }]
+                };
+                Ok(Response::Done { epoch: self.commit(changes)? })
+            }
+            Command::CreatePool { name, size, min_size, pg_num } => {
+                if m.pool_by_name(name).is_some() {
+                    return Err(CommandError::PoolExists(name.clone()));
+                }
+                let c = Change::CreatePool {
+                    id: PoolId(m.next_pool),
+                    name: name.clone(),
+                    size: *size,
+                    min_size: *min_size,
+                    pg_num: *pg_num,
+                    failure_domain: FailureDomain::Host,
+                };
+                Ok(Response::Done { epoch: self.commit(vec![c])? })
+            }
+            Command::RemovePool { name } => {
+                let id = self.pool_id(name)?;
+                Ok(Response::Done { epoch: self.commit(vec![Change::RemovePool { id }])? })
+            }
+            Command::SetPool { name, key, value } => {
+                let id = self.pool_id(name)?;
+                let p = &self.osdmap.pools[&id];
+                let (mut size, mut min_size, mut pg_num) = (p.size, p.min_size, p.pg_num);
+                let small = |v: u32| {
+                    u8::try_from(v)
+                        .map_err(|_| CommandError::Rejected(format!("{key} {v} is too large")))
+                };
+                match key.as_str() {
+                    "size" => size = small(*value)?,
+                    "min_size" => min_size = small(*value)?,
+                    "pg_num" => pg_num = *value,
+                    _ => return Err(CommandError::UnknownPoolKey(key.clone())),
+                }
+                let c = Change::SetPool { id, size, min_size, pg_num };
+                Ok(Response::Done { epoch: self.commit(vec![c])? })
+            }
+            Command::ConfigSet { key, value } => {
+                check_key(key)?;
+                self.config.insert(key.clone(), value.clone());
+                Ok(Response::Done { epoch: self.osdmap.epoch })
+            }
+            Command::ConfigRm { key } => {
+                check_key(key)?;
+                self.config.remove(key);
+                Ok(Response::Done { epoch: self.osdmap.epoch })
+            }
+        }
+    }
+}
+
+fn check_key(k: &str) -> Result<(), CommandError> {
+    let ok = !k.is_empty()
+        && k.len() <= 128
+        && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if ok { Ok(()) } else { Err(CommandError::BadConfigKey(k.into())) }
+}
+
+/// Failure detection on the leader (not replicated: its decisions are, as commands).
+///
+/// An OSD is marked down when `min_reporters` distinct up OSDs reported it failed within
+/// the last `grace`, or when it sent no beacon for `beacon_grace`; a down OSD is marked
+/// out after `down_out_interval` unless `noout` is set. Times are nanoseconds on the
+/// leader's monotonic clock; a new leader starts with a clean slate (and waits a full
+/// beacon grace before judging anyone).
+#[derive(Debug, Clone)]
+pub struct FailureDetector {
+    pub grace_ns: u64,
+    pub min_reporters: usize,
+    pub beacon_grace_ns: u64,
+    pub down_out_interval_ns: u64,
+    started: u64,
+    /// target -> reporter -> time of its latest report.
+    reports: BTreeMap<OsdId, BTreeMap<OsdId, u64>>,
+    beacons: BTreeMap<OsdId, u64>,
+    /// When we first saw each OSD down.
+    down_since: BTreeMap<OsdId, u64>,
+}
+
+impl FailureDetector {
+    pub fn new(
+        now: u64,
+        grace_ns: u64,
+        min_reporters: usize,
+        beacon_grace_ns: u64,
+        down_out_interval_ns: u64,
+    ) -> Self {
+        FailureDetector {
+            grace_ns,
+            min_reporters: min_reporters.max(1),
+            beacon_grace_ns,
+            down_out_interval_ns,
+            started: now,
+            reports: BTreeMap::new(),
+            beacons: BTreeMap::new(),
+            down_since: BTreeMap::new(),
+        }
+    }
+
+    pub fn report_failure(&mut self, reporter: OsdId, target: OsdId, now: u64) {
+        if reporter != target {
+            self.reports.entry(target).or_default().insert(reporter, now);
+        }
+    }
+
+    /// A peer says `target` is alive again: its reports are withdrawn.
+    pub fn report_alive(&mut self, reporter: OsdId, target: OsdId) {
+        if let Some(r) = self.reports.get_mut(&target) {
+            r.remove(&reporter);
+        }
+    }
+
+    pub fn beacon(&mut self, id: OsdId, now: u64) {
+        self.beacons.insert(id, now);
+        self.reports.remove(&id);
+    }
+
+    /// The commands the leader should propose now.
+    pub fn tick(&mut self, map: &OsdMap, now: u64) -> Vec<Command> {
+        let mut down = Vec::new();
+        let mut out = Vec::new();
+        for o in map.osds.values() {
+            if o.up {
+                self.down_since.remove(&o.id);
+                let reporters = self.reports.get(&o.id).map_or(0, |r| {
+                    r.iter()
+                        .filter(|(rep, at)| {
+                            now.saturating_sub(**at) <= self.grace_ns
+                                && map.osd(**rep).is_some_and(|ro| ro.up)
+                        })
+                        .count()
+                });
+                let last_beacon = self.beacons.get(&o.id).copied().unwrap_or(self.started);
+                if reporters >= self.min_reporters
+                    || now.saturating_sub(last_beacon) > self.beacon_grace_ns
+                {
+                    down.push(o.id);
+                }
+            } else {
+                let since = *self.down_since.entry(o.id).or_insert(now);
+                if o.is_in
+                    && !map.flags.noout
+                    && now.saturating_sub(since) >= self.down_out_interval_ns
+                {
+                    out.push(o.id);
+                }
+            }
+        }
+        // Old reports age out.
+        for r in self.reports.values_mut() {
+            r.retain(|_, at| now.saturating_sub(*at) <= self.grace_ns);
+        }
+        let mut cmds = Vec::new();
+        if !down.is_empty() {
+            cmds.push(Command::MarkDown { ids: down, by_operator: false });
+        }
+        if !out.is_empty() {
+            cmds.push(Command::SetIn { ids: out, is_in: false });
+        }
+        cmds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn loc(h: u8) -> Location {
+        Location { rack: "rack0".into(), host: format!("host{h}") }
+    }
+
+    fn addrs(p: u16) -> OsdAddrs {
+        OsdAddrs {
+            public: format!("127.0.0.1:{p}").parse().unwrap(),
+            core_ports: vec![p + 1, p + 2],
+        }
+    }
+
+    fn cluster(n: u8) -> ClusterState {
+        let mut st = ClusterState::new([1; 16]);
+        for i in 0..n {
+            let r = st
+                .apply(&Command::RegisterOsd { uuid: [i; 16], location: loc(i), weight: 0x1_0000 })
+                .unwrap();
+            let Response::Registered { id, .. } = r else { panic!("{r:?}") };
+            assert_eq!(id, OsdId(u32::from(i)));
+            st.apply(&Command::Boot { id, uuid: [i; 16], addrs: addrs(6800 + 10 * u16::from(i)) })
+                .unwrap();
+        }
+        st
+    }
+
+    #[test]
+    fn registration_is_idempotent_and_boot_checks_the_uuid() {
+        let mut st = cluster(2);
+        let e = st.osdmap.epoch;
+        let r =
+            st.apply(&Command::RegisterOsd { uuid: [1; 16], location: loc(9), weight: 1 }).unwrap();
+        assert_eq!(
+            r,
+            Response::Registered { id: OsdId(1), epoch: e },
+            "same uuid, same id, no new epoch"
+        );
+        assert_eq!(
+            st.apply(&Command::Boot { id: OsdId(1), uuid: [9; 16], addrs: addrs(1) }),
+            Err(CommandError::UuidMismatch { id: OsdId(1) })
+        );
+        assert_eq!(st.osdmap.epoch, e);
+    }
+
+    #[test]
+    fn flags_shape_boot_and_failure_marks() {
+        let mut st = cluster(3);
+        st.apply(&Command::SetFlag { flag: Flag::NoDown, on: true }).unwrap();
+        st.apply(&Command::MarkDown { ids: vec![OsdId(0)], by_operator: false }).unwrap();
+        assert!(st.osdmap.osd(OsdId(0)).unwrap().up, "nodown ignores the failure detector");
+        st.apply(&Command::MarkDown { ids: vec![OsdId(0)], by_operator: true }).unwrap();
+        assert!(!st.osdmap.osd(OsdId(0)).unwrap().up, "an operator can still mark down");
+        st.apply(&Command::SetFlag { flag: Flag::NoUp, on: true }).unwrap();
+        let r = st.apply(&Command::Boot { id: OsdId(0), uuid: [0; 16], addrs: addrs(1) }).unwrap();
+        assert!(matches!(r, Response::BootDeferred { .. }));
+        assert!(!st.osdmap.osd(OsdId(0)).unwrap().up);
+        st.apply(&Command::SetFlag { flag: Flag::NoUp, on: false }).unwrap();
+        st.apply(&Command::Boot { id: OsdId(0), uuid: [0; 16], addrs: addrs(1) }).unwrap();
+        assert!(st.osdmap.osd(OsdId(0)).unwrap().up);
+    }
+
+    #[test]
+    fn a_restarted_osd_still_marked_up_gets_a_new_interval() {
+        let mut st = cluster(1);
+        let before = st.osdmap.osd(OsdId(0)).unwrap().up_from;
+        st.apply(&Command::Boot { id: OsdId(0), uuid: [0; 16], addrs: addrs(7000) }).unwrap();
+        let o = st.osdmap.osd(OsdId(0)).unwrap();
+        assert!(o.up && o.up_from > before && o.down_at > 0);
+    }
+
+    #[test]
+    fn subscribers_catch_up_by_incrementals_or_the_full_map() {
+        let mut st = cluster(2);
+        let now = st.osdmap.epoch;
+        assert_eq!(st.catch_up(now), Catchup::UpToDate);
+        let Catchup::Incrementals(incs) = st.catch_up(1) else { panic!() };
+        let mut sub = OsdMap::new([1; 16]);
+        for i in incs {
+            sub.apply(i).unwrap();
+        }
+        assert_eq!(sub, st.osdmap);
+        for i in 0..(HISTORY as u32 + 5) {
+            st.apply(&Command::SetPrimaryAffinity { id: OsdId(0), affinity: i % 2 }).unwrap();
+        }
+        assert!(matches!(st.catch_up(1), Catchup::FullMap(_)), "too far behind");
+        assert!(
+            matches!(st.catch_up(st.osdmap.epoch + 3), Catchup::FullMap(_)),
+            "ahead: another history"
+        );
+        assert_eq!(st.history.len(), HISTORY);
+    }
+
+    #[test]
+    fn pools_are_managed_by_name_with_checked_settings() {
+        let mut st = cluster(1);
+        st.apply(&Command::CreatePool { name: "rbd".into(), size: 3, min_size: 2, pg_num: 64 })
+            .unwrap();
+        assert_eq!(
+            st.apply(&Command::CreatePool { name: "rbd".into(), size: 3, min_size: 2, pg_num: 64 }),
+            Err(CommandError::PoolExists("rbd".into()))
+        );
+        st.apply(&Command::SetPool { name: "rbd".into(), key: "size".into(), value: 2 }).unwrap();
+        assert!(matches!(
+            st.apply(&Command::SetPool { name: "rbd".into(), key: "min_size".into(), value: 3 }),
+            Err(CommandError::Rejected(_))
+        ));
+        assert!(matches!(
+            st.apply(&Command::SetPool { name: "rbd".into(), key: "colour".into(), value: 3 }),
+            Err(CommandError::UnknownPoolKey(_))
+        ));
+        assert_eq!(st.osdmap.pool_by_name("rbd").unwrap().size, 2);
+        st.apply(&Command::RemovePool { name: "rbd".into() }).unwrap();
+        assert!(st.osdmap.pool_by_name("rbd").is_none());
+        assert!(matches!(
+            st.apply(&Command::ConfigSet { key: "Bad Key".into(), value: "x".into() }),
+            Err(CommandError::BadConfigKey(_))
+        ));
+        st.apply(&Command::ConfigSet { key: "osd.heartbeat_grace".into(), value: "20".into() })
+            .unwrap();
+        assert_eq!(st.config["osd.heartbeat_grace"], "20");
+    }
+
+    #[test]
+    fn failure_detection_marks_down_with_enough_reporters_then_out_unless_noout() {
+        let mut st = cluster(4);
+        let mut fd = FailureDetector::new(0, 20 * S, 2, 60 * S, 600 * S);
+        for i in 0..4 {
+            fd.beacon(OsdId(i), 0);
+        }
+        fd.report_failure(OsdId(1), OsdId(0), S);
+        assert!(fd.tick(&st.osdmap, S).is_empty(), "one reporter is not enough");
+        fd.report_failure(OsdId(1), OsdId(0), 2 * S);
+        assert!(fd.tick(&st.osdmap, 2 * S).is_empty(), "the same reporter twice is still one");
+        fd.report_failure(OsdId(2), OsdId(0), 3 * S);
+        let cmds = fd.tick(&st.osdmap, 3 * S);
+        assert_eq!(cmds, vec![Command::MarkDown { ids: vec![OsdId(0)], by_operator: false }]);
+        for c in &cmds {
+            st.apply(c).unwrap();
+        }
+        assert!(fd.tick(&st.osdmap, 4 * S).is_empty(), "down, not yet out");
+        for i in 1..4 {
+            fd.beacon(OsdId(i), 500 * S);
+        }
+        assert!(fd.tick(&st.osdmap, 500 * S).is_empty(), "down for 496 s: not yet out");
+        st.apply(&Command::SetFlag { flag: Flag::NoOut, on: true }).unwrap();
+        for i in 1..4 {
+            fd.beacon(OsdId(i), 650 * S);
+        }
+        assert!(fd.tick(&st.osdmap, 650 * S).is_empty(), "down for 646 s, but noout");
+        st.apply(&Command::SetFlag { flag: Flag::NoOut, on: false }).unwrap();
+        for i in 1..4 {
+            fd.beacon(OsdId(i), 700 * S);
+        }
+        let cmds = fd.tick(&st.osdmap, 700 * S);
+        assert_eq!(cmds, vec![Command::SetIn { ids: vec![OsdId(0)], is_in: false }]);
+    }
+
+    #[test]
+    fn stale_reports_and_silent_osds() {
+        let st = cluster(3);
+        let mut fd = FailureDetector::new(0, 20 * S, 2, 60 * S, 600 * S);
+        for i in 0..3 {
+            fd.beacon(OsdId(i), 0);
+        }
+        fd.report_failure(OsdId(1), OsdId(0), S);
+        fd.report_failure(OsdId(2), OsdId(0), 30 * S);
+        for i in 0..3 {
+            fd.beacon(OsdId(i), 30 * S);
+        }
+        assert!(fd.tick(&st.osdmap, 31 * S).is_empty(), "a beacon withdraws earlier reports");
+        fd.report_failure(OsdId(1), OsdId(0), 32 * S);
+        fd.report_alive(OsdId(1), OsdId(0));
+        fd.report_failure(OsdId(2), OsdId(0), 33 * S);
+        assert!(fd.tick(&st.osdmap, 33 * S).is_empty(), "a withdrawn report does not count");
+        fd.beacon(OsdId(0), 40 * S);
+        fd.beacon(OsdId(1), 40 * S);
+        let cmds = fd.tick(&st.osdmap, 95 * S);
+        assert_eq!(
+            cmds,
+            vec![Command::MarkDown { ids: vec![OsdId(2)], by_operator: false }],
+            "no beacon for 60 s"
+        );
+    }
+}
