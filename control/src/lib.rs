@@ -11,3 +11,4 @@
 pub mod maps;
 pub mod monclient;
 pub mod state;
+pub mod store;

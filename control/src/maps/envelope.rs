@@ -24,6 +24,12 @@ pub enum Kind {
     OsdMap = 1,
     OsdMapIncremental = 2,
     MonMap = 3,
+    /// The monitors' replicated state (a snapshot of [`crate::state::ClusterState`]).
+    MonState = 4,
+    /// Who a monitor is: cluster, name, initial members.
+    MonIdentity = 5,
+    /// One Raft log entry or vote record of the monitor store.
+    MonLog = 6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
