@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conf;
 pub mod maps;
 pub mod monclient;
 pub mod state;

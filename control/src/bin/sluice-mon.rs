@@ -1,0 +1,135 @@
+//! `sluice-mon`: a Sluice monitor. So far it creates and inspects the monitor's durable
+//! store; the Raft quorum that serves it (`sluice-mon run`) is the next step of the
+//! control-plane work (see docs/ARCHITECTURE.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice_control::conf::{format_fsid, parse_fsid};
+use sluice_control::state::ClusterState;
+use sluice_control::store::{Identity, MonStore, OpenOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-mon",
+    about = "A Sluice monitor: one member of the Raft quorum holding the cluster maps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create this monitor's store. Refuses if DIR already holds one.
+    Mkfs {
+        /// This monitor's name; must be one of --initial-members.
+        #[arg(long)]
+        id: String,
+        /// The cluster's fsid (a UUID); every monitor of the cluster gets the same one.
+        #[arg(long)]
+        fsid: String,
+        /// The founding members, NAME=HOST:PORT,... (1, 3 or 5), the same list on every
+        /// monitor. A monitor outside this list never forms a quorum on its own.
+        #[arg(long, value_delimiter = ',')]
+        initial_members: Vec<String>,
+        /// Directory for the store (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Print what the store holds (identity, map epoch, OSDs, pools, config) without
+    /// changing it. Exit 0, or 1 when the store cannot be read (the reason is printed).
+    Show {
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-mon: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn members(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for m in list {
+        let Some((name, addr)) = m.split_once('=') else {
+            anyhow::bail!("--initial-members: {m:?} is not NAME=HOST:PORT");
+        };
+        let ok_name = !name.is_empty()
+            && name.len() <= 32
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok_name {
+            anyhow::bail!("--initial-members: monitor name {name:?}: 1-32 of [A-Za-z0-9_-]");
+        }
+        if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            anyhow::bail!("--initial-members: {addr:?} is not HOST:PORT");
+        }
+        if out.iter().any(|(n, a)| n == name || a == addr) {
+            anyhow::bail!("--initial-members: {name}={addr} repeats a name or an address");
+        }
+        out.push((name.to_string(), addr.to_string()));
+    }
+    if !matches!(out.len(), 1 | 3 | 5) {
+        anyhow::bail!(
+            "--initial-members: {} members; use 1, 3 or 5 (a quorum needs a majority)",
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Mkfs { id, fsid, initial_members, data } => {
+            let fsid = parse_fsid(&fsid).map_err(anyhow::Error::msg)?;
+            let initial_members = members(&initial_members)?;
+            if !initial_members.iter().any(|(n, _)| *n == id) {
+                anyhow::bail!("--id {id} is not one of --initial-members");
+            }
+            let identity = Identity { fsid, name: id, initial_members };
+            let store = MonStore::create(&data, &identity, &ClusterState::new(fsid))?;
+            println!(
+                "created monitor {} of cluster {} in {}",
+                identity.name,
+                format_fsid(&fsid),
+                store.path().display()
+            );
+            Ok(())
+        }
+        Cmd::Show { data } => {
+            let store = MonStore::open(&data, OpenOptions::default())?;
+            let id = store.identity();
+            let st = store.load_state()?;
+            println!("monitor {} of cluster {}", id.name, format_fsid(&id.fsid));
+            let members: Vec<String> =
+                id.initial_members.iter().map(|(n, a)| format!("{n}={a}")).collect();
+            println!("initial members: {}", members.join(","));
+            let m = &st.osdmap;
+            let up = m.osds.values().filter(|o| o.up).count();
+            let inn = m.osds.values().filter(|o| o.is_in).count();
+            println!(
+                "osdmap epoch {}: {} osds, {up} up, {inn} in; {} pools",
+                m.epoch,
+                m.osds.len(),
+                m.pools.len()
+            );
+            for p in m.pools.values() {
+                println!(
+                    "  pool {} {:?} size {} min_size {} pg_num {}",
+                    p.id.0, p.name, p.size, p.min_size, p.pg_num
+                );
+            }
+            for (k, v) in &st.config {
+                println!("  config {k} = {v}");
+            }
+            Ok(())
+        }
+    }
+}
