@@ -254,3 +254,19 @@ fn the_shard_refuses_to_park_while_work_can_progress() {
     assert!(s.prepare_park(), "a shard with nothing to do may park again");
     s.after_park();
 }
+
+/// The checkpoint header carries the segment table in one part: mkfs refuses a geometry
+/// where it would not fit, instead of a store that cannot checkpoint.
+#[test]
+fn mkfs_refuses_more_segments_than_a_checkpoint_header_can_hold() {
+    let mut dev = RamDevice::new(192 << 20, 8);
+    let e = mkfs(
+        &mut dev,
+        &MkfsOptions { shards: 1, segment_bytes: Some(64 << 10), ..Default::default() },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("too many for the checkpoint header"), "{e}");
+    mkfs(&mut dev, &MkfsOptions { shards: 1, segment_bytes: Some(1 << 20), ..Default::default() })
+        .unwrap();
+}

@@ -370,6 +370,15 @@ pub fn mkfs<D: BlockDevice + ?Sized>(
                 * BS as u64
         )));
     }
+    // A checkpoint's header (part 0) carries the whole segment table and must fit one
+    // part: at most ~24 bytes per segment against a segment's worth of data.
+    let seg_count = Geometry::for_region(region_blocks, seg_blocks).seg_count as u64;
+    if seg_count * 24 > checkpoint::part_capacity(seg_blocks) as u64 {
+        return Err(invalid(format!(
+            "{seg_count} segments of {seg_bytes} bytes per shard are too many for the \
+             checkpoint header; use larger segments or more shards"
+        )));
+    }
     let fsid: [u8; 16] = opts.fsid.unwrap_or_else(rand::random);
     let shards: Vec<ShardRegion> = (0..u64::from(opts.shards))
         .map(|i| ShardRegion {
@@ -637,8 +646,15 @@ pub(super) fn load_shard<D: BlockDevice + ?Sized>(
             MountErrorKind::Corrupt("contents do not match the shard".into()),
         ));
     }
-    let mut space =
-        Space::new(geo, data.header.segs, data.header.next_segment_seq, sb.checkpoint.state_seq());
+    // The segment open at S may have been sealed right after it (part 0 did not fit its
+    // tail); replay never visits it again, so it must not stay `Open` (never reusable).
+    let mut segs = data.header.segs;
+    for s in &mut segs {
+        if s.state == SegState::Open {
+            s.state = SegState::Sealed;
+        }
+    }
+    let mut space = Space::new(geo, segs, data.header.next_segment_seq, sb.checkpoint.state_seq());
     let mut bad_block = None;
     data.index.for_each_disk_block(|_, _, _, b, _| {
         if geo.seg_of(b).is_none() {

@@ -591,7 +591,8 @@ impl<D: BlockDevice> Shard<D> {
         };
         if special_first {
             let sp = self.specials.pop_front().expect("checked");
-            let blocks = 1 + sp.bytes.len().div_ceil(BS) as u64;
+            let blocks = part_blocks(sp.bytes.len());
+            self.st.space.reserved = self.st.space.reserved.saturating_sub(blocks);
             let Some((start, seg_seq)) = self.st.space.place(blocks, sp.seq) else {
                 // The part has its sequence number: skipping it would leave a hole in the
                 // log that replay must treat as its end. Stop instead (the reserve makes
@@ -753,7 +754,12 @@ impl<D: BlockDevice> Shard<D> {
 
     /// The batch in flight is durable: point the index at its blocks and report.
     fn commit_batch(&mut self) {
-        let b = self.batch.take().expect("a batch was in flight");
+        // After a failure `fail_everything` took the batch: a late flush completion has
+        // nothing left to commit.
+        let Some(b) = self.batch.take() else {
+            debug_assert!(self.failed.is_some(), "a flush completed with no batch in flight");
+            return;
+        };
         debug_assert_eq!(b.stage, BatchStage::Flushing);
         self.stats.batches += 1;
         if let Some(sp) = b.special {
@@ -866,7 +872,10 @@ impl<D: BlockDevice> Shard<D> {
                 }
                 .encode();
                 let first_seq = self.st.next_seq;
-                self.push_part(0, header);
+                if !self.push_part(0, header) {
+                    self.abandon_checkpoint();
+                    return true;
+                }
                 let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
                 let target = ((self.last_cp_bytes / 48) as usize)
                     .clamp(MAX_TRANSFER_BYTES, cap.max(MAX_TRANSFER_BYTES))
@@ -901,11 +910,27 @@ impl<D: BlockDevice> Shard<D> {
                             self.st.shard,
                             MAX_CHECKPOINT_PARTS
                         );
+                        // Size the next attempt's parts for an index at least twice this.
+                        self.last_cp_bytes =
+                            self.last_cp_bytes.max(2 * (*total_bytes + walk.out.len() as u64));
                         self.stats.checkpoint_failures += 1;
                         self.cp_job = None;
                         return true;
                     }
                     let n = walk.out.len().min(cap);
+                    let blocks = part_blocks(n);
+                    if self.st.space.available() < blocks {
+                        log::warn!(
+                            "{}: shard {}: no room for checkpoint part {}; checkpoint abandoned",
+                            self.st.device,
+                            self.st.shard,
+                            parts.len()
+                        );
+                        self.stats.checkpoint_failures += 1;
+                        self.cp_job = None;
+                        return true;
+                    }
+                    self.st.space.reserved += blocks;
                     let rest = walk.out.split_off(n);
                     let bytes = std::mem::replace(&mut walk.out, rest);
                     *total_bytes += bytes.len() as u64;
@@ -1011,10 +1036,24 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     /// Queues checkpoint part `index` with the next sequence number.
-    fn push_part(&mut self, index: u32, bytes: Vec<u8>) {
+    /// Returns false (and queues nothing, takes no sequence number) if the log has no
+    /// room for it: parts reserve their space when cut, like staged transactions, so a
+    /// transaction staged after a part can never take the room the part needs.
+    fn push_part(&mut self, index: u32, bytes: Vec<u8>) -> bool {
+        let blocks = part_blocks(bytes.len());
+        if self.st.space.available() < blocks {
+            log::warn!(
+                "{}: shard {}: no room for checkpoint part {index}; checkpoint abandoned",
+                self.st.device,
+                self.st.shard
+            );
+            return false;
+        }
+        self.st.space.reserved += blocks;
         let seq = self.st.next_seq;
         self.st.next_seq += 1;
         self.specials.push_back(Special { seq, index, bytes });
+        true
     }
 
     /// Gives up on the running checkpoint; the previous one stays the root. Parts already
@@ -1041,4 +1080,9 @@ impl<D: BlockDevice> Shard<D> {
         self.st.cp = Some(cp);
         self.stats.checkpoints += 1;
     }
+}
+
+/// Blocks a checkpoint part of `bytes` bytes takes in the log (one metadata block).
+fn part_blocks(bytes: usize) -> u64 {
+    1 + bytes.div_ceil(BS) as u64
 }
