@@ -1,22 +1,13 @@
 //! Pieces the benchmarks share: device-file preparation and reactor options.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, ValueEnum};
-use sluice_dataplane::reactor::PollMode;
+use clap::Args;
+use sluice_dataplane::reactor::{PollArgs, PollMode};
 use sluice_nvme::{BlockDevice, IoCommand, UringDevice, UringOptions};
 use sluice_vocab::limits::BLOCK_SIZE_BYTES;
-use sluice_vocab::{BlockCount, ByteSize, Lba, parse_duration};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PollArg {
-    /// Spin for --spin after the last work, then sleep until woken.
-    Park,
-    /// Never sleep.
-    Dedicated,
-}
+use sluice_vocab::{BlockCount, ByteSize, Lba};
 
 /// Where to pin a reactor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,20 +63,13 @@ pub struct ReactorArgs {
     /// Pin the reactor: `auto` (the CPU taking the device's interrupts), `none`, or a CPU.
     #[arg(long, default_value = "auto")]
     pub cpu: CpuChoice,
-    /// What the reactor does when idle.
-    #[arg(long, value_enum, default_value = "park")]
-    pub poll: PollArg,
-    /// How long an idle reactor keeps polling before it sleeps (with --poll park).
-    #[arg(long, default_value = "200us", value_parser = parse_duration)]
-    pub spin: Duration,
+    #[command(flatten)]
+    pub poll: PollArgs,
 }
 
 impl ReactorArgs {
     pub fn mode(&self) -> PollMode {
-        match self.poll {
-            PollArg::Park => PollMode::Park { spin: self.spin },
-            PollArg::Dedicated => PollMode::Dedicated,
-        }
+        self.poll.mode()
     }
 }
 

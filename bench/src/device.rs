@@ -16,14 +16,11 @@ use sluice_dataplane::reactor::{self, ReactorConfig};
 use sluice_dataplane::{Context, PollResult, Poller};
 use sluice_nvme::{BlockDevice, DmaPool, IoCommand, OpKind, TaskRun, UringDevice, UringOptions};
 use sluice_vocab::limits::BLOCK_SIZE_BYTES;
-use sluice_vocab::{
-    BlockCount, ByteSize, Clock, CoreId, Lba, MonoTime, SystemClock, parse_duration,
-};
+use sluice_vocab::{BlockCount, ByteSize, CoreId, Lba, MonoTime, parse_duration};
 
 use crate::common::ReactorArgs;
-use crate::machine::Machine;
 use crate::progress::Progress;
-use crate::report::{OpResults, Report, Results, SCHEMA, new_histogram, process_cpu_time};
+use crate::report::{OpResults, Report, Results, new_histogram, process_cpu_time, unix_now_s};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -148,9 +145,7 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let load = Load::new(dev, pool, &args, span, Arc::clone(&shared));
     let cfg = ReactorConfig { core: CoreId(0), cpu, mode: args.reactor.mode() };
-    let started_at_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let started_at_unix_s = unix_now_s();
     let handle = reactor::spawn(cfg, ParkState::new()?, move |r| {
         r.add_poller(Box::new(load))?;
         Ok(())
@@ -168,35 +163,27 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
         .expect("results lock")
         .take()
         .context("benchmark produced no results")?;
-    let all = OpResults::from_histogram(&c.all, c.elapsed, bs as u64);
-    let mut results = Results::new(&all, c.elapsed, c.cpu, stats.busy_share(), c.errors);
+    let mut results = Results::from_histograms(
+        &c.all,
+        &c.read,
+        &c.write,
+        c.elapsed,
+        c.cpu,
+        stats.busy_share(),
+        c.errors,
+        bs as u64,
+    );
     let ops = |h: &Histogram<u64>| {
         (!h.is_empty()).then(|| OpResults::from_histogram(h, c.elapsed, bs as u64))
     };
-    results.read = ops(&c.read);
-    results.write = ops(&c.write);
     results.flush = ops(&c.flush).map(|mut o| {
         o.bytes_per_sec = 0.0;
         o
     });
     results.durable_write = ops(&c.durable);
-    let report = Report {
-        schema: SCHEMA,
-        kind: "device",
-        commit: env!("SLUICE_COMMIT"),
-        started_at_unix_s,
-        machine: Machine::probe(Some(&args.path)),
-        config,
-        results,
-    };
+    let report = Report::new("device", &args.path, started_at_unix_s, config, results);
     report.print_table();
-    if let Some(p) = &args.json {
-        report.write_json(p)?;
-        println!("report written to {}", p.display());
-    }
-    if report.results.errors > 0 {
-        bail!("{} I/O errors during the run", report.results.errors);
-    }
+    report.finish(args.json.as_deref(), "I/O errors")?;
     Ok(())
 }
 
@@ -256,7 +243,6 @@ struct Load {
     start: MonoTime,
     cpu_start: Duration,
     shared: Arc<Shared>,
-    clock: SystemClock,
 }
 
 const H_ALL: usize = 0;
@@ -301,7 +287,6 @@ impl Load {
             start: MonoTime::ZERO,
             cpu_start: Duration::ZERO,
             shared,
-            clock: SystemClock,
         }
     }
 
@@ -452,8 +437,9 @@ impl Poller for Load {
         "device-load"
     }
 
-    fn poll(&mut self, _cx: &mut Context<'_>) -> PollResult {
-        let now = self.clock.now();
+    fn poll(&mut self, cx: &mut Context<'_>) -> PollResult {
+        // The reactor reads the clock once per pass.
+        let now = cx.now;
         match self.phase {
             Phase::Done => return PollResult::Idle,
             Phase::Starting => {

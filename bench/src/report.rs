@@ -77,6 +77,29 @@ pub struct Results {
 }
 
 impl Results {
+    /// Results from the histograms of all I/Os and of reads and writes (each kind
+    /// appears only if it happened); `bytes_per_io` sizes the MB/s figures.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_histograms(
+        all: &Histogram<u64>,
+        read: &Histogram<u64>,
+        write: &Histogram<u64>,
+        elapsed: Duration,
+        cpu: Duration,
+        busy_share: f64,
+        errors: u64,
+        bytes_per_io: u64,
+    ) -> Results {
+        let ops = |h: &Histogram<u64>| {
+            (!h.is_empty()).then(|| OpResults::from_histogram(h, elapsed, bytes_per_io))
+        };
+        let all = OpResults::from_histogram(all, elapsed, bytes_per_io);
+        let mut r = Results::new(&all, elapsed, cpu, busy_share, errors);
+        r.read = ops(read);
+        r.write = ops(write);
+        r
+    }
+
     pub fn new(
         all: &OpResults,
         elapsed: Duration,
@@ -125,6 +148,38 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report of `kind` for a run on `path` that started at `started_at_unix_s`.
+    pub fn new(
+        kind: &'static str,
+        path: &std::path::Path,
+        started_at_unix_s: u64,
+        config: serde_json::Value,
+        results: Results,
+    ) -> Report {
+        Report {
+            schema: SCHEMA,
+            kind,
+            commit: env!("SLUICE_COMMIT"),
+            started_at_unix_s,
+            machine: Machine::probe(Some(path)),
+            config,
+            results,
+        }
+    }
+
+    /// Writes the JSON report if asked, then fails if any operation failed (saying
+    /// `what` failed).
+    pub fn finish(&self, json: Option<&std::path::Path>, what: &str) -> anyhow::Result<()> {
+        if let Some(p) = json {
+            self.write_json(p)?;
+            println!("report written to {}", p.display());
+        }
+        if self.results.errors > 0 {
+            anyhow::bail!("{} {what} during the run", self.results.errors);
+        }
+        Ok(())
+    }
+
     /// Prints the human-readable table.
     pub fn print_table(&self) {
         let r = &self.results;
@@ -187,6 +242,11 @@ impl Report {
 
 fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
+}
+
+/// Seconds since the Unix epoch, for `started_at_unix_s`.
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A latency histogram in nanoseconds from 100 ns to 100 s, 3 significant digits.

@@ -22,9 +22,8 @@ use sluice_nvme::{BlockDevice, UringDevice, UringOptions};
 use sluice_vocab::{ByteSize, Clock, CoreId, MonoTime, SystemClock, parse_duration};
 
 use crate::common::ReactorArgs;
-use crate::machine::Machine;
 use crate::progress::Progress;
-use crate::report::{OpResults, Report, Results, SCHEMA, new_histogram, process_cpu_time};
+use crate::report::{Report, Results, new_histogram, process_cpu_time, unix_now_s};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,9 +98,7 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
         "shards": 1, "cpu": cpu, "poll": format!("{:?}", args.reactor.mode()),
     });
     let shared = Arc::new(Shared::default());
-    let started_at_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let started_at_unix_s = unix_now_s();
     let (path, rw, qd, runtime, mix, shared2) =
         (args.path.clone(), args.rw, args.qd, args.runtime, args.rwmix_read, Arc::clone(&shared));
     let handle = reactor::spawn(
@@ -135,31 +132,20 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
         .expect("lock")
         .take()
         .context("the store benchmark failed; see the messages above")?;
-    let all = OpResults::from_histogram(&c.all, c.elapsed, size as u64);
-    let mut results = Results::new(&all, c.elapsed, c.cpu, stats.busy_share(), c.errors);
-    let ops = |h: &Histogram<u64>| {
-        (!h.is_empty()).then(|| OpResults::from_histogram(h, c.elapsed, size as u64))
-    };
-    results.read = ops(&c.read);
-    results.write = ops(&c.write);
-    let report = Report {
-        schema: SCHEMA,
-        kind: "store",
-        commit: env!("SLUICE_COMMIT"),
-        started_at_unix_s,
-        machine: Machine::probe(Some(&args.path)),
-        config,
-        results,
-    };
+    let results = Results::from_histograms(
+        &c.all,
+        &c.read,
+        &c.write,
+        c.elapsed,
+        c.cpu,
+        stats.busy_share(),
+        c.errors,
+        size as u64,
+    );
+    let report = Report::new("store", &args.path, started_at_unix_s, config, results);
     report.print_table();
     println!("store: {}", c.store_stats);
-    if let Some(p) = &args.json {
-        report.write_json(p)?;
-        println!("report written to {}", p.display());
-    }
-    if report.results.errors > 0 {
-        bail!("{} operations failed during the run", report.results.errors);
-    }
+    report.finish(args.json.as_deref(), "operations failed")?;
     Ok(())
 }
 
@@ -214,6 +200,8 @@ struct Load {
     cpu_start: Duration,
     shared: Arc<Shared>,
     clock: SystemClock,
+    /// Events of the current poll (kept for its capacity).
+    events: Vec<StoreEvent>,
 }
 
 impl Load {
@@ -251,6 +239,7 @@ impl Load {
             cpu_start: Duration::ZERO,
             shared,
             clock: SystemClock,
+            events: Vec::new(),
         }
     }
 
@@ -360,7 +349,7 @@ impl Poller for Load {
         "store-load"
     }
 
-    fn poll(&mut self, _cx: &mut Context<'_>) -> PollResult {
+    fn poll(&mut self, cx: &mut Context<'_>) -> PollResult {
         if self.phase == Phase::Setup {
             let r = sluice_dataplane::store::blocking::run_txn(
                 &mut self.shard,
@@ -382,10 +371,12 @@ impl Poller for Load {
                 self.shared.measuring.store(true, Ordering::Release);
             }
         }
-        let now = self.clock.now();
-        let mut events = Vec::new();
+        // The reactor reads the clock once per pass; the rare phase changes above and
+        // below read it themselves.
+        let now = cx.now;
+        let mut events = std::mem::take(&mut self.events);
         let mut busy = self.shard.poll(&mut |e| events.push(e));
-        for e in events {
+        for e in events.drain(..) {
             let (token, ok, is_read) = match e {
                 StoreEvent::Txn { token, result } => {
                     if let Err(e) = &result {
@@ -416,6 +407,7 @@ impl Poller for Load {
                 _ => {}
             }
         }
+        self.events = events;
         if self.phase == Phase::Prefill && self.prefilled == self.objects {
             self.phase = Phase::Running;
             self.next_obj = if self.rw == StoreRw::Write { self.objects } else { 0 };

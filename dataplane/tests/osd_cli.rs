@@ -105,3 +105,25 @@ fn run_on_a_blank_device_refuses_and_writes_nothing() {
     assert!(err.contains("no Sluice store") && err.contains("sluice-osd mkfs"), "{err}");
     assert!(std::fs::read(&dev).unwrap().iter().all(|&b| b == 0));
 }
+
+#[test]
+fn argument_mistakes_are_explained() {
+    let (_dir, dev) = scratch();
+    let out = osd().args(["mkfs", "--dev"]).arg(&dev).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--size is needed to create the device file"), "{err}");
+    assert!(!dev.exists(), "nothing was created");
+    assert!(
+        osd()
+            .args(["mkfs", "--size", "32M", "--shards", "2", "--dev"])
+            .arg(&dev)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = osd().args(["run", "--cpus", "0", "--dev"]).arg(&dev).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the store has 2 shard(s): give one CPU per shard"), "{err}");
+}

@@ -27,8 +27,8 @@ fn cfg() -> StoreConfig {
     }
 }
 
-/// A store with a few objects, closed. Returns the device.
-fn populated() -> FaultyDevice<RamDevice> {
+/// A new store with collection `C`, open.
+fn fresh_with_collection() -> Shard<FaultyDevice<RamDevice>> {
     let mut dev = FaultyDevice::new(RamDevice::new(16 << 20, 32), Arc::new(SystemClock));
     mkfs(
         &mut dev,
@@ -37,6 +37,12 @@ fn populated() -> FaultyDevice<RamDevice> {
     .unwrap();
     let mut s = Shard::open(dev, 0, cfg()).unwrap();
     run_txn(&mut s, Transaction { ops: vec![TxOp::CreateCollection { coll: C }] }).unwrap();
+    s
+}
+
+/// A store with a few objects, closed. Returns the device.
+fn populated() -> FaultyDevice<RamDevice> {
+    let mut s = fresh_with_collection();
     for i in 0..20u8 {
         run_txn(
             &mut s,
@@ -229,14 +235,7 @@ fn a_corrupt_checkpoint_refuses_to_start_and_is_not_dropped() {
 
 #[test]
 fn a_corrupt_record_in_the_middle_of_the_journal_refuses_to_start() {
-    let mut dev = FaultyDevice::new(RamDevice::new(16 << 20, 32), Arc::new(SystemClock));
-    mkfs(
-        &mut dev,
-        &MkfsOptions { shards: 1, segment_bytes: Some(256 << 10), ..Default::default() },
-    )
-    .unwrap();
-    let mut s = Shard::open(dev, 0, cfg()).unwrap();
-    run_txn(&mut s, Transaction { ops: vec![TxOp::CreateCollection { coll: C }] }).unwrap();
+    let mut s = fresh_with_collection();
     run_txn(
         &mut s,
         Transaction {

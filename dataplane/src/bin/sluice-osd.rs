@@ -9,17 +9,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use sluice_dataplane::park::ParkState;
-use sluice_dataplane::reactor::{self, PollMode, ReactorConfig};
+use sluice_dataplane::reactor::{self, PollArgs, PollMode, ReactorConfig};
 use sluice_dataplane::store::{self, MkfsError, MkfsOptions, MountOptions, Shard, StoreConfig};
 use sluice_dataplane::{Context, PollResult, Poller};
 use sluice_nvme::uring::open_file;
 use sluice_nvme::{UringDevice, UringOptions};
-use sluice_vocab::{ByteSize, CoreId, parse_duration};
+use sluice_vocab::{ByteSize, CoreId};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,22 +71,12 @@ enum Cmd {
         /// CPUs to pin the reactors to, one per shard (e.g. 0,1); default: not pinned.
         #[arg(long, value_delimiter = ',')]
         cpus: Vec<usize>,
-        /// What an idle reactor does.
-        #[arg(long, value_enum, default_value = "park")]
-        poll: PollArg,
-        /// How long an idle reactor polls before sleeping (with --poll park).
-        #[arg(long, default_value = "200us", value_parser = parse_duration)]
-        spin: Duration,
+        #[command(flatten)]
+        poll: PollArgs,
         /// Mount retries after the first attempt when the device fails to read.
         #[arg(long, default_value_t = 5)]
         mount_retries: u32,
     },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum PollArg {
-    Park,
-    Dedicated,
 }
 
 fn main() {
@@ -116,8 +105,8 @@ fn main() {
                 2
             }
         },
-        Cmd::Run { dev, cpus, poll, spin, mount_retries } => {
-            report(run(&dev, &cpus, poll, spin, mount_retries))
+        Cmd::Run { dev, cpus, poll, mount_retries } => {
+            report(run(&dev, &cpus, poll.mode(), mount_retries))
         }
     };
     std::process::exit(code);
@@ -240,13 +229,7 @@ impl Poller for ShardPoller {
     }
 }
 
-fn run(
-    path: &Path,
-    cpus: &[usize],
-    poll: PollArg,
-    spin: Duration,
-    mount_retries: u32,
-) -> anyhow::Result<()> {
+fn run(path: &Path, cpus: &[usize], mode: PollMode, mount_retries: u32) -> anyhow::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     // SIGINT and SIGTERM are taken by the main thread only: block them before any
     // thread starts so the reactors inherit the mask.
@@ -270,10 +253,6 @@ fn run(
     if !cpus.is_empty() && cpus.len() != shards {
         bail!("the store has {shards} shard(s): give one CPU per shard (--cpus), or none");
     }
-    let mode = match poll {
-        PollArg::Park => PollMode::Park { spin },
-        PollArg::Dedicated => PollMode::Dedicated,
-    };
     let (tx, rx) = mpsc::channel::<(u16, Result<String, String>)>();
     let mut handles = Vec::new();
     for shard in 0..shards as u16 {

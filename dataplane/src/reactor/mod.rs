@@ -9,10 +9,12 @@
 //! Pollers are not `Send`: they are built on the reactor's thread and reach other cores
 //! only through mailboxes.
 
+mod args;
 mod stats;
 mod thread;
 mod timer;
 
+pub use args::{PollArgs, PollKind};
 pub use stats::{ReactorStats, SharedStats};
 pub use thread::{PollMode, ReactorConfig, ReactorHandle, spawn};
 pub use timer::TimerId;

@@ -127,19 +127,12 @@ impl CheckpointData {
     }
 }
 
-/// The whole entry stream of `index` at once (mount, mkfs).
+/// The whole entry stream of `index` at once (mount, mkfs): a walk nothing interrupts.
 pub(super) fn encode_stream(index: &Index) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut objects = 0u64;
-    for (c, coll) in &index.colls {
-        put(&mut out, &EntryRef::Coll { coll: *c, pglog: &coll.pglog });
-        for (name, onode) in coll.objects.iter() {
-            put(&mut out, &EntryRef::Object { coll: *c, name, onode });
-            objects += 1;
-        }
-    }
-    put(&mut out, &EntryRef::End { colls: index.colls.len() as u64, objects });
-    out
+    let mut walk = Walk::new(index);
+    walk.step(index, usize::MAX);
+    debug_assert!(walk.done());
+    walk.out
 }
 
 /// An incremental walk of the index as of S; see the module documentation.

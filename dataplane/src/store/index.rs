@@ -189,7 +189,7 @@ impl<'de> Deserialize<'de> for BlockMap {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Coll {
     pub objects: ObjectMap,
     pub pglog: BTreeMap<u64, Vec<u8>>,
@@ -197,9 +197,8 @@ pub struct Coll {
 
 /// The objects of one collection: a hash map for point lookups (one or two cache misses
 /// instead of a string comparison per B-tree level, which dominated the read path at
-/// 100k objects) plus the sorted names for listing with a cursor. Encoded as a map in
-/// hash order (walking the names instead costs a random lookup per object, which made
-/// checkpoints of 500k objects stall the shard twice as long); decoding sorts.
+/// 100k objects) plus the sorted names for listing with a cursor and for the checkpoint
+/// walk. (Checkpoints encode objects one by one, see `checkpoint.rs`.)
 #[derive(Debug, Clone, Default)]
 pub struct ObjectMap {
     /// Names are shared between the two maps (one allocation per object).
@@ -282,27 +281,7 @@ impl PartialEq for ObjectMap {
 
 impl Eq for ObjectMap {}
 
-impl Serialize for ObjectMap {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.by_name.iter().map(|(k, v)| (&**k, v)))
-    }
-}
-
-impl<'de> Deserialize<'de> for ObjectMap {
-    fn deserialize<De: serde::Deserializer<'de>>(d: De) -> Result<Self, De::Error> {
-        let sorted = BTreeMap::<String, Onode>::deserialize(d)?;
-        let mut m = ObjectMap::default();
-        m.by_name.reserve(sorted.len());
-        for (k, v) in sorted {
-            let key: Arc<str> = Arc::from(k);
-            m.names.insert(Arc::clone(&key));
-            m.by_name.insert(key, v);
-        }
-        Ok(m)
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Index {
     pub colls: BTreeMap<CollId, Coll>,
 }

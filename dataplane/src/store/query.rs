@@ -41,8 +41,7 @@ impl<D: BlockDevice> Shard<D> {
             return true;
         }
         match name {
-            Some(_) if self.pending.objects.is_empty() => false,
-            Some(n) => self.pending.objects.contains_key(&(coll, n.to_string())),
+            Some(n) => self.pending.objects.get(&coll).is_some_and(|m| m.contains_key(n)),
             None => self.pending.colls.contains_key(&coll),
         }
     }

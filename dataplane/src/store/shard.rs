@@ -109,7 +109,9 @@ pub(super) const K_MASK: u64 = 0xff << 56;
 /// wait, so reads only ever see committed state.
 #[derive(Debug, Default)]
 pub(super) struct Pending {
-    pub objects: HashMap<(CollId, String), u32>,
+    /// Staged transactions per object, by collection (looked up by `&str`, no key to
+    /// build per query).
+    pub objects: HashMap<CollId, HashMap<String, u32>>,
     pub colls: HashMap<CollId, u32>,
     /// Staged transactions creating or removing collections.
     pub coll_set: u32,
@@ -216,6 +218,8 @@ pub struct Shard<D: BlockDevice> {
     new_work: bool,
     /// The data area of the last batch, kept for the next one.
     batch_scratch: Vec<u8>,
+    /// Completions of the current poll (kept for its capacity).
+    done_scratch: Vec<Completion>,
     /// Size of the last checkpoint's encoding: the next one reserves room for it.
     last_cp_bytes: u64,
     /// Device completions handled (a cheap "space may have changed" generation).
@@ -314,6 +318,7 @@ impl<D: BlockDevice> Shard<D> {
             space_wait: false,
             new_work: false,
             batch_scratch: Vec::new(),
+            done_scratch: Vec::new(),
             last_cp_bytes: last_cp_blocks * BS as u64,
             completions: 0,
             stats: StoreStats::default(),
@@ -402,12 +407,14 @@ impl<D: BlockDevice> Shard<D> {
     /// anything happened.
     pub fn poll(&mut self, sink: &mut dyn FnMut(StoreEvent)) -> bool {
         let mut busy = std::mem::take(&mut self.new_work);
-        let mut done = Vec::new();
+        // Reused from poll to poll: no allocation per pass.
+        let mut done = std::mem::take(&mut self.done_scratch);
         self.dev.poll(self.cfg.max_completions_per_poll.max(1), &mut |c| done.push(c));
         busy |= !done.is_empty();
-        for c in done {
+        for c in done.drain(..) {
             self.on_completion(c);
         }
+        self.done_scratch = done;
         if self.failed.is_none() {
             busy |= self.stage();
             busy |= self.form_batch();
@@ -800,11 +807,16 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     pub(super) fn pending_done(&mut self, t: &Staged) {
-        for key in &t.objects {
-            if let Some(n) = self.pending.objects.get_mut(key) {
-                *n -= 1;
-                if *n == 0 {
-                    self.pending.objects.remove(key);
+        for (c, name) in &t.objects {
+            if let Some(m) = self.pending.objects.get_mut(c) {
+                if let Some(n) = m.get_mut(name.as_str()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(name.as_str());
+                    }
+                }
+                if m.is_empty() {
+                    self.pending.objects.remove(c);
                 }
             }
         }

@@ -258,10 +258,7 @@ impl<D: BlockDevice> Shard<D> {
             let Queued::User { token, txn } = head else { unreachable!() };
             let token = *token;
             if let Err(e) = self.validate(txn) {
-                self.queue.pop_front();
-                self.rmw.clear();
-                self.stats.txns_failed += 1;
-                self.events.push_back(StoreEvent::Txn { token, result: Err(e) });
+                self.fail_head(token, e);
                 busy = true;
                 continue;
             }
@@ -272,10 +269,7 @@ impl<D: BlockDevice> Shard<D> {
                 .filter(|(addr, _)| !self.rmw.fetched.contains_key(addr))
                 .collect();
             if let Some(e) = self.rmw.error.take() {
-                self.queue.pop_front();
-                self.rmw.clear();
-                self.stats.txns_failed += 1;
-                self.events.push_back(StoreEvent::Txn { token, result: Err(e) });
+                self.fail_head(token, e);
                 busy = true;
                 continue;
             }
@@ -301,12 +295,9 @@ impl<D: BlockDevice> Shard<D> {
                     self.space_wait = true;
                     break;
                 }
-                self.queue.pop_front();
-                self.rmw.clear();
                 self.cleaner.stalled_rounds = 0;
                 self.space_wait = false;
-                self.stats.txns_failed += 1;
-                self.events.push_back(StoreEvent::Txn { token, result: Err(StoreError::NoSpace) });
+                self.fail_head(token, StoreError::NoSpace);
                 busy = true;
                 continue;
             }
@@ -317,6 +308,14 @@ impl<D: BlockDevice> Shard<D> {
             busy = true;
         }
         busy
+    }
+
+    /// Drops the head of the queue, which failed before anything changed, and reports it.
+    fn fail_head(&mut self, token: u64, e: StoreError) {
+        self.queue.pop_front();
+        self.rmw.clear();
+        self.stats.txns_failed += 1;
+        self.events.push_back(StoreEvent::Txn { token, result: Err(e) });
     }
 
     fn validate(&self, txn: &Transaction) -> Result<(), StoreError> {
@@ -747,8 +746,14 @@ impl<D: BlockDevice> Shard<D> {
         objects.dedup();
         colls.sort();
         colls.dedup();
-        for o in &objects {
-            *self.pending.objects.entry(o.clone()).or_default() += 1;
+        for (c, name) in &objects {
+            let m = self.pending.objects.entry(*c).or_default();
+            match m.get_mut(name.as_str()) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(name.clone(), 1);
+                }
+            }
         }
         for c in &colls {
             *self.pending.colls.entry(*c).or_default() += 1;
