@@ -8,8 +8,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod client;
 pub mod conf;
 pub mod maps;
+pub mod mon;
 pub mod monclient;
+pub mod osd_agent;
+pub mod raft;
 pub mod state;
 pub mod store;

@@ -6,7 +6,7 @@
 //! Policy lives here (what a command may do given the flags); structure checks live in
 //! [`OsdMap::apply`]. A command that changes the map produces exactly one incremental.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,9 +37,15 @@ pub enum Command {
         ids: Vec<OsdId>,
         by_operator: bool,
     },
+    /// An operator marks OSDs in or out.
     SetIn {
         ids: Vec<OsdId>,
         is_in: bool,
+    },
+    /// The failure detector marks down OSDs out after the down-out interval (unless
+    /// `noout`); such an OSD is marked in again when it boots.
+    AutoOut {
+        ids: Vec<OsdId>,
     },
     SetLocation {
         id: OsdId,
@@ -127,6 +133,8 @@ pub struct ClusterState {
     /// The last [`HISTORY`] incrementals, oldest first.
     pub history: VecDeque<Incremental>,
     pub config: BTreeMap<String, String>,
+    /// OSDs the failure detector marked out (not an operator): marked in at boot.
+    pub auto_out: BTreeSet<OsdId>,
 }
 
 /// What a subscriber at `have` must receive.
@@ -144,6 +152,7 @@ impl ClusterState {
             osdmap: OsdMap::new(fsid),
             history: VecDeque::new(),
             config: BTreeMap::new(),
+            auto_out: BTreeSet::new(),
         }
     }
 
@@ -217,7 +226,13 @@ impl ClusterState {
                     changes.push(Change::MarkDown { id: *id });
                 }
                 changes.push(Change::Boot { id: *id, addrs: addrs.clone() });
-                Ok(Response::Done { epoch: self.commit(changes)? })
+                let auto_in = self.auto_out.contains(id) && !o.is_in;
+                if auto_in {
+                    changes.push(Change::SetIn { id: *id, is_in: true });
+                }
+                let epoch = self.commit(changes)?;
+                self.auto_out.remove(id);
+                Ok(Response::Done { epoch })
             }
             Command::MarkDown { ids, by_operator } => {
                 if m.flags.nodown && !by_operator {
@@ -238,7 +253,34 @@ impl ClusterState {
                         changes.push(Change::SetIn { id: *id, is_in: *is_in });
                     }
                 }
-                Ok(Response::Done { epoch: self.commit(changes)? })
+                let epoch = self.commit(changes)?;
+                for id in ids {
+                    self.auto_out.remove(id);
+                }
+                Ok(Response::Done { epoch })
+            }
+            Command::AutoOut { ids } => {
+                // Re-checked against the committed map: only down OSDs that are in, and
+                // never under noout (the flag may have been set since the proposal).
+                let mut changes = Vec::new();
+                if !m.flags.noout {
+                    for id in ids {
+                        let o = self.need_osd(*id)?;
+                        if !o.up && o.is_in {
+                            changes.push(Change::SetIn { id: *id, is_in: false });
+                        }
+                    }
+                }
+                let marked: Vec<OsdId> = changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        Change::SetIn { id, .. } => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                let epoch = self.commit(changes)?;
+                self.auto_out.extend(marked);
+                Ok(Response::Done { epoch })
             }
             Command::SetLocation { id, location } => {
                 self.need_osd(*id)?;
@@ -418,7 +460,7 @@ impl FailureDetector {
             cmds.push(Command::MarkDown { ids: down, by_operator: false });
         }
         if !out.is_empty() {
-            cmds.push(Command::SetIn { ids: out, is_in: false });
+            cmds.push(Command::AutoOut { ids: out });
         }
         cmds
     }
@@ -471,6 +513,28 @@ mod tests {
             Err(CommandError::UuidMismatch { id: OsdId(1) })
         );
         assert_eq!(st.osdmap.epoch, e);
+    }
+
+    #[test]
+    fn auto_out_osds_come_back_in_at_boot_but_operator_outs_stay_out() {
+        let mut st = cluster(3);
+        let down = Command::MarkDown { ids: vec![OsdId(0), OsdId(1)], by_operator: false };
+        st.apply(&down).unwrap();
+        st.apply(&Command::SetFlag { flag: Flag::NoOut, on: true }).unwrap();
+        st.apply(&Command::AutoOut { ids: vec![OsdId(0)] }).unwrap();
+        assert!(st.osdmap.osd(OsdId(0)).unwrap().is_in, "noout is re-checked at apply");
+        st.apply(&Command::SetFlag { flag: Flag::NoOut, on: false }).unwrap();
+        st.apply(&Command::AutoOut { ids: vec![OsdId(0), OsdId(2)] }).unwrap();
+        assert!(!st.osdmap.osd(OsdId(0)).unwrap().is_in);
+        assert!(st.osdmap.osd(OsdId(2)).unwrap().is_in, "an up OSD is never auto-out");
+        st.apply(&Command::SetIn { ids: vec![OsdId(1)], is_in: false }).unwrap();
+        for i in 0..2u8 {
+            let id = OsdId(u32::from(i));
+            st.apply(&Command::Boot { id, uuid: [i; 16], addrs: addrs(7000) }).unwrap();
+        }
+        assert!(st.osdmap.osd(OsdId(0)).unwrap().is_in, "auto-out OSD is in again after boot");
+        assert!(!st.osdmap.osd(OsdId(1)).unwrap().is_in, "operator's out is kept");
+        assert!(st.auto_out.is_empty());
     }
 
     #[test]
@@ -583,7 +647,7 @@ mod tests {
             fd.beacon(OsdId(i), 700 * S);
         }
         let cmds = fd.tick(&st.osdmap, 700 * S);
-        assert_eq!(cmds, vec![Command::SetIn { ids: vec![OsdId(0)], is_in: false }]);
+        assert_eq!(cmds, vec![Command::AutoOut { ids: vec![OsdId(0)] }]);
     }
 
     #[test]

@@ -29,6 +29,11 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const IDENTITY: &str = "identity";
 const STATE: &str = "state";
 const VOTE: &str = "vote";
+/// Raft bookkeeping beside the state (all opaque to this module, sealed like the rest).
+pub(crate) const APPLIED: &str = "applied";
+pub(crate) const PURGED: &str = "purged";
+pub(crate) const COMMITTED: &str = "committed";
+pub(crate) const SNAPSHOT: &str = "snapshot";
 
 /// Format version of the values this module seals.
 pub const VERSION: u16 = 1;
@@ -202,6 +207,78 @@ impl MonStore {
         let sealed = envelope::seal(Kind::MonState, VERSION, VERSION, state);
         self.write(|tx| {
             tx.open_table(META)?.insert(STATE, sealed.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Saves `state` and the Raft position it reflects (`applied`, opaque here) in one
+    /// durable transaction, plus `snapshot` when given.
+    pub fn save_applied(
+        &self,
+        state: &ClusterState,
+        applied: &[u8],
+        snapshot: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let sealed = envelope::seal(Kind::MonState, VERSION, VERSION, state);
+        let applied = envelope::seal(Kind::MonLog, VERSION, VERSION, &applied.to_vec());
+        let snapshot =
+            snapshot.map(|b| envelope::seal(Kind::MonLog, VERSION, VERSION, &b.to_vec()));
+        self.write(|tx| {
+            let mut meta = tx.open_table(META)?;
+            meta.insert(STATE, sealed.as_slice())?;
+            meta.insert(APPLIED, applied.as_slice())?;
+            if let Some(s) = &snapshot {
+                meta.insert(SNAPSHOT, s.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Saves an opaque, sealed record under `key` of the meta table, durably.
+    pub fn save_record(&self, key: &'static str, bytes: &[u8]) -> Result<(), StoreError> {
+        let sealed = envelope::seal(Kind::MonLog, VERSION, VERSION, &bytes.to_vec());
+        self.write(|tx| {
+            tx.open_table(META)?.insert(key, sealed.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The record saved under `key`; damage is an error, absence is `None`.
+    pub fn load_record(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get_meta(key, "reading a record")? {
+            None => Ok(None),
+            Some(v) => envelope::open(Kind::MonLog, VERSION, &v)
+                .map(Some)
+                .map_err(|e| self.failed("decoding a record", format!("{key}: {e}"))),
+        }
+    }
+
+    /// The last log entry, if any.
+    pub fn last_log(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let what = "reading the log";
+        let tx = self.db.begin_read().map_err(|e| self.failed(what, e))?;
+        let t = tx.open_table(LOG).map_err(|e| self.failed(what, e))?;
+        let Some((k, v)) = t.last().map_err(|e| self.failed(what, e))? else {
+            return Ok(None);
+        };
+        let e = envelope::open::<Vec<u8>>(Kind::MonLog, VERSION, v.value()).map_err(|e| {
+            self.failed("decoding a log entry", format!("entry {}: {e}", k.value()))
+        })?;
+        Ok(Some((k.value(), e)))
+    }
+
+    /// Removes entries with index <= `upto` and records `purged` (opaque), in one
+    /// transaction.
+    pub fn purge_log_through(&self, upto: u64, purged: &[u8]) -> Result<(), StoreError> {
+        let sealed = envelope::seal(Kind::MonLog, VERSION, VERSION, &purged.to_vec());
+        self.write(|tx| {
+            let mut t = tx.open_table(LOG)?;
+            let keys: Vec<u64> =
+                t.range(0..=upto)?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+            for k in keys {
+                t.remove(k)?;
+            }
+            tx.open_table(META)?.insert(PURGED, sealed.as_slice())?;
             Ok(())
         })
     }

@@ -1,6 +1,5 @@
-//! `sluice-mon`: a Sluice monitor. So far it creates and inspects the monitor's durable
-//! store; the Raft quorum that serves it (`sluice-mon run`) is the next step of the
-//! control-plane work (see docs/ARCHITECTURE.md).
+//! `sluice-mon`: a Sluice monitor: `mkfs` creates its store, `run` serves it as one
+//! member of the Raft quorum, `show` prints what the store holds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +37,21 @@ enum Cmd {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Run the monitor: join the quorum and serve the management API (HTTP+JSON) and
+    /// the Raft messages on this monitor's address. Stops cleanly on SIGTERM or Ctrl-C.
+    /// A store that cannot be read is retried, then reported (exit 1); the monitor never
+    /// starts empty in its place.
+    Run {
+        #[arg(long)]
+        data: PathBuf,
+        /// Listen here instead of this monitor's address in the initial members (e.g.
+        /// 0.0.0.0:PORT); peers still reach it at the listed address.
+        #[arg(long)]
+        bind: Option<String>,
+        /// Open retries after the first attempt when the store cannot be read.
+        #[arg(long, default_value_t = 5)]
+        open_retries: u32,
+    },
     /// Print what the store holds (identity, map epoch, OSDs, pools, config) without
     /// changing it. Exit 0, or 1 when the store cannot be read (the reason is printed).
     Show {
@@ -47,6 +61,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -102,6 +123,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 store.path().display()
             );
             Ok(())
+        }
+        Cmd::Run { data, bind, open_retries } => {
+            let store =
+                MonStore::open(&data, OpenOptions { retries: open_retries, ..Default::default() })?;
+            let id = store.identity().clone();
+            let Some((_, addr)) = id.initial_members.iter().find(|(n, _)| *n == id.name) else {
+                anyhow::bail!("mon.{} is not in its own initial members", id.name);
+            };
+            let bind = bind.unwrap_or_else(|| addr.clone());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&bind)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("listening on {bind}: {e}"))?;
+                let mon = sluice_control::mon::Monitor::start(std::sync::Arc::new(store)).await?;
+                tracing::info!(
+                    "mon.{} of cluster {} starting ({} members)",
+                    id.name,
+                    format_fsid(&id.fsid),
+                    id.initial_members.len()
+                );
+                sluice_control::mon::serve(mon, listener, async {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("signal handler");
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    tracing::info!("stopping");
+                })
+                .await
+            })
         }
         Cmd::Show { data } => {
             let store = MonStore::open(&data, OpenOptions::default())?;

@@ -30,6 +30,14 @@ pub enum Kind {
     MonIdentity = 5,
     /// One Raft log entry or vote record of the monitor store.
     MonLog = 6,
+    /// A Raft message between monitors (request or reply).
+    RaftRpc = 7,
+    /// A monitor's state-machine snapshot (state, last applied entry, membership).
+    MonSnapshot = 8,
+    /// Map updates for a subscriber: incrementals or a full map, plus central config.
+    MapUpdate = 9,
+    /// An OSD-to-OSD heartbeat ping or reply.
+    Heartbeat = 10,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

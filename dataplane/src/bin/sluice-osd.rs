@@ -76,7 +76,30 @@ enum Cmd {
         /// Mount retries after the first attempt when the device fails to read.
         #[arg(long, default_value_t = 5)]
         mount_retries: u32,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
+}
+
+/// How the OSD joins its cluster. Without a configuration it runs standalone (store only).
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// Cluster configuration (sluice.conf: fsid, monitors). Also $SLUICE_CONF. Without
+    /// one, the OSD serves its store but joins no cluster.
+    #[arg(long = "conf", short = 'c')]
+    conf: Option<PathBuf>,
+    /// Rack in the placement hierarchy (used when the OSD first registers).
+    #[arg(long, default_value = "default-rack")]
+    rack: String,
+    /// Host in the placement hierarchy (default: this machine's hostname).
+    #[arg(long)]
+    host: Option<String>,
+    /// Placement weight (1.0 = a reference device).
+    #[arg(long, default_value_t = 1.0)]
+    weight: f64,
+    /// Address the monitors and peer OSDs reach this OSD on.
+    #[arg(long, default_value = "127.0.0.1")]
+    public_ip: std::net::IpAddr,
 }
 
 fn main() {
@@ -105,8 +128,8 @@ fn main() {
                 2
             }
         },
-        Cmd::Run { dev, cpus, poll, mount_retries } => {
-            report(run(&dev, &cpus, poll.mode(), mount_retries))
+        Cmd::Run { dev, cpus, poll, mount_retries, cluster } => {
+            report(run(&dev, &cpus, poll.mode(), mount_retries, &cluster))
         }
     };
     std::process::exit(code);
@@ -229,7 +252,13 @@ impl Poller for ShardPoller {
     }
 }
 
-fn run(path: &Path, cpus: &[usize], mode: PollMode, mount_retries: u32) -> anyhow::Result<()> {
+fn run(
+    path: &Path,
+    cpus: &[usize],
+    mode: PollMode,
+    mount_retries: u32,
+    cluster: &ClusterArgs,
+) -> anyhow::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     // SIGINT and SIGTERM are taken by the main thread only: block them before any
     // thread starts so the reactors inherit the mask.
@@ -250,6 +279,14 @@ fn run(path: &Path, cpus: &[usize], mode: PollMode, mount_retries: u32) -> anyho
     let dsb = store::read_device_superblock(&mut probe).map_err(anyhow::Error::new)?;
     drop(probe);
     let shards = dsb.shards.len();
+    let conf_path = cluster
+        .conf
+        .clone()
+        .or_else(|| std::env::var_os(sluice_control::conf::ENV).map(PathBuf::from));
+    let conf = match &conf_path {
+        Some(p) => Some(sluice_control::conf::Conf::load(p)?),
+        None => None,
+    };
     if !cpus.is_empty() && cpus.len() != shards {
         bail!("the store has {shards} shard(s): give one CPU per shard (--cpus), or none");
     }
@@ -316,10 +353,71 @@ fn run(path: &Path, cpus: &[usize], mode: PollMode, mount_retries: u32) -> anyho
         "store on {} open on {shards} reactor(s); the network path arrives with the serving work, so this daemon serves no clients yet; stop with Ctrl-C",
         path.display()
     );
+    let agent = match conf {
+        Some(conf) => Some(start_agent(conf, dsb.fsid, shards, cluster)?),
+        None => {
+            tracing::info!("no cluster configuration (--conf, $SLUICE_CONF): running standalone");
+            None
+        }
+    };
     let sig = sigs.wait()?;
     tracing::info!("{sig:?}: stopping");
+    if let Some((stop, thread)) = agent {
+        let _ = stop.send(true);
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cluster agent: {e:#}"),
+            Err(_) => tracing::warn!("cluster agent panicked"),
+        }
+    }
     for h in handles {
         h.stop()?;
     }
     Ok(())
+}
+
+type Agent = (tokio::sync::watch::Sender<bool>, std::thread::JoinHandle<anyhow::Result<()>>);
+
+/// Starts the cluster agent (boot, map subscription, beacons, heartbeats) on its own
+/// thread with a small tokio runtime: never on a dataplane core.
+fn start_agent(
+    conf: sluice_control::conf::Conf,
+    uuid: [u8; 16],
+    shards: usize,
+    cluster: &ClusterArgs,
+) -> anyhow::Result<Agent> {
+    use sluice_control::maps::{Location, osdmap::ONE};
+    if !(0.0..=1000.0).contains(&cluster.weight) {
+        bail!("--weight {}: use 0..=1000", cluster.weight);
+    }
+    // One dataplane port per core, reserved now (bound, not yet served: the serving
+    // path takes these listeners over); the map tells clients where each core listens.
+    let mut listeners = Vec::new();
+    for _ in 0..shards {
+        listeners.push(std::net::TcpListener::bind((cluster.public_ip, 0))?);
+    }
+    let core_ports = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let host = match &cluster.host {
+        Some(h) => h.clone(),
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let cfg = sluice_control::osd_agent::AgentConfig {
+        conf,
+        uuid,
+        location: Location { rack: cluster.rack.clone(), host },
+        weight: (cluster.weight * f64::from(ONE)).round() as u32,
+        public_ip: cluster.public_ip,
+        core_ports,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let thread = std::thread::Builder::new().name("cluster-agent".into()).spawn(move || {
+        let _listeners = listeners;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (state, _) = tokio::sync::watch::channel(Default::default());
+        rt.block_on(sluice_control::osd_agent::run(cfg, stop_rx, state))
+    })?;
+    Ok((stop_tx, thread))
 }

@@ -1,0 +1,581 @@
+//! `sluice`: the operator's CLI. Talks to the monitors' management API (any monitor;
+//! writes reach the leader) and runs local development clusters (`sluice dev`).
+//!
+//! Exit codes: 0 done; 1 the cluster refused the command (or a local `dev` operation
+//! failed); 2 usage error; 3 no monitor reachable or no quorum; 4 configuration problem
+//! (no or bad sluice.conf, wrong fsid).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_control::api::{self, MapView};
+use sluice_control::client::{ClientError, MonClient};
+use sluice_control::conf::Conf;
+use sluice_control::maps::{Flag, Location, OsdId, osdmap::ONE};
+use sluice_control::monclient::Policy;
+use sluice_control::state::{Command, Response};
+
+mod dev;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Operate a Sluice cluster: status, OSDs, pools, config; and local dev clusters.",
+    after_help = "Exit codes: 0 done; 1 refused by the cluster (or a dev operation failed); \
+                  2 usage; 3 no monitor reachable or no quorum; 4 configuration problem \
+                  (no sluice.conf, wrong fsid).\n\
+                  The configuration is found via -c, then $SLUICE_CONF, then ./sluice.conf."
+)]
+struct Cli {
+    /// Cluster configuration file (sluice.conf).
+    #[arg(short = 'c', long = "conf", global = true)]
+    conf: Option<PathBuf>,
+    /// Monitor addresses HOST:PORT,..., instead of those in the configuration.
+    #[arg(short = 'm', long = "mon", global = true, value_delimiter = ',')]
+    mon: Vec<String>,
+    /// Output format of read commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    format: Format,
+    /// Give up after this many seconds without an answer from a monitor with quorum.
+    #[arg(long, global = true, default_value_t = 15)]
+    timeout: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cluster summary: health, monitors, OSDs, pools.
+    Status,
+    /// Overall health (HEALTH_OK / HEALTH_WARN / HEALTH_ERR); `detail` lists each check.
+    Health {
+        #[arg(value_parser = ["detail"])]
+        detail: Option<String>,
+    },
+    /// Monitors.
+    Mon {
+        #[command(subcommand)]
+        cmd: MonCmd,
+    },
+    /// OSDs.
+    Osd {
+        #[command(subcommand)]
+        cmd: OsdCmd,
+    },
+    /// Pools.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Central configuration (key/value, replicated by the monitors).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// A local cluster on loopback with file-backed devices, for development and tests.
+    Dev {
+        #[command(subcommand)]
+        cmd: dev::DevCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum MonCmd {
+    /// The monitors, which are reachable, the leader and the Raft term.
+    Stat,
+}
+
+#[derive(Subcommand)]
+enum OsdCmd {
+    /// OSDs in the rack/host hierarchy with status and weights.
+    Tree,
+    /// OSD ids.
+    Ls,
+    /// The whole OSD map.
+    Dump,
+    /// Mark OSDs in (they take data).
+    In { ids: Vec<String> },
+    /// Mark OSDs out (their data moves elsewhere).
+    Out { ids: Vec<String> },
+    /// Mark OSDs down (a running OSD boots again).
+    Down { ids: Vec<String> },
+    /// Move an OSD in the hierarchy.
+    SetLocation {
+        id: String,
+        #[arg(long)]
+        rack: String,
+        #[arg(long)]
+        host: String,
+    },
+    /// How willing an OSD is to be primary, 0.0..=1.0.
+    PrimaryAffinity { id: String, value: f64 },
+    /// Set a cluster flag.
+    Set { flag: FlagArg },
+    /// Clear a cluster flag.
+    Unset { flag: FlagArg },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlagArg {
+    /// Down OSDs are not marked out.
+    Noout,
+    /// Booting OSDs stay down.
+    Noup,
+    /// The failure detector marks no OSD down.
+    Nodown,
+    /// Client I/O is paused.
+    Pause,
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    Ls,
+    Create(PoolCreate),
+    /// Delete a pool and all its objects.
+    Rm {
+        name: String,
+        /// Required: deleting a pool cannot be undone.
+        #[arg(long)]
+        yes_i_really_mean_it: bool,
+    },
+    /// Change size, min_size or pg_num.
+    Set {
+        name: String,
+        #[arg(value_parser = ["size", "min_size", "pg_num"])]
+        key: String,
+        value: u32,
+    },
+    /// Show a pool's settings (all, or one).
+    Get {
+        name: String,
+        key: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct PoolCreate {
+    name: String,
+    /// Copies of each object.
+    #[arg(long, default_value_t = 3)]
+    size: u8,
+    /// Copies that must be written before a write is acknowledged (default: size - size/2).
+    #[arg(long)]
+    min_size: Option<u8>,
+    /// Placement groups.
+    #[arg(long, default_value_t = 32)]
+    pg_num: u32,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    Set { key: String, value: String },
+    Get { key: String },
+    Rm { key: String },
+    Dump,
+}
+
+/// A failure with its exit code.
+struct Fail(u8, String);
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Fail {
+        let code = match &e {
+            ClientError::Rejected(_) | ClientError::Other(_) => 1,
+            ClientError::Unreachable { .. } | ClientError::NoQuorum(_) => 3,
+            ClientError::WrongFsid(_) => 4,
+        };
+        let msg = match e {
+            ClientError::NoQuorum(m) => format!("no quorum: {m}"),
+            e => e.to_string(),
+        };
+        Fail(code, msg)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("sluice: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn client(cli: &Cli) -> Result<MonClient, Fail> {
+    let mut c = if cli.mon.is_empty() {
+        let conf = Conf::find(cli.conf.as_deref()).map_err(|e| Fail(4, e.to_string()))?;
+        MonClient::from_conf(&conf, std::process::id().into())
+    } else {
+        // Explicit monitors: the fsid is still checked when a configuration is given.
+        let fsid = match &cli.conf {
+            Some(p) => Some(Conf::load(p).map_err(|e| Fail(4, e.to_string()))?.fsid),
+            None => None,
+        };
+        MonClient::new(cli.mon.clone(), Policy::Static, Duration::from_secs(5), 0, fsid)
+    };
+    c.deadline = Duration::from_secs(cli.timeout.max(1));
+    c.attempt_timeout = Duration::from_secs(cli.timeout.clamp(1, 8));
+    Ok(c)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+}
+
+fn osd_id(s: &str) -> Result<OsdId, Fail> {
+    s.strip_prefix("osd.")
+        .unwrap_or(s)
+        .parse::<u32>()
+        .map(OsdId)
+        .map_err(|_| Fail(2, format!("{s:?} is not an OSD id (N or osd.N)")))
+}
+
+fn osd_ids(v: &[String]) -> Result<Vec<OsdId>, Fail> {
+    if v.is_empty() {
+        return Err(Fail(2, "name at least one OSD".into()));
+    }
+    v.iter().map(|s| osd_id(s)).collect()
+}
+
+async fn command(c: &MonClient, cmd: Command) -> Result<Response, Fail> {
+    Ok(c.post::<_, Response>("/v1/command", &cmd).await?)
+}
+
+fn done(r: &Response, what: &str) {
+    match r {
+        Response::Done { epoch } => println!("{what} (osdmap epoch {epoch})"),
+        Response::Registered { id, epoch } => println!("{what}: {id} (osdmap epoch {epoch})"),
+        Response::BootDeferred { epoch } => println!("{what}: deferred (epoch {epoch})"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    let json = cli.format == Format::Json;
+    match &cli.cmd {
+        Cmd::Dev { cmd } => return dev::run(cmd, cli.format == Format::Json).await,
+        Cmd::Status => {
+            let s: api::Status = client(&cli)?.get("/v1/status").await?;
+            if json {
+                print_json(&s);
+            } else {
+                println!("cluster {}", s.fsid);
+                println!("  health: {}", s.health.status.as_str());
+                for c in &s.health.checks {
+                    println!("    {}: {}", c.name, c.summary);
+                }
+                let reach = s.mon.members.iter().filter(|m| m.reachable).count();
+                let names: Vec<&str> = s.mon.members.iter().map(|m| m.name.as_str()).collect();
+                println!(
+                    "  mon: {} monitors ({}), {reach} reachable from mon.{}, leader {}, term {}",
+                    s.mon.members.len(),
+                    names.join(","),
+                    s.mon.name,
+                    s.mon.leader.as_deref().unwrap_or("NONE"),
+                    s.mon.term
+                );
+                println!(
+                    "  osd: {} osds: {} up, {} in; epoch {}{}",
+                    s.osdmap.osds,
+                    s.osdmap.up,
+                    s.osdmap.is_in,
+                    s.osdmap.epoch,
+                    if s.osdmap.flags.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; flags {}", s.osdmap.flags.join(","))
+                    }
+                );
+                println!("  pools: {}", s.pools);
+            }
+        }
+        Cmd::Health { detail } => {
+            let h: api::Health = client(&cli)?.get("/health").await?;
+            if json {
+                print_json(&h);
+            } else {
+                println!("{}", h.status.as_str());
+                for c in &h.checks {
+                    println!("[{}] {}: {}", c.severity.as_str(), c.name, c.summary);
+                    if detail.is_some() {
+                        for d in &c.detail {
+                            println!("    {d}");
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Mon { cmd: MonCmd::Stat } => {
+            let m: api::MonStatus = client(&cli)?.get("/v1/mon").await?;
+            if json {
+                print_json(&m);
+            } else {
+                println!(
+                    "{} monitors, leader {}, term {}, last applied {} (answered by mon.{})",
+                    m.members.len(),
+                    m.leader.as_deref().unwrap_or("NONE (no quorum)"),
+                    m.term,
+                    m.last_applied,
+                    m.name
+                );
+                for mm in &m.members {
+                    println!(
+                        "  mon.{} {} {}",
+                        mm.name,
+                        mm.addr,
+                        if mm.reachable { "reachable" } else { "UNREACHABLE" }
+                    );
+                }
+            }
+        }
+        Cmd::Osd { cmd } => osd(&cli, cmd, json).await?,
+        Cmd::Pool { cmd } => pool(&cli, cmd, json).await?,
+        Cmd::Config { cmd } => {
+            let c = client(&cli)?;
+            match cmd {
+                ConfigCmd::Set { key, value } => {
+                    let r =
+                        command(&c, Command::ConfigSet { key: key.clone(), value: value.clone() })
+                            .await?;
+                    done(&r, &format!("set {key}"));
+                }
+                ConfigCmd::Rm { key } => {
+                    let r = command(&c, Command::ConfigRm { key: key.clone() }).await?;
+                    done(&r, &format!("removed {key}"));
+                }
+                ConfigCmd::Get { key } => {
+                    let all: std::collections::BTreeMap<String, String> =
+                        c.get("/v1/config").await?;
+                    let Some(v) = all.get(key) else {
+                        return Err(Fail(1, format!("config key {key:?} is not set")));
+                    };
+                    if json {
+                        print_json(&serde_json::json!({ key: v }));
+                    } else {
+                        println!("{v}");
+                    }
+                }
+                ConfigCmd::Dump => {
+                    let all: std::collections::BTreeMap<String, String> =
+                        c.get("/v1/config").await?;
+                    if json {
+                        print_json(&all);
+                    } else {
+                        for (k, v) in all {
+                            println!("{k} = {v}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tree(m: &MapView) {
+    println!(
+        "{:<6} {:<6} {:<16} {:<8} {:>7} {:>9}",
+        "ID", "TYPE", "NAME", "STATUS", "WEIGHT", "AFFINITY"
+    );
+    let mut racks: std::collections::BTreeMap<
+        &str,
+        std::collections::BTreeMap<&str, Vec<&api::OsdView>>,
+    > = Default::default();
+    for o in &m.osds {
+        racks.entry(&o.rack).or_default().entry(&o.host).or_default().push(o);
+    }
+    for (rack, hosts) in racks {
+        println!("{:<6} {:<6} {:<16}", "-", "rack", rack);
+        for (host, osds) in hosts {
+            println!("{:<6} {:<6}   {:<14}", "-", "host", host);
+            for o in osds {
+                println!(
+                    "{:<6} {:<6}     {:<12} {:<8} {:>7.3} {:>9.3}",
+                    o.id,
+                    "osd",
+                    format!("osd.{}", o.id),
+                    format!(
+                        "{}/{}",
+                        if o.up { "up" } else { "down" },
+                        if o.is_in { "in" } else { "out" }
+                    ),
+                    o.weight,
+                    o.primary_affinity
+                );
+            }
+        }
+    }
+}
+
+async fn osd(cli: &Cli, cmd: &OsdCmd, json: bool) -> Result<(), Fail> {
+    let c = client(cli)?;
+    let map = async || -> Result<MapView, Fail> { Ok(c.get::<MapView>("/v1/osdmap").await?) };
+    match cmd {
+        OsdCmd::Tree => {
+            let m = map().await?;
+            if json {
+                print_json(&m.osds);
+            } else {
+                tree(&m);
+            }
+        }
+        OsdCmd::Ls => {
+            let m = map().await?;
+            if json {
+                print_json(&m.osds.iter().map(|o| o.id).collect::<Vec<_>>());
+            } else {
+                for o in &m.osds {
+                    println!("{}", o.id);
+                }
+            }
+        }
+        OsdCmd::Dump => {
+            let m = map().await?;
+            if json {
+                print_json(&m);
+            } else {
+                println!("epoch {}\nfsid {}\nflags {}", m.epoch, m.fsid, m.flags.join(","));
+                for p in &m.pools {
+                    println!(
+                        "pool {} {:?} size {} min_size {} pg_num {} failure_domain {}",
+                        p.id, p.name, p.size, p.min_size, p.pg_num, p.failure_domain
+                    );
+                }
+                for o in &m.osds {
+                    println!(
+                        "osd.{} {} {} weight {:.3} affinity {:.3} {}/{} {} up_from {} down_at {} uuid {}{}",
+                        o.id,
+                        if o.up { "up" } else { "down" },
+                        if o.is_in { "in" } else { "out" },
+                        o.weight,
+                        o.primary_affinity,
+                        o.rack,
+                        o.host,
+                        o.maintenance,
+                        o.up_from,
+                        o.down_at,
+                        o.uuid,
+                        o.addrs.as_ref().map_or(String::new(), |a| format!(" addr {}", a.public))
+                    );
+                }
+            }
+        }
+        OsdCmd::In { ids } | OsdCmd::Out { ids } => {
+            let is_in = matches!(cmd, OsdCmd::In { .. });
+            let r = command(&c, Command::SetIn { ids: osd_ids(ids)?, is_in }).await?;
+            done(&r, &format!("marked {} {}", ids.join(","), if is_in { "in" } else { "out" }));
+        }
+        OsdCmd::Down { ids } => {
+            let r =
+                command(&c, Command::MarkDown { ids: osd_ids(ids)?, by_operator: true }).await?;
+            done(&r, &format!("marked {} down", ids.join(",")));
+        }
+        OsdCmd::SetLocation { id, rack, host } => {
+            let location = Location { rack: rack.clone(), host: host.clone() };
+            let r = command(&c, Command::SetLocation { id: osd_id(id)?, location }).await?;
+            done(&r, &format!("moved {id} to {rack}/{host}"));
+        }
+        OsdCmd::PrimaryAffinity { id, value } => {
+            if !(0.0..=1.0).contains(value) {
+                return Err(Fail(2, format!("primary affinity {value}: use 0.0..=1.0")));
+            }
+            let affinity = (value * f64::from(ONE)).round() as u32;
+            let r = command(&c, Command::SetPrimaryAffinity { id: osd_id(id)?, affinity }).await?;
+            done(&r, &format!("set {id} primary affinity to {value}"));
+        }
+        OsdCmd::Set { flag } | OsdCmd::Unset { flag } => {
+            let on = matches!(cmd, OsdCmd::Set { .. });
+            let (f, name) = match flag {
+                FlagArg::Noout => (Flag::NoOut, "noout"),
+                FlagArg::Noup => (Flag::NoUp, "noup"),
+                FlagArg::Nodown => (Flag::NoDown, "nodown"),
+                FlagArg::Pause => (Flag::Pause, "pause"),
+            };
+            let r = command(&c, Command::SetFlag { flag: f, on }).await?;
+            done(&r, &format!("{name} is {}", if on { "set" } else { "unset" }));
+        }
+    }
+    Ok(())
+}
+
+async fn pool(cli: &Cli, cmd: &PoolCmd, json: bool) -> Result<(), Fail> {
+    let c = client(cli)?;
+    match cmd {
+        PoolCmd::Ls => {
+            let m: MapView = c.get("/v1/osdmap").await?;
+            if json {
+                print_json(&m.pools);
+            } else {
+                for p in &m.pools {
+                    println!("{}", p.name);
+                }
+            }
+        }
+        PoolCmd::Create(p) => {
+            let min_size = p.min_size.unwrap_or(p.size - p.size / 2);
+            let cmd = Command::CreatePool {
+                name: p.name.clone(),
+                size: p.size,
+                min_size,
+                pg_num: p.pg_num,
+            };
+            let r = command(&c, cmd).await?;
+            done(&r, &format!("pool {:?} created", p.name));
+        }
+        PoolCmd::Rm { name, yes_i_really_mean_it } => {
+            if !yes_i_really_mean_it {
+                return Err(Fail(
+                    2,
+                    format!("deleting pool {name:?} destroys its data: add --yes-i-really-mean-it"),
+                ));
+            }
+            let r = command(&c, Command::RemovePool { name: name.clone() }).await?;
+            done(&r, &format!("pool {name:?} removed"));
+        }
+        PoolCmd::Set { name, key, value } => {
+            let cmd = Command::SetPool { name: name.clone(), key: key.clone(), value: *value };
+            let r = command(&c, cmd).await?;
+            done(&r, &format!("pool {name:?} {key} = {value}"));
+        }
+        PoolCmd::Get { name, key } => {
+            let m: MapView = c.get("/v1/osdmap").await?;
+            let Some(p) = m.pools.iter().find(|p| &p.name == name) else {
+                return Err(Fail(1, format!("pool {name:?} does not exist")));
+            };
+            let all = serde_json::to_value(p).expect("serializes");
+            let v = match key {
+                None => all,
+                Some(k) => match all.get(k) {
+                    Some(v) => serde_json::json!({ k.as_str(): v }),
+                    None => return Err(Fail(2, format!("unknown pool setting {k:?}"))),
+                },
+            };
+            if json {
+                print_json(&v);
+            } else if let serde_json::Value::Object(o) = v {
+                for (k, v) in o {
+                    println!("{k}: {v}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

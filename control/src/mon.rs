@@ -1,0 +1,798 @@
+//! `sluice-mon run`: one monitor. Raft (openraft) replicates [`ClusterState`]; every
+//! monitor serves the management API from its applied state and forwards writes to the
+//! leader; the leader also runs the OSD failure detector.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ServerState, raft::AppendEntriesRequest};
+use serde::Deserialize;
+
+use crate::api::{self, ApiError, ErrorKind, HealthStatus};
+use crate::conf::format_fsid;
+use crate::maps::Maintenance;
+use crate::maps::envelope::{self, Kind};
+use crate::raft::{
+    self, LogStore, MonNode, Network, NodeId, Raft, StateMachine, TypeConfig, WireId,
+};
+use crate::state::{Catchup, Command, CommandError, FailureDetector, Response};
+use crate::store::MonStore;
+
+/// How long a write may wait for a quorum before the caller is told there is none.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer monitor that has not answered for this long counts as down.
+const PEER_DOWN_AFTER: Duration = Duration::from_secs(4);
+
+#[derive(Debug, Default)]
+struct Counters {
+    commands: AtomicU64,
+    command_errors: AtomicU64,
+    forwarded: AtomicU64,
+    rejected_fsid: AtomicU64,
+}
+
+pub struct Monitor {
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub me: NodeId,
+    pub name: String,
+    pub fsid: [u8; 16],
+    pub members: BTreeMap<NodeId, MonNode>,
+    wire: WireId,
+    http: reqwest::Client,
+    started: Instant,
+    /// Last successful probe of each peer monitor.
+    peer_seen: Mutex<BTreeMap<NodeId, Instant>>,
+    /// Present while this monitor is the leader.
+    detector: Mutex<Option<FailureDetector>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").field("name", &self.name).field("me", &self.me).finish()
+    }
+}
+
+/// An API error with its HTTP status.
+#[derive(Debug)]
+pub struct Failure(StatusCode, ApiError);
+
+impl Failure {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+        let status = match kind {
+            ErrorKind::NoQuorum => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::WrongFsid => StatusCode::CONFLICT,
+            ErrorKind::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Failure(status, ApiError { kind, message: message.into() })
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> HttpResponse {
+        (self.0, axum::Json(self.1)).into_response()
+    }
+}
+
+fn now_ns(started: Instant) -> u64 {
+    started.elapsed().as_nanos() as u64
+}
+
+impl Monitor {
+    /// Opens the Raft node over `store`. A founding member whose log is empty proposes
+    /// the founding membership (every founding member proposes the same one; Raft keeps
+    /// one); a monitor outside the founding set never does, so it never forms a quorum
+    /// on its own.
+    pub async fn start(store: Arc<MonStore>) -> anyhow::Result<Arc<Monitor>> {
+        let identity = store.identity().clone();
+        let members = raft::initial_nodes(&identity);
+        let me = *members
+            .iter()
+            .find(|(_, n)| n.name == identity.name)
+            .map(|(id, _)| id)
+            .ok_or_else(|| anyhow::anyhow!("{} is not a founding member", identity.name))?;
+        let wire = WireId { fsid: identity.fsid, tag: raft::cluster_tag(&identity), me };
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(1)).build()?;
+        let sm = StateMachine::open(Arc::clone(&store))?;
+        let net = Network { id: wire.clone(), http: http.clone() };
+        let config = Arc::new(raft::config().validate()?);
+        let raft =
+            openraft::Raft::new(me, config, net, LogStore::new(Arc::clone(&store)), sm.clone())
+                .await?;
+        let fresh = {
+            let m = raft.metrics().borrow().clone();
+            m.last_log_index.is_none() && m.vote.leader_id().term == 0
+        };
+        if fresh {
+            match raft.initialize(members.clone()).await {
+                Ok(()) => tracing::info!("proposed the founding membership"),
+                Err(e) => tracing::info!("not initializing: {e}"),
+            }
+        }
+        Ok(Arc::new(Monitor {
+            raft,
+            sm,
+            me,
+            name: identity.name.clone(),
+            fsid: identity.fsid,
+            members,
+            wire,
+            http,
+            started: Instant::now(),
+            peer_seen: Mutex::new(BTreeMap::new()),
+            detector: Mutex::new(None),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(self.me) && m.state == ServerState::Leader
+    }
+
+    fn member_name(&self, id: NodeId) -> String {
+        self.members.get(&id).map_or_else(|| format!("node {id}"), |n| n.name.clone())
+    }
+
+    fn no_quorum_message(&self) -> String {
+        let reach: Vec<String> = self
+            .mon_status()
+            .members
+            .iter()
+            .filter(|m| m.reachable)
+            .map(|m| m.name.clone())
+            .collect();
+        format!(
+            "mon.{} has no quorum: no leader among {} (reachable from here: {}); a majority of {} must be up",
+            self.name,
+            self.members.values().map(|n| n.name.as_str()).collect::<Vec<_>>().join(","),
+            reach.join(","),
+            self.members.len() / 2 + 1
+        )
+    }
+
+    /// Proposes `cmd`; on a follower, forwards it to the leader.
+    pub async fn submit(&self, cmd: Command, forwarded: bool) -> Result<Response, Failure> {
+        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        if !self.is_leader() {
+            return match self.leader() {
+                Some(l) if !forwarded && l != self.me => {
+                    let body = serde_json::to_vec(&cmd).expect("commands serialize");
+                    let bytes = self.forward(l, "/v1/command", body).await?;
+                    serde_json::from_slice::<Response>(&bytes).map_err(|e| {
+                        Failure::new(ErrorKind::Internal, format!("leader's reply: {e}"))
+                    })
+                }
+                Some(_) if forwarded => Err(Failure::new(
+                    ErrorKind::NoQuorum,
+                    "leadership changed while the command was forwarded; retry",
+                )),
+                _ => Err(Failure::new(ErrorKind::NoQuorum, self.no_quorum_message())),
+            };
+        }
+        let r = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await;
+        match r {
+            Ok(Ok(w)) => w.data.map_err(|e: CommandError| {
+                self.counters.command_errors.fetch_add(1, Ordering::Relaxed);
+                Failure::new(ErrorKind::Rejected, e.to_string())
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(Failure::new(ErrorKind::NoQuorum, "leadership changed during the write; retry"))
+            }
+            Ok(Err(e)) => Err(Failure::new(ErrorKind::NoQuorum, format!("not committed: {e}"))),
+            Err(_) => Err(Failure::new(
+                ErrorKind::NoQuorum,
+                format!(
+                    "not committed within {COMMIT_TIMEOUT:?} (outcome unknown): {}",
+                    self.no_quorum_message()
+                ),
+            )),
+        }
+    }
+
+    /// Sends a JSON request on to the leader and returns its successful reply body.
+    async fn forward(&self, leader: NodeId, path: &str, body: Vec<u8>) -> Result<Bytes, Failure> {
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        let Some(node) = self.members.get(&leader) else {
+            return Err(Failure::new(ErrorKind::NoQuorum, "the leader is not a known member"));
+        };
+        let r = self
+            .http
+            .post(format!("http://{}{path}", node.addr))
+            .header(api::FSID_HEADER, format_fsid(&self.fsid))
+            .header(api::FORWARDED_HEADER, "1")
+            .header(header::CONTENT_TYPE, "application/json")
+            .timeout(COMMIT_TIMEOUT + Duration::from_secs(2))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                Failure::new(ErrorKind::NoQuorum, format!("forwarding to leader {node}: {e}"))
+            })?;
+        let status = r.status();
+        let bytes = r.bytes().await.map_err(|e| {
+            Failure::new(ErrorKind::NoQuorum, format!("forwarding to leader {node}: {e}"))
+        })?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(e) => Err(Failure(status, e)),
+            Err(_) => Err(Failure::new(
+                ErrorKind::Internal,
+                format!("leader {node}: {status}: {}", String::from_utf8_lossy(&bytes)),
+            )),
+        }
+    }
+
+    pub fn mon_status(&self) -> api::MonStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let seen = self.peer_seen.lock().expect("lock");
+        api::MonStatus {
+            name: self.name.clone(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, n)| api::MonMember {
+                    name: n.name.clone(),
+                    addr: n.addr.clone(),
+                    reachable: *id == self.me
+                        || seen.get(id).is_some_and(|t| t.elapsed() < PEER_DOWN_AFTER),
+                })
+                .collect(),
+            leader: m.current_leader.map(|l| self.member_name(l)),
+            term: m.current_term,
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+        }
+    }
+
+    pub fn health(&self) -> api::Health {
+        use api::Check;
+        let mut checks = Vec::new();
+        let mon = self.mon_status();
+        if mon.leader.is_none() {
+            checks.push(Check {
+                name: "MON_NO_QUORUM".into(),
+                severity: HealthStatus::Err,
+                summary: "the monitors have no quorum: no map changes can be made".into(),
+                detail: vec![self.no_quorum_message()],
+            });
+        }
+        let reachable = mon.members.iter().filter(|m| m.reachable).count();
+        if mon.leader.is_some()
+            && reachable <= mon.members.len() / 2
+            && self.started.elapsed() > PEER_DOWN_AFTER
+        {
+            checks.push(Check {
+                name: "MON_NO_QUORUM".into(),
+                severity: HealthStatus::Err,
+                summary: format!(
+                    "only {reachable} of {} monitors reachable: map changes cannot commit",
+                    mon.members.len()
+                ),
+                detail: vec![self.no_quorum_message()],
+            });
+        }
+        let down: Vec<&api::MonMember> = mon.members.iter().filter(|m| !m.reachable).collect();
+        if !down.is_empty() && self.started.elapsed() > PEER_DOWN_AFTER {
+            checks.push(Check {
+                name: "MON_DOWN".into(),
+                severity: HealthStatus::Warn,
+                summary: format!("{}/{} mons down", down.len(), mon.members.len()),
+                detail: down
+                    .iter()
+                    .map(|m| {
+                        format!("mon.{} ({}) does not answer mon.{}", m.name, m.addr, self.name)
+                    })
+                    .collect(),
+            });
+        }
+        let st = self.sm.shared.read().expect("state lock");
+        let map = &st.cluster.osdmap;
+        let down: Vec<String> = map
+            .osds
+            .values()
+            .filter(|o| !o.up && o.is_in)
+            .map(|o| format!("{} ({}/{}) is down", o.id, o.location.rack, o.location.host))
+            .collect();
+        if !down.is_empty() {
+            checks.push(Check {
+                name: "OSD_DOWN".into(),
+                severity: HealthStatus::Warn,
+                summary: format!("{} osds down", down.len()),
+                detail: down,
+            });
+        }
+        let flags = api::flag_names(map);
+        if !flags.is_empty() {
+            checks.push(Check {
+                name: "OSDMAP_FLAGS".into(),
+                severity: HealthStatus::Warn,
+                summary: format!("{} flag(s) set", flags.join(",")),
+                detail: vec![],
+            });
+        }
+        let maint: Vec<String> = map
+            .osds
+            .values()
+            .filter(|o| o.maintenance != Maintenance::None)
+            .map(|o| format!("{} is {:?}", o.id, o.maintenance).to_lowercase())
+            .collect();
+        if !maint.is_empty() {
+            checks.push(Check {
+                name: "OSD_MAINTENANCE".into(),
+                severity: HealthStatus::Warn,
+                summary: format!("{} osds in maintenance", maint.len()),
+                detail: maint,
+            });
+        }
+        let usable = map.osds.values().filter(|o| o.up && o.is_in).count();
+        let short: Vec<String> = map
+            .pools
+            .values()
+            .filter(|p| usize::from(p.size) > usable)
+            .map(|p| {
+                format!("pool {:?} wants {} copies, {usable} osds are up and in", p.name, p.size)
+            })
+            .collect();
+        if !short.is_empty() {
+            let none = usable == 0;
+            checks.push(Check {
+                name: if none { "OSD_ALL_DOWN" } else { "POOL_TOO_FEW_OSDS" }.into(),
+                severity: if none { HealthStatus::Err } else { HealthStatus::Warn },
+                summary: format!("{} pools cannot place all their copies", short.len()),
+                detail: short,
+            });
+        }
+        api::Health::from_checks(checks)
+    }
+
+    pub fn status(&self) -> api::Status {
+        let health = self.health();
+        let mon = self.mon_status();
+        let st = self.sm.shared.read().expect("state lock");
+        let m = &st.cluster.osdmap;
+        api::Status {
+            fsid: format_fsid(&self.fsid),
+            health,
+            mon,
+            osdmap: api::OsdSummary {
+                epoch: m.epoch,
+                osds: m.osds.len(),
+                up: m.osds.values().filter(|o| o.up).count(),
+                is_in: m.osds.values().filter(|o| o.is_in).count(),
+                flags: api::flag_names(m),
+            },
+            pools: m.pools.len(),
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let mut g = |name: &str, help: &str, v: f64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let m = self.raft.metrics().borrow().clone();
+        let health = self.health();
+        let mon = self.mon_status();
+        g(
+            "sluice_mon_is_leader",
+            "1 if this monitor is the Raft leader",
+            f64::from(u8::from(self.is_leader())),
+        );
+        g(
+            "sluice_mon_has_quorum",
+            "1 if this monitor knows a leader",
+            f64::from(u8::from(mon.leader.is_some())),
+        );
+        g("sluice_mon_term", "current Raft term", m.current_term as f64);
+        g("sluice_mon_last_applied_index", "last Raft entry applied here", mon.last_applied as f64);
+        g("sluice_mon_members", "monitors in the monitor map", mon.members.len() as f64);
+        g(
+            "sluice_mon_members_reachable",
+            "monitors answering this one (itself included)",
+            mon.members.iter().filter(|m| m.reachable).count() as f64,
+        );
+        g(
+            "sluice_health_status",
+            "0 HEALTH_OK, 1 HEALTH_WARN, 2 HEALTH_ERR",
+            f64::from(health.status as u8),
+        );
+        {
+            let st = self.sm.shared.read().expect("state lock");
+            let map = &st.cluster.osdmap;
+            g("sluice_osdmap_epoch", "OSD map epoch", map.epoch as f64);
+            g("sluice_osds", "OSDs in the map", map.osds.len() as f64);
+            g("sluice_osds_up", "OSDs up", map.osds.values().filter(|o| o.up).count() as f64);
+            g("sluice_osds_in", "OSDs in", map.osds.values().filter(|o| o.is_in).count() as f64);
+            g("sluice_pools", "pools", map.pools.len() as f64);
+        }
+        let _ = writeln!(
+            s,
+            "# HELP sluice_health_check A raised health check (1)\n# TYPE sluice_health_check gauge"
+        );
+        for c in &health.checks {
+            let _ = writeln!(
+                s,
+                "sluice_health_check{{check=\"{}\",severity=\"{}\"}} 1",
+                c.name,
+                c.severity.as_str()
+            );
+        }
+        let mut c = |name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        };
+        c("sluice_mon_commands_total", "commands submitted here", &self.counters.commands);
+        c(
+            "sluice_mon_command_errors_total",
+            "commands the cluster refused",
+            &self.counters.command_errors,
+        );
+        c(
+            "sluice_mon_forwarded_total",
+            "requests forwarded to the leader",
+            &self.counters.forwarded,
+        );
+        c(
+            "sluice_mon_wrong_fsid_total",
+            "requests refused for carrying another cluster's fsid",
+            &self.counters.rejected_fsid,
+        );
+        s
+    }
+
+    /// Background work: probing peers, and on the leader the failure detector.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1000));
+            loop {
+                tick.tick().await;
+                for (id, n) in me.members.clone() {
+                    if id == me.me {
+                        continue;
+                    }
+                    let ok = me
+                        .http
+                        .get(format!("http://{}/v1/ping", n.addr))
+                        .header(api::FSID_HEADER, format_fsid(&me.fsid))
+                        .timeout(Duration::from_millis(900))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if ok {
+                        me.peer_seen.lock().expect("lock").insert(id, Instant::now());
+                    }
+                }
+            }
+        });
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let cmds = me.detector_tick();
+                for cmd in cmds {
+                    tracing::info!("failure detector: {cmd:?}");
+                    if let Err(e) = me.submit(cmd, true).await {
+                        tracing::warn!("failure detector: {}", e.1.message);
+                    }
+                }
+            }
+        });
+    }
+
+    fn detector_tick(&self) -> Vec<Command> {
+        let mut d = self.detector.lock().expect("lock");
+        if !self.is_leader() {
+            *d = None;
+            return Vec::new();
+        }
+        let now = now_ns(self.started);
+        let st = self.sm.shared.read().expect("state lock");
+        let cfg = &st.cluster.config;
+        let ns = |key: &str, default: f64| (api::config_secs(cfg, key, default) * 1e9) as u64;
+        let det = d.get_or_insert_with(|| {
+            tracing::info!("leader: starting the failure detector");
+            FailureDetector::new(now, 0, 1, 0, 0)
+        });
+        det.grace_ns = ns("osd_heartbeat_grace", 20.0);
+        det.min_reporters = cfg
+            .get("mon_osd_min_down_reporters")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2usize)
+            .max(1);
+        det.beacon_grace_ns = ns("mon_osd_beacon_grace", 30.0);
+        det.down_out_interval_ns = ns("mon_osd_down_out_interval", 600.0);
+        det.tick(&st.cluster.osdmap, now)
+    }
+
+    fn with_detector(&self, f: impl FnOnce(&mut FailureDetector, u64)) {
+        if let Some(d) = self.detector.lock().expect("lock").as_mut() {
+            f(d, now_ns(self.started));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+type St = State<Arc<Monitor>>;
+
+async fn check_fsid(State(m): St, req: Request, next: Next) -> HttpResponse {
+    if let Some(v) = req.headers().get(api::FSID_HEADER) {
+        let ours = format_fsid(&m.fsid);
+        if v.to_str().ok().map(|s| s.trim().to_ascii_lowercase()).as_deref() != Some(ours.as_str())
+        {
+            m.counters.rejected_fsid.fetch_add(1, Ordering::Relaxed);
+            return Failure::new(
+                ErrorKind::WrongFsid,
+                format!(
+                    "mon.{} belongs to cluster {ours}, not {}",
+                    m.name,
+                    v.to_str().unwrap_or("(unreadable)")
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub fn router(m: Arc<Monitor>) -> Router {
+    Router::new()
+        .route("/raft/append", post(raft_append))
+        .route("/raft/vote", post(raft_vote))
+        .route("/raft/snapshot", post(raft_snapshot))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/ping", get(ping))
+        .route("/v1/status", get(status))
+        .route("/v1/mon", get(mon_stat))
+        .route("/v1/osdmap", get(osdmap))
+        .route("/v1/config", get(config))
+        .route("/v1/command", post(command))
+        .route("/v1/subscribe", get(subscribe))
+        .route("/v1/osd/boot", post(osd_boot))
+        .route("/v1/osd/beacon", post(osd_beacon))
+        .route("/v1/osd/failure", post(osd_failure))
+        .layer(middleware::from_fn_with_state(Arc::clone(&m), check_fsid))
+        .with_state(m)
+}
+
+fn binary(bytes: Vec<u8>) -> HttpResponse {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], bytes)
+        .into_response()
+}
+
+fn refuse(m: &Monitor, why: String) -> HttpResponse {
+    m.counters.rejected_fsid.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("refused a Raft message: {why}");
+    (StatusCode::FORBIDDEN, why).into_response()
+}
+
+async fn raft_append(State(m): St, body: Bytes) -> HttpResponse {
+    let req: AppendEntriesRequest<TypeConfig> = match m.wire.open(&body) {
+        Ok((_, r)) => r,
+        Err(e) => return refuse(&m, e),
+    };
+    let r = m.raft.append_entries(req).await;
+    binary(m.wire.seal(r))
+}
+
+async fn raft_vote(State(m): St, body: Bytes) -> HttpResponse {
+    let req = match m.wire.open(&body) {
+        Ok((_, r)) => r,
+        Err(e) => return refuse(&m, e),
+    };
+    let r = m.raft.vote(req).await;
+    binary(m.wire.seal(r))
+}
+
+async fn raft_snapshot(State(m): St, body: Bytes) -> HttpResponse {
+    let req = match m.wire.open(&body) {
+        Ok((_, r)) => r,
+        Err(e) => return refuse(&m, e),
+    };
+    let r = m.raft.install_snapshot(req).await;
+    binary(m.wire.seal(r))
+}
+
+async fn ping(State(m): St) -> axum::Json<api::Ping> {
+    axum::Json(api::Ping { name: m.name.clone(), fsid: format_fsid(&m.fsid) })
+}
+
+async fn health(State(m): St) -> axum::Json<api::Health> {
+    axum::Json(m.health())
+}
+
+async fn metrics(State(m): St) -> HttpResponse {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        m.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn status(State(m): St) -> axum::Json<api::Status> {
+    axum::Json(m.status())
+}
+
+async fn mon_stat(State(m): St) -> axum::Json<api::MonStatus> {
+    axum::Json(m.mon_status())
+}
+
+async fn osdmap(State(m): St) -> axum::Json<api::MapView> {
+    axum::Json(api::MapView::of(&m.sm.shared.read().expect("state lock").cluster.osdmap))
+}
+
+async fn config(State(m): St) -> axum::Json<BTreeMap<String, String>> {
+    axum::Json(m.sm.shared.read().expect("state lock").cluster.config.clone())
+}
+
+fn forwarded(h: &HeaderMap) -> bool {
+    h.contains_key(api::FORWARDED_HEADER)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| Failure::new(ErrorKind::BadRequest, e.to_string()))
+}
+
+async fn command(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<Response>, Failure> {
+    let cmd: Command = parse(&body)?;
+    Ok(axum::Json(m.submit(cmd, forwarded(&h)).await?))
+}
+
+/// Runs `local` on the leader; elsewhere forwards the request to it.
+async fn on_leader<T: serde::Serialize + serde::de::DeserializeOwned>(
+    m: &Monitor,
+    h: &HeaderMap,
+    path: &str,
+    body: Bytes,
+    local: impl AsyncFnOnce() -> Result<T, Failure>,
+) -> Result<axum::Json<T>, Failure> {
+    if m.is_leader() {
+        return Ok(axum::Json(local().await?));
+    }
+    match m.leader() {
+        Some(l) if !forwarded(h) && l != m.me => {
+            let bytes = m.forward(l, path, body.to_vec()).await?;
+            Ok(axum::Json(parse(&bytes)?))
+        }
+        _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message())),
+    }
+}
+
+async fn osd_boot(
+    State(m): St,
+    h: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<api::BootReply>, Failure> {
+    let req: api::BootRequest = parse(&body)?;
+    on_leader(&m, &h, "/v1/osd/boot", body, async || {
+        let r = m
+            .submit(
+                Command::RegisterOsd {
+                    uuid: req.uuid,
+                    location: req.location.clone(),
+                    weight: req.weight,
+                },
+                true,
+            )
+            .await?;
+        let Response::Registered { id, .. } = r else {
+            return Err(Failure::new(ErrorKind::Internal, format!("registration answered {r:?}")));
+        };
+        let r =
+            m.submit(Command::Boot { id, uuid: req.uuid, addrs: req.addrs.clone() }, true).await?;
+        m.with_detector(|d, now| d.beacon(id, now));
+        Ok(match r {
+            Response::BootDeferred { epoch } => api::BootReply { id, epoch, deferred: true },
+            Response::Done { epoch } | Response::Registered { epoch, .. } => {
+                tracing::info!("{id} booted at epoch {epoch}");
+                api::BootReply { id, epoch, deferred: false }
+            }
+        })
+    })
+    .await
+}
+
+async fn osd_beacon(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<u64>, Failure> {
+    let b: api::Beacon = parse(&body)?;
+    on_leader(&m, &h, "/v1/osd/beacon", body, async || {
+        let st = m.sm.shared.read().expect("state lock");
+        match st.cluster.osdmap.osd(b.id) {
+            Some(o) if o.uuid == b.uuid => {}
+            _ => {
+                return Err(Failure::new(
+                    ErrorKind::Rejected,
+                    format!("{} is not registered with that uuid", b.id),
+                ));
+            }
+        }
+        let epoch = st.cluster.osdmap.epoch;
+        drop(st);
+        m.with_detector(|d, now| d.beacon(b.id, now));
+        Ok(epoch)
+    })
+    .await
+}
+
+async fn osd_failure(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<bool>, Failure> {
+    let r: api::FailureReport = parse(&body)?;
+    on_leader(&m, &h, "/v1/osd/failure", body, async || {
+        m.with_detector(|d, now| {
+            if r.failed {
+                d.report_failure(r.reporter, r.target, now)
+            } else {
+                d.report_alive(r.reporter, r.target)
+            }
+        });
+        Ok(true)
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct SubscribeQuery {
+    /// The epoch the subscriber has (0: none).
+    have: u64,
+    /// How long to wait for a newer epoch before answering with nothing new.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn subscribe(State(m): St, Query(q): Query<SubscribeQuery>) -> HttpResponse {
+    let mut rx = m.sm.epoch.subscribe();
+    if *rx.borrow_and_update() <= q.have && q.wait_ms > 0 {
+        let wait = Duration::from_millis(q.wait_ms.min(30_000));
+        let _ = tokio::time::timeout(wait, rx.wait_for(|e| *e > q.have)).await;
+    }
+    let st = m.sm.shared.read().expect("state lock");
+    let (full, incrementals) = match st.cluster.catch_up(q.have) {
+        Catchup::UpToDate => (None, Vec::new()),
+        Catchup::Incrementals(v) => (None, v.into_iter().cloned().collect()),
+        Catchup::FullMap(map) => (Some(map.clone()), Vec::new()),
+    };
+    let u = api::MapUpdate { full, incrementals, config: st.cluster.config.clone() };
+    binary(envelope::seal(Kind::MapUpdate, api::MAP_UPDATE_VERSION, api::MAP_UPDATE_VERSION, &u))
+}
+
+/// Serves until `shutdown` resolves, then stops Raft.
+pub async fn serve(
+    m: Arc<Monitor>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!("mon.{} serving on {addr}", m.name);
+    m.spawn_background();
+    axum::serve(listener, router(Arc::clone(&m))).with_graceful_shutdown(shutdown).await?;
+    if let Err(e) = m.raft.shutdown().await {
+        tracing::warn!("stopping Raft: {e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! Multi-process cluster tests on loopback: real `sluice-mon` and `sluice-osd` processes
+//! started with `sluice dev up`, failures made with `sluice dev kill|stop|start` and by
+//! hand. Every wait is for a state to be reached (with a generous deadline so a loaded
+//! machine does not fail them), never an assertion on elapsed time.
+//!
+//! `sluice-osd` is built by the dataplane package: `cargo test --workspace` (the README's
+//! test command) builds it; `cargo test -p sluice-control` alone needs
+//! `cargo build --bins` first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin_dir() -> PathBuf {
+    let sluice = PathBuf::from(env!("CARGO_BIN_EXE_sluice"));
+    let dir = sluice.parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("sluice-osd").exists(),
+        "{} missing: run `cargo build --bins` (or `cargo test --workspace`) first",
+        dir.join("sluice-osd").display()
+    );
+    dir
+}
+
+/// A dev cluster in a temporary directory, brought down when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn up(mons: usize, osds: usize) -> Cluster {
+        bin_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster { dir };
+        let out = c.sluice(&[
+            "dev",
+            "up",
+            "--mons",
+            &mons.to_string(),
+            "--osds",
+            &osds.to_string(),
+            "--device-size",
+            "64M",
+            "--wait",
+            "180",
+        ]);
+        assert!(out.status.success(), "dev up failed: {}\n{}", text(&out), c.logs());
+        c
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.path().join("sluice.conf")
+    }
+
+    /// Runs `sluice` with this cluster's conf and dir.
+    fn sluice(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("-c").arg(self.conf());
+        cmd.args(args);
+        if args.first() == Some(&"dev") {
+            cmd.arg("--dir").arg(self.path());
+        }
+        cmd.env("SLUICE_BIN_DIR", bin_dir());
+        cmd.output().expect("run sluice")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.sluice(args);
+        assert!(out.status.success(), "sluice {args:?} failed: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// `args` sent to one monitor only.
+    fn json_at(&self, mon_addr: &str, args: &[&str]) -> Option<Value> {
+        let mut a = vec!["-m", mon_addr, "--timeout", "3"];
+        a.extend(args);
+        a.extend(["--format", "json"]);
+        let out = self.sluice(&a);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    fn mon_addr(&self, name: &str) -> String {
+        let m = self.json(&["mon", "stat"]);
+        m["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap_or_else(|| panic!("no mon {name}"))["addr"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.path().join("log")) {
+            for e in rd.flatten() {
+                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                s += &format!("--- {}\n", e.path().display());
+                for l in tail.into_iter().rev() {
+                    s += l;
+                    s += "\n";
+                }
+            }
+        }
+        s
+    }
+
+    fn osd(&self, id: u64) -> Value {
+        let m = self.json(&["osd", "dump"]);
+        m["osds"].as_array().unwrap().iter().find(|o| o["id"] == id).cloned().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.sluice(&["dev", "down"]);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Polls `f` until it returns Some, or panics after `secs` with `what`.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn monitors_elect_commit_catch_up_and_refuse_what_they_must() {
+    let c = Cluster::up(3, 0);
+    let leader = c.json(&["mon", "stat"])["leader"].as_str().unwrap().to_string();
+    let addrs: Vec<(String, String)> =
+        ["a", "b", "c"].iter().map(|n| (n.to_string(), c.mon_addr(n))).collect();
+    c.ok(&["pool", "create", "before", "--size", "2"]);
+
+    // kill -9 the leader: a new one is elected and pool creation keeps committing.
+    c.ok(&["dev", "kill", &format!("mon.{leader}")]);
+    let survivor = addrs.iter().find(|(n, _)| *n != leader).unwrap().1.clone();
+    let new_leader = wait_for(60, "a new leader", || {
+        let m = c.json_at(&survivor, &["mon", "stat"])?;
+        let l = m["leader"].as_str()?.to_string();
+        (l != leader).then_some(l)
+    });
+    assert_ne!(new_leader, leader);
+    c.ok(&["pool", "create", "during", "--pg-num", "16"]);
+    c.ok(&["config", "set", "some_key", "some_value"]);
+
+    // The restarted monitor catches up.
+    c.ok(&["dev", "start", &format!("mon.{leader}")]);
+    let old = addrs.iter().find(|(n, _)| *n == leader).unwrap().1.clone();
+    wait_for(60, "the restarted monitor to catch up", || {
+        let pools = c.json_at(&old, &["pool", "ls"])?;
+        let names: Vec<&str> = pools.as_array()?.iter().filter_map(|p| p["name"].as_str()).collect();
+        (names.contains(&"before") && names.contains(&"during")).then_some(())
+    });
+    let v = c.json_at(&old, &["config", "get", "some_key"]).unwrap();
+    assert_eq!(v["some_key"], "some_value");
+
+    // A wrong fsid is refused (exit code 4), by every monitor.
+    let bad = c.path().join("bad.conf");
+    let conf = std::fs::read_to_string(c.conf()).unwrap();
+    let fsid_line = conf.lines().find(|l| l.starts_with("fsid")).unwrap();
+    std::fs::write(
+        &bad,
+        conf.replace(fsid_line, "fsid = \"00000000-0000-4000-8000-000000000001\""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("-c")
+        .arg(&bad)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to cluster"), "{}", text(&out));
+
+    // A lone monitor of three cannot commit, and says so (exit code 3).
+    let (lone_name, lone) = addrs[0].clone();
+    for (n, _) in &addrs[1..] {
+        c.ok(&["dev", "kill", &format!("mon.{n}")]);
+    }
+    let out = c.sluice(&["-m", &lone, "--timeout", "12", "pool", "create", "lonely"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no quorum"), "{}", text(&out));
+    let h = c.json_at(&lone, &["health"]).unwrap();
+    assert_ne!(h["status"], "HEALTH_OK", "{h}");
+
+    // A monitor whose store is damaged refuses to start, clearly, and never starts empty.
+    c.ok(&["dev", "stop", &format!("mon.{lone_name}")]);
+    let data = c.path().join(format!("mon.{lone_name}"));
+    let file = data.join("mon.redb");
+    std::fs::write(&file, b"").unwrap();
+    let out = Command::new(bin_dir().join("sluice-mon"))
+        .args(["run", "--open-retries", "1", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mon.redb") && err.contains("left untouched"), "{err}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "the damaged store was replaced");
+}
+
+#[test]
+fn osds_boot_are_marked_down_and_out_and_come_back() {
+    let c = Cluster::up(1, 3);
+    let tree = c.ok(&["osd", "tree"]);
+    for i in 0..3 {
+        assert!(tree.contains(&format!("osd.{i}")), "{tree}");
+    }
+    c.ok(&["config", "set", "osd_heartbeat_grace", "3"]);
+    c.ok(&["config", "set", "mon_osd_down_out_interval", "4"]);
+    c.ok(&["config", "set", "mon_osd_beacon_grace", "60"]);
+
+    // kill -9: peers report it, the monitor marks it down, then out.
+    c.ok(&["dev", "kill", "osd.1"]);
+    wait_for(90, "osd.1 down", || (c.osd(1)["up"] == false).then_some(()));
+    wait_for(90, "osd.1 out", || (c.osd(1)["in"] == false).then_some(()));
+    let h = c.json(&["health"]);
+    assert!(h["checks"].as_array().unwrap().iter().all(|x| x["name"] != "MON_NO_QUORUM"));
+
+    // Restarted: up and in again, same id (the uuid is the store's).
+    c.ok(&["dev", "start", "osd.1"]);
+    wait_for(90, "osd.1 up and in", || {
+        let o = c.osd(1);
+        (o["up"] == true && o["in"] == true).then_some(())
+    });
+    assert_eq!(c.json(&["osd", "ls"]).as_array().unwrap().len(), 3, "no new id was assigned");
+
+    // Under noout a dead OSD goes down but stays in, well past the down-out interval.
+    c.ok(&["osd", "set", "noout"]);
+    c.ok(&["dev", "kill", "osd.2"]);
+    wait_for(90, "osd.2 down", || (c.osd(2)["up"] == false).then_some(()));
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(c.osd(2)["in"], true, "noout was ignored");
+    c.ok(&["osd", "unset", "noout"]);
+    wait_for(90, "osd.2 out once noout is cleared", || (c.osd(2)["in"] == false).then_some(()));
+
+    // An OSD marked down while alive boots again.
+    let before = c.osd(0)["up_from"].as_u64().unwrap();
+    c.ok(&["osd", "down", "osd.0"]);
+    wait_for(90, "osd.0 to boot again", || {
+        let o = c.osd(0);
+        (o["up"] == true && o["up_from"].as_u64().unwrap() > before).then_some(())
+    });
+
+    // A graceful stop marks the OSD down at once (it tells the monitors itself).
+    c.ok(&["dev", "stop", "osd.0"]);
+    assert_eq!(c.osd(0)["up"], false);
+}
+
+#[test]
+fn cli_reads_writes_and_exit_codes() {
+    let c = Cluster::up(1, 1);
+    let st = c.json(&["status"]);
+    assert_eq!(st["health"]["status"], "HEALTH_OK", "{st}");
+    c.ok(&["pool", "create", "rbd", "--size", "1", "--pg-num", "8"]);
+    let out = c.sluice(&["pool", "create", "rbd"]);
+    assert_eq!(out.status.code(), Some(1), "an existing pool is a refusal: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    c.ok(&["pool", "set", "rbd", "pg_num", "16"]);
+    assert_eq!(c.json(&["pool", "get", "rbd", "pg_num"])["pg_num"], 16);
+    let out = c.sluice(&["pool", "rm", "rbd"]);
+    assert_eq!(out.status.code(), Some(2), "rm needs the confirmation flag");
+    c.ok(&["pool", "rm", "rbd", "--yes-i-really-mean-it"]);
+    assert!(c.json(&["pool", "ls"]).as_array().unwrap().is_empty());
+
+    c.ok(&["osd", "set-location", "osd.0", "--rack", "r9", "--host", "h9"]);
+    c.ok(&["osd", "primary-affinity", "0", "0.5"]);
+    let o = c.osd(0);
+    assert_eq!((o["rack"].as_str(), o["host"].as_str()), (Some("r9"), Some("h9")));
+    assert_eq!(o["primary_affinity"], 0.5);
+    c.ok(&["osd", "out", "0"]);
+    assert_eq!(c.osd(0)["in"], false);
+    c.ok(&["osd", "in", "0"]);
+    for f in ["noout", "noup", "nodown", "pause"] {
+        c.ok(&["osd", "set", f]);
+    }
+    let st = c.json(&["status"]);
+    assert_eq!(st["health"]["status"], "HEALTH_WARN");
+    assert_eq!(st["osdmap"]["flags"].as_array().unwrap().len(), 4);
+    for f in ["noout", "noup", "nodown", "pause"] {
+        c.ok(&["osd", "unset", f]);
+    }
+    c.ok(&["config", "set", "mon_client_selection", "roundrobin"]);
+    assert!(c.ok(&["config", "dump"]).contains("mon_client_selection = roundrobin"));
+    c.ok(&["config", "rm", "mon_client_selection"]);
+    let out = c.sluice(&["config", "get", "mon_client_selection"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = c.sluice(&["osd", "out", "osd.77"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(c.ok(&["osd", "tree"]).contains("r9"));
+
+    // /metrics and /health over plain HTTP.
+    let addr = c.mon_addr("a");
+    let m = c.json_at(&addr, &["health"]).unwrap();
+    assert_eq!(m["status"], "HEALTH_OK");
+    let body = http_get(&addr, "/metrics");
+    assert!(body.contains("sluice_osdmap_epoch "), "{body}");
+    assert!(body.contains("sluice_health_status 0"), "{body}");
+
+    // No monitor at all: exit code 3.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["-m", "127.0.0.1:1", "--timeout", "2", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    // No configuration: exit code 4.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("status")
+        .current_dir(c.path().join("log"))
+        .env_remove("SLUICE_CONF")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
