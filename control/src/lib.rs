@@ -1,10 +1,13 @@
 //! The control plane: `sluice-mon` (Raft quorum holding the cluster maps) and the
 //! `sluice` CLI.
 //!
-//! Built so far: the cluster maps ([`maps`]): the OSD map with epochs and incrementals,
-//! and the versioned, checksummed envelope they are stored and sent in. The Raft quorum,
-//! the monitor daemon, the management API and the CLI build on them; see
-//! `docs/ARCHITECTURE.md` for what exists today.
+//! * [`maps`], [`state`]: the cluster maps and the replicated state machine;
+//! * [`raft`], [`store`], [`mon`]: the monitor (`sluice-mon`): openraft over the redb
+//!   store, the management API, the failure detector;
+//! * [`api`], [`client`], [`monclient`], [`conf`]: what clients of the monitors share;
+//! * [`osd_agent`]: the OSD's side of the lifecycle, run by `sluice-osd`.
+//!
+//! `docs/ARCHITECTURE.md` describes each part; `docs/api.md` the HTTP API.
 
 #![forbid(unsafe_code)]
 

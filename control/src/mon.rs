@@ -245,11 +245,17 @@ impl Monitor {
 
     pub fn mon_status(&self) -> api::MonStatus {
         let m = self.raft.metrics().borrow().clone();
+        // The monitor map is the replicated Raft membership (the founding members until
+        // the first membership entry is applied).
+        let nodes: BTreeMap<NodeId, MonNode> = {
+            let a = self.sm.shared.read().expect("state lock");
+            a.membership.membership().nodes().map(|(id, n)| (*id, n.clone())).collect()
+        };
+        let nodes = if nodes.is_empty() { self.members.clone() } else { nodes };
         let seen = self.peer_seen.lock().expect("lock");
         api::MonStatus {
             name: self.name.clone(),
-            members: self
-                .members
+            members: nodes
                 .iter()
                 .map(|(id, n)| api::MonMember {
                     name: n.name.clone(),

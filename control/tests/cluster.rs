@@ -178,7 +178,8 @@ fn monitors_elect_commit_catch_up_and_refuse_what_they_must() {
     let old = addrs.iter().find(|(n, _)| *n == leader).unwrap().1.clone();
     wait_for(60, "the restarted monitor to catch up", || {
         let pools = c.json_at(&old, &["pool", "ls"])?;
-        let names: Vec<&str> = pools.as_array()?.iter().filter_map(|p| p["name"].as_str()).collect();
+        let names: Vec<&str> =
+            pools.as_array()?.iter().filter_map(|p| p["name"].as_str()).collect();
         (names.contains(&"before") && names.contains(&"during")).then_some(())
     });
     let v = c.json_at(&old, &["config", "get", "some_key"]).unwrap();
