@@ -1,8 +1,13 @@
 //! Frames, sessions and transports between Sluice processes.
 //!
-//! Empty until the serving path lands: this crate will hold the frame codec (preamble and
-//! segments with crc32c, versioned messages, hard size limits), sessions (banner,
-//! features, sequence numbers, replay after reconnect) and the kernel TCP transport
-//! polled by the owning reactor. See `docs/ARCHITECTURE.md` for what exists today.
+//! Built so far: the frame codec ([`frame`]: preamble and segments each with a crc32c,
+//! hard size limits checked before any length is trusted, zero-copy decoding that never
+//! panics) and versioned message bodies ([`message`]: version, oldest compatible version,
+//! length, so an older peer skips fields it does not know). Sessions (banner, features,
+//! sequence numbers, replay after reconnect) and the kernel TCP transport polled by the
+//! owning reactor come next; see `docs/ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod message;
