@@ -3,12 +3,15 @@
 //! Built so far: the frame codec ([`frame`]: preamble and segments each with a crc32c,
 //! hard size limits checked before any length is trusted, zero-copy decoding that never
 //! panics) and versioned message bodies ([`message`]: version, oldest compatible version,
-//! length, so an older peer skips fields it does not know). Sessions (banner, features,
-//! sequence numbers, replay after reconnect) and the kernel TCP transport polled by the
-//! owning reactor come next; see `docs/ARCHITECTURE.md`.
+//! length, so an older peer skips fields it does not know), sessions ([`session`]: banner
+//! and features, sequence numbers and acks, exactly-once replay after a reconnect,
+//! keepalives; sans-IO) and the kernel TCP transport ([`tcp`]: non-blocking sockets
+//! polled by their owner). Wiring into the OSD's reactors comes next; see
+//! `docs/ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
 
 pub mod frame;
 pub mod message;
 pub mod session;
+pub mod tcp;

@@ -1,0 +1,373 @@
+//! The kernel TCP transport: non-blocking sockets polled by their owner (a reactor), with
+//! batched reads and writes into buffers that are reused for the connection's life.
+//!
+//! [`Connection`] moves bytes; [`ClientConn`] and [`Server`] put sessions on top: a
+//! client reconnects and its session replays what the server did not get; the server
+//! keeps each client's session by cookie across connections, so a cut connection loses
+//! and duplicates nothing.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use crate::frame::Limits;
+use crate::session::{Event, Features, Handshake, Session, SessionError};
+
+/// Largest read per poll of one connection (bounds the work one poll does).
+const READ_CHUNK: usize = 256 << 10;
+
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    in_start: usize,
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream) -> io::Result<Connection> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            stream,
+            inbuf: Vec::with_capacity(64 << 10),
+            in_start: 0,
+            out: Vec::with_capacity(64 << 10),
+            out_pos: 0,
+        })
+    }
+
+    pub fn peer(&self) -> io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Reads what the socket has (up to a bound). `Ok(0)`: nothing now. End of stream is
+    /// an error (the connection is over).
+    pub fn read_some(&mut self) -> io::Result<usize> {
+        if self.in_start > 0 && self.in_start * 2 >= self.inbuf.len() {
+            self.inbuf.drain(..self.in_start);
+            self.in_start = 0;
+        }
+        let mut total = 0;
+        while total < READ_CHUNK {
+            let len = self.inbuf.len();
+            self.inbuf.resize(len + (64 << 10), 0);
+            match self.stream.read(&mut self.inbuf[len..]) {
+                Ok(0) => {
+                    self.inbuf.truncate(len);
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+                }
+                Ok(n) => {
+                    self.inbuf.truncate(len + n);
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.inbuf.truncate(len);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.inbuf.truncate(len),
+                Err(e) => {
+                    self.inbuf.truncate(len);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn input(&self) -> &[u8] {
+        &self.inbuf[self.in_start..]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        assert!(n <= self.inbuf.len() - self.in_start, "consumed more than was read");
+        self.in_start += n;
+    }
+
+    /// Where to append bytes to send.
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
+    /// Writes what it can. `Ok(true)`: everything queued is written.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Ok(true)
+    }
+
+    /// Breaks the connection (both directions), as a failure would.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Why a connection was closed: logged by the owner, which keeps serving the others.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] SessionError),
+}
+
+/// A client's session over a connection it re-establishes after a cut.
+#[derive(Debug)]
+pub struct ClientConn {
+    pub session: Session,
+    addr: SocketAddr,
+    conn: Option<Connection>,
+    /// Messages sent while disconnected wait in the session; this holds their bytes
+    /// only while a connection exists.
+    scratch: Vec<u8>,
+}
+
+impl ClientConn {
+    pub fn new(addr: SocketAddr, cookie: u64, features: Features, limits: Limits) -> ClientConn {
+        ClientConn {
+            session: Session::client(cookie, features, limits),
+            addr,
+            conn: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Connects (blocking connect, then non-blocking) and starts the handshake.
+    pub fn connect(&mut self) -> io::Result<()> {
+        let mut c = Connection::new(TcpStream::connect(self.addr)?)?;
+        self.session.connect(c.out());
+        self.conn = Some(c);
+        Ok(())
+    }
+
+    /// Sends a message (queued while disconnected; resent after a reconnect).
+    pub fn send(&mut self, msg_type: u16, payload: &[u8]) -> Result<u64, SessionError> {
+        match &mut self.conn {
+            Some(c) => self.session.send(msg_type, payload, c.out()),
+            None => {
+                self.scratch.clear();
+                self.session.send(msg_type, payload, &mut self.scratch)
+            }
+        }
+    }
+
+    /// Reads, handles and writes what is ready. On an error the connection is dropped
+    /// (the session keeps what must be resent) and the error returned.
+    pub fn poll(&mut self, mut on: impl FnMut(Event<'_>)) -> Result<(), ConnError> {
+        let Some(c) = &mut self.conn else { return Ok(()) };
+        let r = (|| -> Result<(), ConnError> {
+            c.read_some()?;
+            let mut out = std::mem::take(c.out());
+            let used = self.session.receive(c.input(), &mut out, &mut on);
+            *c.out() = out;
+            c.consume(used?);
+            self.session.flush_ack(c.out());
+            c.flush()?;
+            Ok(())
+        })();
+        if r.is_err() {
+            self.conn = None;
+            self.session.disconnected();
+        }
+        r
+    }
+
+    /// Breaks the current connection (for tests and failure injection).
+    pub fn cut(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.shutdown();
+        }
+        self.session.disconnected();
+    }
+}
+
+enum PeerState {
+    Handshaking(Handshake),
+    Open(u64),
+    /// Replaced by a newer connection of the same session: closed without touching it.
+    Retired,
+}
+
+struct Peer {
+    state: PeerState,
+    conn: Connection,
+}
+
+/// A server: a listener and its connections; sessions by client cookie survive cuts.
+pub struct Server {
+    listener: TcpListener,
+    features: Features,
+    limits: Limits,
+    peers: Vec<Peer>,
+    sessions: HashMap<u64, Session>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.listener.local_addr().ok())
+            .field("connections", &self.peers.len())
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+/// What the server's owner hears.
+#[derive(Debug)]
+pub enum ServerEvent<'a> {
+    Message {
+        cookie: u64,
+        seq: u64,
+        msg_type: u16,
+        payload: &'a [u8],
+    },
+    /// A connection closed, and why (the server keeps serving the others).
+    Closed {
+        peer: Option<SocketAddr>,
+        reason: String,
+    },
+}
+
+impl Server {
+    pub fn bind(addr: SocketAddr, features: Features, limits: Limits) -> io::Result<Server> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Server { listener, features, limits, peers: Vec::new(), sessions: HashMap::new() })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Sends to a client's session (delivered on its current or next connection).
+    pub fn send(&mut self, cookie: u64, msg_type: u16, payload: &[u8]) -> Option<u64> {
+        let s = self.sessions.get_mut(&cookie)?;
+        let mut scratch = Vec::new();
+        let out = match self
+            .peers
+            .iter_mut()
+            .find(|p| matches!(p.state, PeerState::Open(c) if c == cookie))
+        {
+            Some(p) => p.conn.out(),
+            None => &mut scratch,
+        };
+        s.send(msg_type, payload, out).ok()
+    }
+
+    /// Accepts, reads, handles and writes whatever is ready. Returns whether anything
+    /// happened.
+    pub fn poll(&mut self, mut on: impl FnMut(ServerEvent<'_>)) -> bool {
+        let mut busy = false;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => match Connection::new(s) {
+                    Ok(mut conn) => {
+                        let hs = Handshake::new(self.features, self.limits, conn.out());
+                        self.peers.push(Peer { state: PeerState::Handshaking(hs), conn });
+                        busy = true;
+                    }
+                    Err(e) => on(ServerEvent::Closed { peer: None, reason: e.to_string() }),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    on(ServerEvent::Closed { peer: None, reason: format!("accept: {e}") });
+                    break;
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.peers.len() {
+            let r = if matches!(self.peers[i].state, PeerState::Retired) {
+                Err(ConnError::Io(io::Error::other("replaced by a newer connection")))
+            } else {
+                self.poll_peer(i, &mut on)
+            };
+            match r {
+                Ok(b) => {
+                    busy |= b;
+                    i += 1;
+                }
+                Err(e) => {
+                    let p = self.peers.swap_remove(i);
+                    p.conn.shutdown();
+                    if let PeerState::Open(k) = p.state
+                        && let Some(s) = self.sessions.get_mut(&k)
+                    {
+                        s.disconnected();
+                    }
+                    on(ServerEvent::Closed { peer: p.conn.peer().ok(), reason: e.to_string() });
+                    busy = true;
+                }
+            }
+        }
+        busy
+    }
+
+    fn poll_peer(
+        &mut self,
+        i: usize,
+        on: &mut impl FnMut(ServerEvent<'_>),
+    ) -> Result<bool, ConnError> {
+        let n = self.peers[i].conn.read_some()?;
+        let p = &mut self.peers[i];
+        if let PeerState::Handshaking(hs) = &mut p.state {
+            let (used, hello) = hs.receive(p.conn.input())?;
+            p.conn.consume(used);
+            if let Some(h) = hello {
+                let s = self
+                    .sessions
+                    .entry(h.cookie)
+                    .or_insert_with(|| Session::server(h.cookie, self.features, self.limits));
+                s.disconnected();
+                s.attach(&h, p.conn.out())?;
+                p.state = PeerState::Open(h.cookie);
+                // A client reconnecting before we noticed its old connection died: the
+                // old one is retired without touching the session.
+                for (j, q) in self.peers.iter_mut().enumerate() {
+                    if j != i && matches!(q.state, PeerState::Open(k) if k == h.cookie) {
+                        q.state = PeerState::Retired;
+                    }
+                }
+            }
+        }
+        let p = &mut self.peers[i];
+        if let PeerState::Open(cookie) = p.state {
+            let s = self.sessions.get_mut(&cookie).expect("open peers have sessions");
+            let mut out = std::mem::take(p.conn.out());
+            let used = s.receive(p.conn.input(), &mut out, |e| {
+                if let Event::Message { seq, msg_type, frame } = e {
+                    on(ServerEvent::Message {
+                        cookie,
+                        seq,
+                        msg_type,
+                        payload: crate::session::payload(&frame),
+                    });
+                }
+            });
+            *p.conn.out() = out;
+            p.conn.consume(used?);
+            s.flush_ack(p.conn.out());
+        }
+        self.peers[i].conn.flush()?;
+        Ok(n > 0)
+    }
+}

@@ -1,0 +1,153 @@
+//! The TCP transport on loopback: a connection cut mid-stream loses and duplicates
+//! nothing; garbage, truncated and oversized frames close that connection with a reason
+//! while the server keeps serving others. States are awaited with generous deadlines.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use sluice_net::frame::{self, Limits};
+use sluice_net::session::Features;
+use sluice_net::tcp::{ClientConn, Server, ServerEvent};
+
+const F: Features = Features { supported: 1, required: 1 };
+
+enum Seen {
+    Msg(u64, u64, Vec<u8>),
+    Closed(String),
+}
+
+/// A server polled on its own thread until `stop`.
+fn server(limits: Limits) -> (std::net::SocketAddr, mpsc::Receiver<Seen>, Arc<AtomicBool>) {
+    let mut s = Server::bind("127.0.0.1:0".parse().unwrap(), F, limits).unwrap();
+    let addr = s.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            let busy = s.poll(|e| {
+                let _ = tx.send(match e {
+                    ServerEvent::Message { cookie, seq, payload, .. } => {
+                        Seen::Msg(cookie, seq, payload.to_vec())
+                    }
+                    ServerEvent::Closed { reason, .. } => Seen::Closed(reason),
+                });
+            });
+            if !busy {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    (addr, rx, stop)
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    let len = (i * 7919) % 5000;
+    (0..len).map(|j| (i + j) as u8).collect()
+}
+
+#[test]
+fn cuts_mid_stream_lose_and_duplicate_nothing() {
+    let (addr, rx, stop) = server(Limits::DEFAULT);
+    let mut c = ClientConn::new(addr, 77, F, Limits::DEFAULT);
+    c.connect().unwrap();
+    let n = 3000;
+    let mut seed = 0x1234_5678u64;
+    let mut cuts = 0;
+    for i in 0..n {
+        c.send(1, &payload(i)).unwrap();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        if (seed >> 33).is_multiple_of(150) {
+            // Cut with whatever is in flight either way, then reconnect.
+            c.cut();
+            cuts += 1;
+            c.connect().unwrap();
+        }
+        if c.poll(|_| {}).is_err() {
+            c.connect().unwrap();
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.session.unacked() > 0 {
+        assert!(Instant::now() < end, "{} messages never acked", c.session.unacked());
+        if !c.connected() {
+            c.connect().unwrap();
+        }
+        let _ = c.poll(|_| {});
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut got = Vec::new();
+    while let Ok(s) = rx.recv_timeout(Duration::from_secs(1)) {
+        if let Seen::Msg(cookie, seq, p) = s {
+            assert_eq!(cookie, 77);
+            got.push((seq, p));
+        }
+    }
+    assert!(cuts >= 5, "the test cut only {cuts} times");
+    assert_eq!(got.len(), n, "lost or duplicated messages");
+    for (i, (seq, p)) in got.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert_eq!(p, &payload(i), "message {i} damaged");
+    }
+}
+
+#[test]
+fn bad_input_closes_only_that_connection() {
+    let limits = Limits { max_segment_bytes: 1 << 20, max_frame_bytes: 1 << 20 };
+    let (addr, rx, stop) = server(limits);
+    let mut good = ClientConn::new(addr, 5, F, limits);
+    good.connect().unwrap();
+
+    let mut reasons = Vec::new();
+    let mut wait_closed = |what: &str| {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Seen::Closed(r)) => {
+                    reasons.push(r.clone());
+                    return r;
+                }
+                Ok(Seen::Msg(..)) => {}
+                Err(_) => panic!("{what}: the connection was never closed"),
+            }
+        }
+    };
+    // Garbage.
+    let mut g = TcpStream::connect(addr).unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let r = wait_closed("garbage");
+    assert!(r.contains("not a Sluice frame"), "{r}");
+    // An oversized frame: refused from its preamble.
+    let mut big = Vec::new();
+    frame::encode(&mut big, 1, 0, &[&vec![0u8; (1 << 20) + 1]], &Limits::DEFAULT).unwrap();
+    let mut o = TcpStream::connect(addr).unwrap();
+    o.write_all(&big[..frame::PREAMBLE_BYTES]).unwrap();
+    let r = wait_closed("oversized");
+    assert!(r.contains("exceeds the limit"), "{r}");
+    // Truncated: half a valid frame, then the peer goes away.
+    let mut small = Vec::new();
+    frame::encode(&mut small, 1, 0, &[b"hello"], &Limits::DEFAULT).unwrap();
+    let mut t = TcpStream::connect(addr).unwrap();
+    t.write_all(&small[..small.len() / 2]).unwrap();
+    drop(t);
+    let r = wait_closed("truncated");
+    assert!(r.contains("peer closed"), "{r}");
+    drop((g, o));
+
+    // The good client was served throughout.
+    for i in 0..50 {
+        good.send(2, &payload(i)).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while good.session.unacked() > 0 {
+        assert!(Instant::now() < end, "the good client stopped being served");
+        good.poll(|_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+}
