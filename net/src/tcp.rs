@@ -19,8 +19,10 @@ const READ_CHUNK: usize = 256 << 10;
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
+    /// Received bytes live in `inbuf[in_start..in_end]`.
     inbuf: Vec<u8>,
     in_start: usize,
+    in_end: usize,
     out: Vec<u8>,
     out_pos: usize,
 }
@@ -31,8 +33,9 @@ impl Connection {
         stream.set_nodelay(true)?;
         Ok(Connection {
             stream,
-            inbuf: Vec::with_capacity(64 << 10),
+            inbuf: vec![0; 64 << 10],
             in_start: 0,
+            in_end: 0,
             out: Vec::with_capacity(64 << 10),
             out_pos: 0,
         })
@@ -43,34 +46,37 @@ impl Connection {
     }
 
     /// Reads what the socket has (up to a bound). `Ok(0)`: nothing now. End of stream is
-    /// an error (the connection is over).
+    /// an error (the connection is over). The buffer is zeroed once when it grows, never
+    /// per read.
     pub fn read_some(&mut self) -> io::Result<usize> {
-        if self.in_start > 0 && self.in_start * 2 >= self.inbuf.len() {
-            self.inbuf.drain(..self.in_start);
+        if self.in_start == self.in_end {
             self.in_start = 0;
+            self.in_end = 0;
         }
         let mut total = 0;
         while total < READ_CHUNK {
-            let len = self.inbuf.len();
-            self.inbuf.resize(len + (64 << 10), 0);
-            match self.stream.read(&mut self.inbuf[len..]) {
+            if self.inbuf.len() - self.in_end < (16 << 10) {
+                if self.in_start > 0 {
+                    self.inbuf.copy_within(self.in_start..self.in_end, 0);
+                    self.in_end -= self.in_start;
+                    self.in_start = 0;
+                }
+                if self.inbuf.len() - self.in_end < (16 << 10) {
+                    let grow = self.inbuf.len().max(64 << 10);
+                    self.inbuf.resize(self.inbuf.len() + grow, 0);
+                }
+            }
+            match self.stream.read(&mut self.inbuf[self.in_end..]) {
                 Ok(0) => {
-                    self.inbuf.truncate(len);
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
                 }
                 Ok(n) => {
-                    self.inbuf.truncate(len + n);
+                    self.in_end += n;
                     total += n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.inbuf.truncate(len);
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.inbuf.truncate(len),
-                Err(e) => {
-                    self.inbuf.truncate(len);
-                    return Err(e);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(total)
@@ -78,11 +84,11 @@ impl Connection {
 
     /// Bytes received and not yet consumed.
     pub fn input(&self) -> &[u8] {
-        &self.inbuf[self.in_start..]
+        &self.inbuf[self.in_start..self.in_end]
     }
 
     pub fn consume(&mut self, n: usize) {
-        assert!(n <= self.inbuf.len() - self.in_start, "consumed more than was read");
+        assert!(n <= self.in_end - self.in_start, "consumed more than was read");
         self.in_start += n;
     }
 

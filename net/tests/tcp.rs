@@ -151,3 +151,33 @@ fn bad_input_closes_only_that_connection() {
     }
     stop.store(true, Ordering::Relaxed);
 }
+
+#[test]
+fn payloads_of_every_awkward_size_arrive_intact() {
+    let (addr, rx, stop) = server(Limits::DEFAULT);
+    let mut c = ClientConn::new(addr, 9, F, Limits::DEFAULT);
+    c.connect().unwrap();
+    let sizes = [0usize, 1, 4095, 4096, 4097, (4 << 20) + 1, 3];
+    for (i, &n) in sizes.iter().enumerate() {
+        let p: Vec<u8> = (0..n).map(|j| (j * 31 + i) as u8).collect();
+        c.send(3, &p).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.session.unacked() > 0 {
+        assert!(Instant::now() < end, "not acked");
+        c.poll(|_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let got: Vec<Vec<u8>> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(1)).ok())
+        .map(|s| match s {
+            Seen::Msg(_, _, p) => p,
+            Seen::Closed(r) => panic!("closed: {r}"),
+        })
+        .collect();
+    assert_eq!(got.len(), sizes.len());
+    for (i, (&n, p)) in sizes.iter().zip(&got).enumerate() {
+        assert_eq!(p.len(), n);
+        assert!(p.iter().enumerate().all(|(j, &b)| b == (j * 31 + i) as u8), "message {i}");
+    }
+}
