@@ -40,6 +40,7 @@ struct Counters {
     command_errors: AtomicU64,
     forwarded: AtomicU64,
     rejected_fsid: AtomicU64,
+    refused_raft: AtomicU64,
 }
 
 pub struct Monitor {
@@ -48,7 +49,8 @@ pub struct Monitor {
     pub me: NodeId,
     pub name: String,
     pub fsid: [u8; 16],
-    pub members: BTreeMap<NodeId, MonNode>,
+    /// The founding members (the monitor map until Raft has applied its membership).
+    members: BTreeMap<NodeId, MonNode>,
     wire: WireId,
     http: reqwest::Client,
     started: Instant,
@@ -114,7 +116,8 @@ impl Monitor {
             openraft::Raft::new(me, config, net, LogStore::new(Arc::clone(&store)), sm.clone())
                 .await?;
         let fresh = {
-            let m = raft.metrics().borrow().clone();
+            let m = raft.metrics();
+            let m = m.borrow();
             m.last_log_index.is_none() && m.vote.leader_id().term == 0
         };
         if fresh {
@@ -144,28 +147,35 @@ impl Monitor {
     }
 
     fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics();
+        let m = m.borrow();
         m.current_leader == Some(self.me) && m.state == ServerState::Leader
     }
 
-    fn member_name(&self, id: NodeId) -> String {
-        self.members.get(&id).map_or_else(|| format!("node {id}"), |n| n.name.clone())
+    /// The monitor map: the replicated Raft membership (the founding members until the
+    /// first membership entry is applied).
+    fn nodes(&self) -> BTreeMap<NodeId, MonNode> {
+        let a = self.sm.shared.read().expect("state lock");
+        let nodes: BTreeMap<NodeId, MonNode> =
+            a.membership.membership().nodes().map(|(id, n)| (*id, n.clone())).collect();
+        if nodes.is_empty() { self.members.clone() } else { nodes }
     }
 
-    fn no_quorum_message(&self) -> String {
-        let reach: Vec<String> = self
-            .mon_status()
-            .members
-            .iter()
-            .filter(|m| m.reachable)
-            .map(|m| m.name.clone())
-            .collect();
+    fn no_quorum_message(&self, mon: &api::MonStatus) -> String {
+        let names = |reachable_only: bool| {
+            mon.members
+                .iter()
+                .filter(|m| m.reachable || !reachable_only)
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         format!(
             "mon.{} has no quorum: no leader among {} (reachable from here: {}); a majority of {} must be up",
             self.name,
-            self.members.values().map(|n| n.name.as_str()).collect::<Vec<_>>().join(","),
-            reach.join(","),
-            self.members.len() / 2 + 1
+            names(false),
+            names(true),
+            mon.members.len() / 2 + 1
         )
     }
 
@@ -185,7 +195,10 @@ impl Monitor {
                     ErrorKind::NoQuorum,
                     "leadership changed while the command was forwarded; retry",
                 )),
-                _ => Err(Failure::new(ErrorKind::NoQuorum, self.no_quorum_message())),
+                _ => Err(Failure::new(
+                    ErrorKind::NoQuorum,
+                    self.no_quorum_message(&self.mon_status()),
+                )),
             };
         }
         let r = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await;
@@ -202,7 +215,7 @@ impl Monitor {
                 ErrorKind::NoQuorum,
                 format!(
                     "not committed within {COMMIT_TIMEOUT:?} (outcome unknown): {}",
-                    self.no_quorum_message()
+                    self.no_quorum_message(&self.mon_status())
                 ),
             )),
         }
@@ -211,7 +224,8 @@ impl Monitor {
     /// Sends a JSON request on to the leader and returns its successful reply body.
     async fn forward(&self, leader: NodeId, path: &str, body: Vec<u8>) -> Result<Bytes, Failure> {
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        let Some(node) = self.members.get(&leader) else {
+        let nodes = self.nodes();
+        let Some(node) = nodes.get(&leader) else {
             return Err(Failure::new(ErrorKind::NoQuorum, "the leader is not a known member"));
         };
         let r = self
@@ -244,14 +258,12 @@ impl Monitor {
     }
 
     pub fn mon_status(&self) -> api::MonStatus {
-        let m = self.raft.metrics().borrow().clone();
-        // The monitor map is the replicated Raft membership (the founding members until
-        // the first membership entry is applied).
-        let nodes: BTreeMap<NodeId, MonNode> = {
-            let a = self.sm.shared.read().expect("state lock");
-            a.membership.membership().nodes().map(|(id, n)| (*id, n.clone())).collect()
+        let nodes = self.nodes();
+        let (leader, term, last_applied) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, m.current_term, m.last_applied.map_or(0, |l| l.index))
         };
-        let nodes = if nodes.is_empty() { self.members.clone() } else { nodes };
         let seen = self.peer_seen.lock().expect("lock");
         api::MonStatus {
             name: self.name.clone(),
@@ -264,22 +276,26 @@ impl Monitor {
                         || seen.get(id).is_some_and(|t| t.elapsed() < PEER_DOWN_AFTER),
                 })
                 .collect(),
-            leader: m.current_leader.map(|l| self.member_name(l)),
-            term: m.current_term,
-            last_applied: m.last_applied.map_or(0, |l| l.index),
+            leader: leader
+                .map(|l| nodes.get(&l).map_or_else(|| format!("node {l}"), |n| n.name.clone())),
+            term,
+            last_applied,
         }
     }
 
     pub fn health(&self) -> api::Health {
+        self.health_of(&self.mon_status())
+    }
+
+    fn health_of(&self, mon: &api::MonStatus) -> api::Health {
         use api::Check;
         let mut checks = Vec::new();
-        let mon = self.mon_status();
         if mon.leader.is_none() {
             checks.push(Check {
                 name: "MON_NO_QUORUM".into(),
                 severity: HealthStatus::Err,
                 summary: "the monitors have no quorum: no map changes can be made".into(),
-                detail: vec![self.no_quorum_message()],
+                detail: vec![self.no_quorum_message(mon)],
             });
         }
         let reachable = mon.members.iter().filter(|m| m.reachable).count();
@@ -294,7 +310,7 @@ impl Monitor {
                     "only {reachable} of {} monitors reachable: map changes cannot commit",
                     mon.members.len()
                 ),
-                detail: vec![self.no_quorum_message()],
+                detail: vec![self.no_quorum_message(mon)],
             });
         }
         let down: Vec<&api::MonMember> = mon.members.iter().filter(|m| !m.reachable).collect();
@@ -372,8 +388,8 @@ impl Monitor {
     }
 
     pub fn status(&self) -> api::Status {
-        let health = self.health();
         let mon = self.mon_status();
+        let health = self.health_of(&mon);
         let st = self.sm.shared.read().expect("state lock");
         let m = &st.cluster.osdmap;
         api::Status {
@@ -397,9 +413,8 @@ impl Monitor {
         let mut g = |name: &str, help: &str, v: f64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        let m = self.raft.metrics().borrow().clone();
-        let health = self.health();
         let mon = self.mon_status();
+        let health = self.health_of(&mon);
         g(
             "sluice_mon_is_leader",
             "1 if this monitor is the Raft leader",
@@ -410,7 +425,7 @@ impl Monitor {
             "1 if this monitor knows a leader",
             f64::from(u8::from(mon.leader.is_some())),
         );
-        g("sluice_mon_term", "current Raft term", m.current_term as f64);
+        g("sluice_mon_term", "current Raft term", mon.term as f64);
         g("sluice_mon_last_applied_index", "last Raft entry applied here", mon.last_applied as f64);
         g("sluice_mon_members", "monitors in the monitor map", mon.members.len() as f64);
         g(
@@ -467,6 +482,11 @@ impl Monitor {
             "requests refused for carrying another cluster's fsid",
             &self.counters.rejected_fsid,
         );
+        c(
+            "sluice_mon_raft_refused_total",
+            "Raft messages refused: undecodable, or of another cluster or founding set",
+            &self.counters.refused_raft,
+        );
         s
     }
 
@@ -477,7 +497,7 @@ impl Monitor {
             let mut tick = tokio::time::interval(Duration::from_millis(1000));
             loop {
                 tick.tick().await;
-                for (id, n) in me.members.clone() {
+                for (id, n) in me.nodes() {
                     if id == me.me {
                         continue;
                     }
@@ -594,37 +614,38 @@ fn binary(bytes: Vec<u8>) -> HttpResponse {
         .into_response()
 }
 
-fn refuse(m: &Monitor, why: String) -> HttpResponse {
-    m.counters.rejected_fsid.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!("refused a Raft message: {why}");
-    (StatusCode::FORBIDDEN, why).into_response()
+/// Opens a Raft message of our cluster, hands it to Raft, seals the reply. A message
+/// that is undecodable or of another cluster (fsid, founding members) is answered 403.
+async fn raft_rpc<Req, Fut, Resp>(
+    m: &Monitor,
+    body: &[u8],
+    call: impl FnOnce(Req) -> Fut,
+) -> HttpResponse
+where
+    Req: serde::de::DeserializeOwned,
+    Fut: std::future::Future<Output = Resp>,
+    Resp: serde::Serialize,
+{
+    match m.wire.open::<Req>(body) {
+        Ok((_, req)) => binary(m.wire.seal(call(req).await)),
+        Err(why) => {
+            m.counters.refused_raft.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("refused a Raft message: {why}");
+            (StatusCode::FORBIDDEN, why).into_response()
+        }
+    }
 }
 
 async fn raft_append(State(m): St, body: Bytes) -> HttpResponse {
-    let req: AppendEntriesRequest<TypeConfig> = match m.wire.open(&body) {
-        Ok((_, r)) => r,
-        Err(e) => return refuse(&m, e),
-    };
-    let r = m.raft.append_entries(req).await;
-    binary(m.wire.seal(r))
+    raft_rpc(&m, &body, |r: AppendEntriesRequest<TypeConfig>| m.raft.append_entries(r)).await
 }
 
 async fn raft_vote(State(m): St, body: Bytes) -> HttpResponse {
-    let req = match m.wire.open(&body) {
-        Ok((_, r)) => r,
-        Err(e) => return refuse(&m, e),
-    };
-    let r = m.raft.vote(req).await;
-    binary(m.wire.seal(r))
+    raft_rpc(&m, &body, |r| m.raft.vote(r)).await
 }
 
 async fn raft_snapshot(State(m): St, body: Bytes) -> HttpResponse {
-    let req = match m.wire.open(&body) {
-        Ok((_, r)) => r,
-        Err(e) => return refuse(&m, e),
-    };
-    let r = m.raft.install_snapshot(req).await;
-    binary(m.wire.seal(r))
+    raft_rpc(&m, &body, |r| m.raft.install_snapshot(r)).await
 }
 
 async fn ping(State(m): St) -> axum::Json<api::Ping> {
@@ -688,7 +709,7 @@ async fn on_leader<T: serde::Serialize + serde::de::DeserializeOwned>(
             let bytes = m.forward(l, path, body.to_vec()).await?;
             Ok(axum::Json(parse(&bytes)?))
         }
-        _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message())),
+        _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),
     }
 }
 

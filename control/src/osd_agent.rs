@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, BootReply, BootRequest, MapUpdate};
 use crate::client::MonClient;
@@ -31,15 +31,6 @@ pub struct AgentConfig {
     pub public_ip: IpAddr,
     /// One dataplane port per core.
     pub core_ports: Vec<u16>,
-}
-
-/// What the agent has learned, for the daemon's logs and for tests.
-#[derive(Debug, Clone, Default)]
-pub struct AgentState {
-    pub id: Option<OsdId>,
-    pub epoch: u64,
-    pub up: bool,
-    pub boots: u32,
 }
 
 const HB_VERSION: u16 = 1;
@@ -68,225 +59,272 @@ fn secs(cfg: &BTreeMap<String, String>, key: &str, default: f64) -> Duration {
 
 /// Runs until `shutdown` turns true. Errors talking to the monitors are retried (the
 /// monitor client fails over); only a local failure (no socket) ends the agent early.
-pub async fn run(
-    cfg: AgentConfig,
-    mut shutdown: watch::Receiver<bool>,
-    state: watch::Sender<AgentState>,
-) -> anyhow::Result<()> {
+pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let sock = UdpSocket::bind((cfg.public_ip, 0)).await?;
-    let public = sock.local_addr()?;
-    let addrs = OsdAddrs { public, core_ports: cfg.core_ports.clone() };
+    let addrs = OsdAddrs { public: sock.local_addr()?, core_ports: cfg.core_ports.clone() };
     let client_id = u64::from_le_bytes(cfg.uuid[..8].try_into().expect("8 bytes"));
     let mon = MonClient::from_conf(&cfg.conf, client_id);
     mon.start_background_check();
-    let fsid = cfg.conf.fsid;
-
     let boot_req =
         BootRequest { uuid: cfg.uuid, location: cfg.location.clone(), weight: cfg.weight, addrs };
-    let mut map = OsdMap::new(fsid);
-    let mut config: BTreeMap<String, String> = BTreeMap::new();
-    let mut me: Option<OsdId> = None;
-    let mut need_boot = true;
-    // The epoch of our last boot: only a later map saying we are down means it.
-    let mut boot_epoch = u64::MAX;
-    let mut peers: BTreeMap<OsdId, Peer> = BTreeMap::new();
-    let mut seq = 0u64;
-    let mut next_beacon = Instant::now();
-    let mut next_ping = Instant::now();
+    let (mut updates, have) = subscribe(mon.clone());
+    let mut a = Agent {
+        map: OsdMap::new(cfg.conf.fsid),
+        cfg,
+        mon,
+        sock,
+        config: BTreeMap::new(),
+        me: None,
+        need_boot: true,
+        boot_epoch: u64::MAX,
+        peers: BTreeMap::new(),
+        seq: 0,
+        next_beacon: Instant::now(),
+        next_ping: Instant::now(),
+    };
     let mut buf = vec![0u8; 512];
-
-    // Subscription: a long poll in its own task, feeding updates through a channel.
-    let (upd_tx, mut upd_rx) = tokio::sync::mpsc::channel::<MapUpdate>(4);
-    let (have_tx, have_rx) = watch::channel(0u64);
-    {
-        let mon = mon.clone();
-        tokio::spawn(async move {
-            loop {
-                let have = *have_rx.borrow();
-                let path = format!("/v1/subscribe?have={have}&wait_ms=10000");
-                match mon.get_bytes(&path, Duration::from_secs(10)).await {
-                    Ok(b) => match envelope::open::<MapUpdate>(
-                        Kind::MapUpdate,
-                        api::MAP_UPDATE_VERSION,
-                        &b,
-                    ) {
-                        Ok(u) => {
-                            if upd_tx.send(u).await.is_err() {
-                                return;
-                            }
-                            // Wait until the agent has taken it in before asking again.
-                            let mut rx = have_rx.clone();
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(1),
-                                rx.wait_for(|h| *h != have),
-                            )
-                            .await;
-                        }
-                        Err(e) => {
-                            tracing::warn!("map update undecodable: {e}");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!("subscription: {e}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
+    while !*shutdown.borrow() {
+        if a.need_boot && !a.boot(&boot_req).await {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => {}
             }
-        });
-    }
-
-    loop {
-        if *shutdown.borrow() {
-            break;
+            continue;
         }
-        if need_boot {
-            match mon.post::<_, BootReply>("/v1/osd/boot", &boot_req).await {
-                Ok(r) if r.deferred => {
-                    tracing::info!("{}: boot deferred (noup is set)", r.id);
-                    me = Some(r.id);
-                    need_boot = false; // booted again when noup clears (map update)
-                    boot_epoch = r.epoch;
-                }
-                Ok(r) => {
-                    tracing::info!("booted as {} at epoch {}", r.id, r.epoch);
-                    me = Some(r.id);
-                    need_boot = false;
-                    boot_epoch = r.epoch;
-                    state.send_modify(|s| {
-                        s.id = Some(r.id);
-                        s.boots += 1;
-                    });
-                    next_beacon = Instant::now() + secs(&config, "osd_beacon_interval", 5.0);
-                }
-                Err(e) => {
-                    tracing::warn!("boot: {e}; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    continue;
-                }
-            }
-        }
-        let wake = next_beacon.min(next_ping);
+        let wake = a.next_beacon.min(a.next_ping);
         tokio::select! {
             _ = shutdown.changed() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
-            Some(u) = upd_rx.recv() => {
-                let before = map.epoch;
-                if let Some(full) = u.full {
-                    map = full;
-                }
-                for inc in &u.incrementals {
-                    if inc.epoch <= map.epoch {
-                        continue;
-                    }
-                    if let Err(e) = map.apply(inc) {
-                        // Out of order or damaged: start again from a full map.
-                        tracing::warn!("map epoch {}: {e}; refetching the full map", inc.epoch);
-                        map = OsdMap::new(fsid);
-                        break;
-                    }
-                }
-                config = u.config;
-                let policy = config.get("mon_client_selection").and_then(|p| p.parse::<Policy>().ok());
-                if let Some(p) = policy {
-                    mon.reconfigure(p, secs(&config, "mon_client_check_interval", cfg.conf.mon_check_interval.as_secs_f64()));
-                }
-                let _ = have_tx.send(map.epoch);
-                if map.epoch != before {
-                    tracing::debug!("map epoch {} -> {}", before, map.epoch);
-                }
-                if let Some(id) = me {
-                    let o = map.osd(id);
-                    let up = o.is_some_and(|o| o.up);
-                    state.send_modify(|s| { s.epoch = map.epoch; s.up = up; });
-                    if !up && !map.flags.noup && o.is_some_and(|o| o.uuid == cfg.uuid) && map.epoch > boot_epoch {
-                        let was = o.map_or(0, |o| o.down_at);
-                        tracing::warn!("map epoch {} says {id} is down (since epoch {was}) while it is alive: booting again", map.epoch);
-                        need_boot = true;
-                    }
-                }
-                // Peers: every up OSD but us; a new interval resets its clock.
-                let now = Instant::now();
-                let up: BTreeMap<OsdId, (SocketAddr, u64)> = map
-                    .osds
-                    .values()
-                    .filter(|o| o.up && Some(o.id) != me)
-                    .filter_map(|o| o.addrs.as_ref().map(|a| (o.id, (a.public, o.up_from))))
-                    .collect();
-                peers.retain(|id, p| up.get(id).is_some_and(|(a, f)| *a == p.addr && *f == p.up_from));
-                for (id, (addr, up_from)) in up {
-                    peers.entry(id).or_insert(Peer { addr, up_from, since: now, last_reply: None, reported: false });
-                }
+            Some(u) = updates.recv() => {
+                a.apply_update(u);
+                let _ = have.send(a.map.epoch);
             }
-            r = sock.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                let Ok(hb) = envelope::open::<Heartbeat>(Kind::Heartbeat, HB_VERSION, &buf[..n]) else {
-                    tracing::debug!("garbage heartbeat from {from}");
-                    continue;
-                };
-                if hb.fsid != fsid {
-                    tracing::warn!("heartbeat from {from} of another cluster ignored");
-                    continue;
-                }
-                if hb.reply {
-                    if let Some(p) = peers.get_mut(&hb.from) {
-                        p.last_reply = Some(Instant::now());
-                    }
-                } else if let Some(id) = me {
-                    let pong = Heartbeat { fsid, from: id, seq: hb.seq, reply: true };
-                    let _ = sock.send_to(&envelope::seal(Kind::Heartbeat, HB_VERSION, HB_VERSION, &pong), from).await;
+            r = a.sock.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    a.on_datagram(&buf[..n], from).await;
                 }
             }
         }
-        let Some(id) = me else { continue };
-        let now = Instant::now();
-        if now >= next_beacon {
-            next_beacon = now + secs(&config, "osd_beacon_interval", 5.0);
-            let b = api::Beacon { id, uuid: cfg.uuid, epoch: map.epoch };
-            if let Err(e) = mon.post::<_, u64>("/v1/osd/beacon", &b).await {
-                tracing::warn!("beacon: {e}");
+        a.timers().await;
+    }
+    a.mark_down().await;
+    Ok(())
+}
+
+/// The map subscription: a long poll in its own task, feeding updates through a channel;
+/// the agent tells it (through the watch) the epoch it has after each one.
+fn subscribe(mon: MonClient) -> (mpsc::Receiver<MapUpdate>, watch::Sender<u64>) {
+    let (upd_tx, upd_rx) = mpsc::channel::<MapUpdate>(4);
+    let (have_tx, have_rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        loop {
+            let have = *have_rx.borrow();
+            let path = format!("/v1/subscribe?have={have}&wait_ms=10000");
+            let bytes = match mon.get_bytes(&path, Duration::from_secs(10)).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("subscription: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            match envelope::open::<MapUpdate>(Kind::MapUpdate, api::MAP_UPDATE_VERSION, &bytes) {
+                Ok(u) => {
+                    if upd_tx.send(u).await.is_err() {
+                        return;
+                    }
+                    // Wait until the agent has taken it in before asking again.
+                    let mut rx = have_rx.clone();
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|h| *h != have))
+                            .await;
+                }
+                Err(e) => {
+                    tracing::warn!("map update undecodable: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
-        if now >= next_ping {
-            next_ping = now + secs(&config, "osd_heartbeat_interval", 1.0);
-            let grace = secs(&config, "osd_heartbeat_grace", 20.0);
-            seq += 1;
-            let ping = envelope::seal(
-                Kind::Heartbeat,
-                HB_VERSION,
-                HB_VERSION,
-                &Heartbeat { fsid, from: id, seq, reply: false },
-            );
-            let mut reports = Vec::new();
-            for (pid, p) in peers.iter_mut() {
-                let _ = sock.send_to(&ping, p.addr).await;
-                let heard = p.last_reply.unwrap_or(p.since);
-                let failed = now.duration_since(heard) > grace;
-                if failed {
-                    // Re-sent every interval: the monitor only counts recent reports.
-                    reports.push(api::FailureReport { reporter: id, target: *pid, failed: true });
-                    p.reported = true;
-                } else if p.reported {
-                    reports.push(api::FailureReport { reporter: id, target: *pid, failed: false });
-                    p.reported = false;
+    });
+    (upd_rx, have_tx)
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    mon: MonClient,
+    sock: UdpSocket,
+    map: OsdMap,
+    config: BTreeMap<String, String>,
+    me: Option<OsdId>,
+    need_boot: bool,
+    /// The epoch of our last boot: only a later map saying we are down means it.
+    boot_epoch: u64,
+    peers: BTreeMap<OsdId, Peer>,
+    seq: u64,
+    next_beacon: Instant,
+    next_ping: Instant,
+}
+
+impl Agent {
+    fn fsid(&self) -> [u8; 16] {
+        self.cfg.conf.fsid
+    }
+
+    /// Registers and boots; false when the monitors could not be reached (retry).
+    async fn boot(&mut self, req: &BootRequest) -> bool {
+        match self.mon.post::<_, BootReply>("/v1/osd/boot", req).await {
+            Ok(r) => {
+                if r.deferred {
+                    // Booted again when noup clears (seen in a map update).
+                    tracing::info!("{}: boot deferred (noup is set)", r.id);
+                } else {
+                    tracing::info!("booted as {} at epoch {}", r.id, r.epoch);
+                    self.next_beacon = Instant::now() + self.secs("osd_beacon_interval", 5.0);
                 }
+                self.me = Some(r.id);
+                self.need_boot = false;
+                self.boot_epoch = r.epoch;
+                true
             }
-            for r in reports {
-                if r.failed {
-                    tracing::info!("{} does not answer heartbeats: reporting it", r.target);
-                }
-                if let Err(e) = mon.post::<_, bool>("/v1/osd/failure", &r).await {
-                    tracing::warn!("failure report: {e}");
-                }
+            Err(e) => {
+                tracing::warn!("boot: {e}; retrying");
+                false
             }
         }
     }
-    // Graceful stop: tell the monitors now rather than letting them find out.
-    if let Some(id) = me {
-        let mut quick = mon.clone();
+
+    fn secs(&self, key: &str, default: f64) -> Duration {
+        secs(&self.config, key, default)
+    }
+
+    fn apply_update(&mut self, u: MapUpdate) {
+        let before = self.map.epoch;
+        if let Some(full) = u.full {
+            self.map = full;
+        }
+        for inc in &u.incrementals {
+            if inc.epoch <= self.map.epoch {
+                continue;
+            }
+            if let Err(e) = self.map.apply(inc) {
+                // Out of order or damaged: start again from a full map.
+                tracing::warn!("map epoch {}: {e}; refetching the full map", inc.epoch);
+                self.map = OsdMap::new(self.fsid());
+                break;
+            }
+        }
+        self.config = u.config;
+        if let Some(p) =
+            self.config.get("mon_client_selection").and_then(|p| p.parse::<Policy>().ok())
+        {
+            let default = self.cfg.conf.mon_check_interval.as_secs_f64();
+            self.mon.reconfigure(p, self.secs("mon_client_check_interval", default));
+        }
+        if self.map.epoch != before {
+            tracing::debug!("map epoch {} -> {}", before, self.map.epoch);
+        }
+        if let Some(id) = self.me
+            && let Some(o) = self.map.osd(id)
+            && !o.up
+            && o.uuid == self.cfg.uuid
+            && !self.map.flags.noup
+            && self.map.epoch > self.boot_epoch
+        {
+            tracing::warn!(
+                "map epoch {} says {id} is down (since epoch {}) while it is alive: booting again",
+                self.map.epoch,
+                o.down_at
+            );
+            self.need_boot = true;
+        }
+        // Peers: every up OSD but us; a new interval resets its clock.
+        let now = Instant::now();
+        let up: BTreeMap<OsdId, (SocketAddr, u64)> = self
+            .map
+            .osds
+            .values()
+            .filter(|o| o.up && Some(o.id) != self.me)
+            .filter_map(|o| o.addrs.as_ref().map(|a| (o.id, (a.public, o.up_from))))
+            .collect();
+        self.peers.retain(|id, p| up.get(id).is_some_and(|(a, f)| *a == p.addr && *f == p.up_from));
+        for (id, (addr, up_from)) in up {
+            self.peers.entry(id).or_insert(Peer {
+                addr,
+                up_from,
+                since: now,
+                last_reply: None,
+                reported: false,
+            });
+        }
+    }
+
+    /// A heartbeat ping (answered) or reply (recorded); anything else is ignored.
+    async fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let Ok(hb) = envelope::open::<Heartbeat>(Kind::Heartbeat, HB_VERSION, bytes) else {
+            tracing::debug!("garbage heartbeat from {from}");
+            return;
+        };
+        if hb.fsid != self.fsid() {
+            tracing::warn!("heartbeat from {from} of another cluster ignored");
+            return;
+        }
+        if hb.reply {
+            if let Some(p) = self.peers.get_mut(&hb.from) {
+                p.last_reply = Some(Instant::now());
+            }
+        } else if let Some(id) = self.me {
+            let pong = Heartbeat { fsid: self.fsid(), from: id, seq: hb.seq, reply: true };
+            let sealed = envelope::seal(Kind::Heartbeat, HB_VERSION, HB_VERSION, &pong);
+            let _ = self.sock.send_to(&sealed, from).await;
+        }
+    }
+
+    /// Beacons and heartbeats that are due, and the failure reports they lead to.
+    async fn timers(&mut self) {
+        let Some(id) = self.me else { return };
+        let now = Instant::now();
+        if now >= self.next_beacon {
+            self.next_beacon = now + self.secs("osd_beacon_interval", 5.0);
+            let b = api::Beacon { id, uuid: self.cfg.uuid, epoch: self.map.epoch };
+            if let Err(e) = self.mon.post::<_, u64>("/v1/osd/beacon", &b).await {
+                tracing::warn!("beacon: {e}");
+            }
+        }
+        if now < self.next_ping {
+            return;
+        }
+        self.next_ping = now + self.secs("osd_heartbeat_interval", 1.0);
+        let grace = self.secs("osd_heartbeat_grace", 20.0);
+        self.seq += 1;
+        let ping = Heartbeat { fsid: self.fsid(), from: id, seq: self.seq, reply: false };
+        let ping = envelope::seal(Kind::Heartbeat, HB_VERSION, HB_VERSION, &ping);
+        let mut reports = Vec::new();
+        for (pid, p) in self.peers.iter_mut() {
+            let _ = self.sock.send_to(&ping, p.addr).await;
+            let heard = p.last_reply.unwrap_or(p.since);
+            if now.duration_since(heard) > grace {
+                // Re-sent every interval: the monitor only counts recent reports.
+                reports.push(api::FailureReport { reporter: id, target: *pid, failed: true });
+                p.reported = true;
+            } else if p.reported {
+                reports.push(api::FailureReport { reporter: id, target: *pid, failed: false });
+                p.reported = false;
+            }
+        }
+        for r in reports {
+            if r.failed {
+                tracing::info!("{} does not answer heartbeats: reporting it", r.target);
+            }
+            if let Err(e) = self.mon.post::<_, bool>("/v1/osd/failure", &r).await {
+                tracing::warn!("failure report: {e}");
+            }
+        }
+    }
+
+    /// Graceful stop: tell the monitors now rather than letting them find out.
+    async fn mark_down(&self) {
+        let Some(id) = self.me else { return };
+        let mut quick = self.mon.clone();
         quick.deadline = Duration::from_secs(3);
         quick.attempt_timeout = Duration::from_secs(2);
         let cmd = Command::MarkDown { ids: vec![id], by_operator: true };
@@ -295,5 +333,4 @@ pub async fn run(
             Err(e) => tracing::warn!("could not mark {id} down ({e}); the monitors will notice"),
         }
     }
-    Ok(())
 }

@@ -328,6 +328,11 @@ fn cli_reads_writes_and_exit_codes() {
     assert!(body.contains("sluice_osdmap_epoch "), "{body}");
     assert!(body.contains("sluice_health_status 0"), "{body}");
 
+    // An unknown daemon name: a usage error naming the ones there are.
+    let out = c.sluice(&["dev", "stop", "osd.9"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mon.a"), "{}", text(&out));
+
     // No monitor at all: exit code 3.
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["-m", "127.0.0.1:1", "--timeout", "2", "status"])

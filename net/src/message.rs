@@ -35,12 +35,20 @@ pub struct Mark(usize);
 
 /// Starts a message of format `version`, readable by readers of at least `oldest`.
 pub fn begin(out: &mut Vec<u8>, version: u16, oldest: u16) -> Mark {
-    assert!(oldest <= version, "oldest compatible {oldest} > version {version}");
     let at = out.len();
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&oldest.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&header(version, oldest, 0));
     Mark(at)
+}
+
+/// The header of a message of format `version`, readable by readers of at least
+/// `oldest`, with a body of `len` bytes (for bodies built elsewhere than after [`begin`]).
+pub fn header(version: u16, oldest: u16, len: u32) -> [u8; HEADER_BYTES] {
+    assert!(oldest <= version, "oldest compatible {oldest} > version {version}");
+    let mut h = [0u8; HEADER_BYTES];
+    h[0..2].copy_from_slice(&version.to_le_bytes());
+    h[2..4].copy_from_slice(&oldest.to_le_bytes());
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h
 }
 
 /// Completes the message begun at `mark` (everything appended since is its body).

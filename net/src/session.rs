@@ -101,20 +101,25 @@ impl State {
     }
 }
 
-fn write_msg(out: &mut Vec<u8>, tag: u8, limits: &Limits, body: impl FnOnce(&mut Vec<u8>)) {
-    let mut seg = Vec::with_capacity(32);
-    let m = message::begin(&mut seg, VERSION, 1);
-    body(&mut seg);
-    message::finish(&mut seg, m);
-    frame::encode(out, tag, 0, &[&seg], limits).expect("session frames are small");
+/// Writes a session control frame whose message body is `fields`, back to back. Built on
+/// the stack: acks and keepalives allocate nothing.
+fn write_msg(out: &mut Vec<u8>, tag: u8, limits: &Limits, fields: &[&[u8]]) {
+    let mut seg = [0u8; 64];
+    let len: usize = fields.iter().map(|f| f.len()).sum();
+    let end = message::HEADER_BYTES + len;
+    assert!(end <= seg.len(), "session control messages are small");
+    seg[..message::HEADER_BYTES].copy_from_slice(&message::header(VERSION, 1, len as u32));
+    let mut at = message::HEADER_BYTES;
+    for f in fields {
+        seg[at..at + f.len()].copy_from_slice(f);
+        at += f.len();
+    }
+    frame::encode(out, tag, 0, &[&seg[..end]], limits).expect("session frames are small");
 }
 
 fn write_banner(out: &mut Vec<u8>, f: Features, limits: &Limits) {
-    write_msg(out, tag::BANNER, limits, |b| {
-        b.extend_from_slice(&BANNER_MAGIC);
-        b.extend_from_slice(&f.supported.to_le_bytes());
-        b.extend_from_slice(&f.required.to_le_bytes());
-    });
+    let fields: [&[u8]; 3] = [&BANNER_MAGIC, &f.supported.to_le_bytes(), &f.required.to_le_bytes()];
+    write_msg(out, tag::BANNER, limits, &fields);
 }
 
 fn body<'a>(f: &Frame<'a>) -> Result<Dec<'a>, SessionError> {
@@ -217,7 +222,6 @@ pub struct Session {
     /// Last sequence number delivered to us.
     in_seq: u64,
     ack_pending: bool,
-    hdr: Vec<u8>,
 }
 
 impl Session {
@@ -236,7 +240,6 @@ impl Session {
             unacked: VecDeque::new(),
             in_seq: 0,
             ack_pending: false,
-            hdr: Vec::with_capacity(32),
         }
     }
 
@@ -270,11 +273,8 @@ impl Session {
     pub fn connect(&mut self, out: &mut Vec<u8>) {
         assert!(self.client, "connect() is the client's");
         write_banner(out, self.features, &self.limits);
-        let (cookie, in_seq) = (self.cookie, self.in_seq);
-        write_msg(out, tag::HELLO, &self.limits, |b| {
-            b.extend_from_slice(&cookie.to_le_bytes());
-            b.extend_from_slice(&in_seq.to_le_bytes());
-        });
+        let fields: [&[u8]; 2] = [&self.cookie.to_le_bytes(), &self.in_seq.to_le_bytes()];
+        write_msg(out, tag::HELLO, &self.limits, &fields);
         self.state = State::AwaitReply { banner: false };
     }
 
@@ -288,10 +288,7 @@ impl Session {
         assert!(!self.client, "attach() is the server's");
         assert_eq!(hello.cookie, self.cookie, "attached to another session");
         self.negotiated = hello.features;
-        let in_seq = self.in_seq;
-        write_msg(out, tag::HELLO_REPLY, &self.limits, |b| {
-            b.extend_from_slice(&in_seq.to_le_bytes());
-        });
+        write_msg(out, tag::HELLO_REPLY, &self.limits, &[&self.in_seq.to_le_bytes()]);
         self.peer_acked(hello.peer_in_seq)?;
         self.resend(out);
         self.state = State::Open;
@@ -338,15 +335,14 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<u64, SessionError> {
         let seq = self.out_seq + 1;
-        self.hdr.clear();
-        let m = message::begin(&mut self.hdr, VERSION, 1);
-        self.hdr.extend_from_slice(&seq.to_le_bytes());
-        self.hdr.extend_from_slice(&self.in_seq.to_le_bytes());
-        self.hdr.extend_from_slice(&msg_type.to_le_bytes());
-        message::finish(&mut self.hdr, m);
+        // Session header: seq u64, our cumulative ack u64, message type u16.
+        let mut hdr = [0u8; message::HEADER_BYTES + 18];
+        hdr[..8].copy_from_slice(&message::header(VERSION, 1, 18));
+        hdr[8..16].copy_from_slice(&seq.to_le_bytes());
+        hdr[16..24].copy_from_slice(&self.in_seq.to_le_bytes());
+        hdr[24..26].copy_from_slice(&msg_type.to_le_bytes());
         let off = self.replay.len();
-        let len =
-            frame::encode(&mut self.replay, tag::MESSAGE, 0, &[&self.hdr, payload], &self.limits)?;
+        let len = frame::encode(&mut self.replay, tag::MESSAGE, 0, &[&hdr, payload], &self.limits)?;
         self.out_seq = seq;
         self.unacked.push_back((seq, off, len));
         if self.state == State::Open {
@@ -359,17 +355,14 @@ impl Session {
     /// Writes an ack if messages were delivered since we last told the peer.
     pub fn flush_ack(&mut self, out: &mut Vec<u8>) {
         if self.ack_pending && self.state == State::Open {
-            let in_seq = self.in_seq;
-            write_msg(out, tag::ACK, &self.limits, |b| b.extend_from_slice(&in_seq.to_le_bytes()));
+            write_msg(out, tag::ACK, &self.limits, &[&self.in_seq.to_le_bytes()]);
             self.ack_pending = false;
         }
     }
 
     pub fn keepalive(&mut self, now_ns: u64, out: &mut Vec<u8>) {
         if self.state == State::Open {
-            write_msg(out, tag::KEEPALIVE, &self.limits, |b| {
-                b.extend_from_slice(&now_ns.to_le_bytes())
-            });
+            write_msg(out, tag::KEEPALIVE, &self.limits, &[&now_ns.to_le_bytes()]);
         }
     }
 
@@ -425,9 +418,7 @@ impl Session {
                 }
                 (tag::KEEPALIVE, State::Open) => {
                     let ts = body(&f)?.u64().map_err(|_| SessionError::Truncated("keepalive"))?;
-                    write_msg(out, tag::KEEPALIVE_ACK, &self.limits, |b| {
-                        b.extend_from_slice(&ts.to_le_bytes())
-                    });
+                    write_msg(out, tag::KEEPALIVE_ACK, &self.limits, &[&ts.to_le_bytes()]);
                 }
                 (tag::KEEPALIVE_ACK, State::Open) => {
                     let ts = body(&f)?.u64().map_err(|_| SessionError::Truncated("keepalive"))?;

@@ -23,6 +23,8 @@ pub struct Connection {
     inbuf: Vec<u8>,
     in_start: usize,
     in_end: usize,
+    /// The peer closed after bytes this read returned: the next read reports it.
+    eof: bool,
     out: Vec<u8>,
     out_pos: usize,
 }
@@ -36,6 +38,7 @@ impl Connection {
             inbuf: vec![0; 64 << 10],
             in_start: 0,
             in_end: 0,
+            eof: false,
             out: Vec::with_capacity(64 << 10),
             out_pos: 0,
         })
@@ -49,6 +52,9 @@ impl Connection {
     /// an error (the connection is over). The buffer is zeroed once when it grows, never
     /// per read.
     pub fn read_some(&mut self) -> io::Result<usize> {
+        if self.eof {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+        }
         if self.in_start == self.in_end {
             self.in_start = 0;
             self.in_end = 0;
@@ -67,8 +73,13 @@ impl Connection {
                 }
             }
             match self.stream.read(&mut self.inbuf[self.in_end..]) {
-                Ok(0) => {
+                Ok(0) if total == 0 => {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+                }
+                Ok(0) => {
+                    // Hand out what came before the end first; report it next time.
+                    self.eof = true;
+                    break;
                 }
                 Ok(n) => {
                     self.in_end += n;
@@ -202,16 +213,10 @@ impl ClientConn {
     }
 }
 
-enum PeerState {
-    Handshaking(Handshake),
-    Open(u64),
-    /// Replaced by a newer connection of the same session: closed without touching it.
-    Retired,
-}
-
-struct Peer {
-    state: PeerState,
-    conn: Connection,
+/// A client's session and its current connection, if any.
+struct Client {
+    session: Session,
+    conn: Option<Connection>,
 }
 
 /// A server: a listener and its connections; sessions by client cookie survive cuts.
@@ -219,16 +224,17 @@ pub struct Server {
     listener: TcpListener,
     features: Features,
     limits: Limits,
-    peers: Vec<Peer>,
-    sessions: HashMap<u64, Session>,
+    /// Connections whose client has not said who it is yet.
+    handshaking: Vec<(Handshake, Connection)>,
+    clients: HashMap<u64, Client>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("addr", &self.listener.local_addr().ok())
-            .field("connections", &self.peers.len())
-            .field("sessions", &self.sessions.len())
+            .field("connections", &self.connections())
+            .field("sessions", &self.clients.len())
             .finish()
     }
 }
@@ -253,7 +259,7 @@ impl Server {
     pub fn bind(addr: SocketAddr, features: Features, limits: Limits) -> io::Result<Server> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        Ok(Server { listener, features, limits, peers: Vec::new(), sessions: HashMap::new() })
+        Ok(Server { listener, features, limits, handshaking: Vec::new(), clients: HashMap::new() })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -261,22 +267,15 @@ impl Server {
     }
 
     pub fn connections(&self) -> usize {
-        self.peers.len()
+        self.handshaking.len() + self.clients.values().filter(|c| c.conn.is_some()).count()
     }
 
     /// Sends to a client's session (delivered on its current or next connection).
     pub fn send(&mut self, cookie: u64, msg_type: u16, payload: &[u8]) -> Option<u64> {
-        let s = self.sessions.get_mut(&cookie)?;
-        let mut scratch = Vec::new();
-        let out = match self
-            .peers
-            .iter_mut()
-            .find(|p| matches!(p.state, PeerState::Open(c) if c == cookie))
-        {
-            Some(p) => p.conn.out(),
-            None => &mut scratch,
-        };
-        s.send(msg_type, payload, out).ok()
+        let c = self.clients.get_mut(&cookie)?;
+        let mut none = Vec::new();
+        let out = c.conn.as_mut().map_or(&mut none, |conn| conn.out());
+        c.session.send(msg_type, payload, out).ok()
     }
 
     /// Accepts, reads, handles and writes whatever is ready. Returns whether anything
@@ -288,7 +287,7 @@ impl Server {
                 Ok((s, _)) => match Connection::new(s) {
                     Ok(mut conn) => {
                         let hs = Handshake::new(self.features, self.limits, conn.out());
-                        self.peers.push(Peer { state: PeerState::Handshaking(hs), conn });
+                        self.handshaking.push((hs, conn));
                         busy = true;
                     }
                     Err(e) => on(ServerEvent::Closed { peer: None, reason: e.to_string() }),
@@ -301,79 +300,105 @@ impl Server {
             }
         }
         let mut i = 0;
-        while i < self.peers.len() {
-            let r = if matches!(self.peers[i].state, PeerState::Retired) {
-                Err(ConnError::Io(io::Error::other("replaced by a newer connection")))
-            } else {
-                self.poll_peer(i, &mut on)
-            };
-            match r {
-                Ok(b) => {
+        while i < self.handshaking.len() {
+            let (hs, conn) = &mut self.handshaking[i];
+            match handshake(hs, conn) {
+                Ok((b, None)) => {
                     busy |= b;
                     i += 1;
                 }
-                Err(e) => {
-                    let p = self.peers.swap_remove(i);
-                    p.conn.shutdown();
-                    if let PeerState::Open(k) = p.state
-                        && let Some(s) = self.sessions.get_mut(&k)
-                    {
-                        s.disconnected();
-                    }
-                    on(ServerEvent::Closed { peer: p.conn.peer().ok(), reason: e.to_string() });
+                Ok((_, Some(hello))) => {
                     busy = true;
+                    let (_, conn) = self.handshaking.swap_remove(i);
+                    self.attach(hello, conn, &mut on);
+                }
+                Err(e) => {
+                    busy = true;
+                    let (_, conn) = self.handshaking.swap_remove(i);
+                    close(conn, e, &mut on);
+                }
+            }
+        }
+        for (&cookie, c) in self.clients.iter_mut() {
+            let Some(conn) = &mut c.conn else { continue };
+            match serve(cookie, &mut c.session, conn, &mut on) {
+                Ok(b) => busy |= b,
+                Err(e) => {
+                    busy = true;
+                    c.session.disconnected();
+                    close(c.conn.take().expect("just polled"), e, &mut on);
                 }
             }
         }
         busy
     }
 
-    fn poll_peer(
+    /// The client of `conn` said which session it is: attach the connection to it. A
+    /// connection the session still had (the client reconnected before we noticed the
+    /// old one died) is closed without touching the session.
+    fn attach(
         &mut self,
-        i: usize,
+        hello: crate::session::Hello,
+        mut conn: Connection,
         on: &mut impl FnMut(ServerEvent<'_>),
-    ) -> Result<bool, ConnError> {
-        let n = self.peers[i].conn.read_some()?;
-        let p = &mut self.peers[i];
-        if let PeerState::Handshaking(hs) = &mut p.state {
-            let (used, hello) = hs.receive(p.conn.input())?;
-            p.conn.consume(used);
-            if let Some(h) = hello {
-                let s = self
-                    .sessions
-                    .entry(h.cookie)
-                    .or_insert_with(|| Session::server(h.cookie, self.features, self.limits));
-                s.disconnected();
-                s.attach(&h, p.conn.out())?;
-                p.state = PeerState::Open(h.cookie);
-                // A client reconnecting before we noticed its old connection died: the
-                // old one is retired without touching the session.
-                for (j, q) in self.peers.iter_mut().enumerate() {
-                    if j != i && matches!(q.state, PeerState::Open(k) if k == h.cookie) {
-                        q.state = PeerState::Retired;
-                    }
-                }
-            }
+    ) {
+        let (features, limits) = (self.features, self.limits);
+        let c = self.clients.entry(hello.cookie).or_insert_with(|| Client {
+            session: Session::server(hello.cookie, features, limits),
+            conn: None,
+        });
+        if let Some(old) = c.conn.take() {
+            let e = io::Error::other("replaced by a newer connection of the same session");
+            close(old, ConnError::Io(e), on);
         }
-        let p = &mut self.peers[i];
-        if let PeerState::Open(cookie) = p.state {
-            let s = self.sessions.get_mut(&cookie).expect("open peers have sessions");
-            let mut out = std::mem::take(p.conn.out());
-            let used = s.receive(p.conn.input(), &mut out, |e| {
-                if let Event::Message { seq, msg_type, frame } = e {
-                    on(ServerEvent::Message {
-                        cookie,
-                        seq,
-                        msg_type,
-                        payload: crate::session::payload(&frame),
-                    });
-                }
-            });
-            *p.conn.out() = out;
-            p.conn.consume(used?);
-            s.flush_ack(p.conn.out());
+        c.session.disconnected();
+        match c.session.attach(&hello, conn.out()) {
+            Ok(_) => c.conn = Some(conn),
+            Err(e) => close(conn, e.into(), on),
         }
-        self.peers[i].conn.flush()?;
-        Ok(n > 0)
     }
+}
+
+fn close(conn: Connection, e: ConnError, on: &mut impl FnMut(ServerEvent<'_>)) {
+    conn.shutdown();
+    on(ServerEvent::Closed { peer: conn.peer().ok(), reason: e.to_string() });
+}
+
+/// Reads and handles a connection's handshake; returns whether bytes arrived and the
+/// client's hello once it is in (bytes after it stay for the session).
+fn handshake(
+    hs: &mut Handshake,
+    conn: &mut Connection,
+) -> Result<(bool, Option<crate::session::Hello>), ConnError> {
+    let n = conn.read_some()?;
+    let (used, hello) = hs.receive(conn.input())?;
+    conn.consume(used);
+    conn.flush()?;
+    Ok((n > 0, hello))
+}
+
+/// Reads, handles and writes what is ready on an attached connection.
+fn serve(
+    cookie: u64,
+    session: &mut Session,
+    conn: &mut Connection,
+    on: &mut impl FnMut(ServerEvent<'_>),
+) -> Result<bool, ConnError> {
+    let n = conn.read_some()?;
+    let mut out = std::mem::take(conn.out());
+    let used = session.receive(conn.input(), &mut out, |e| {
+        if let Event::Message { seq, msg_type, frame } = e {
+            on(ServerEvent::Message {
+                cookie,
+                seq,
+                msg_type,
+                payload: crate::session::payload(&frame),
+            });
+        }
+    });
+    *conn.out() = out;
+    conn.consume(used?);
+    session.flush_ack(conn.out());
+    conn.flush()?;
+    Ok(n > 0)
 }

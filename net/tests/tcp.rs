@@ -9,7 +9,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use sluice_net::frame::{self, Limits};
-use sluice_net::session::Features;
+use sluice_net::session::{self, Event, Features};
 use sluice_net::tcp::{ClientConn, Server, ServerEvent};
 
 const F: Features = Features { supported: 1, required: 1 };
@@ -19,6 +19,9 @@ enum Seen {
     Closed(String),
 }
 
+/// Messages of this type are echoed back to their sender.
+const ECHO: u16 = 9;
+
 /// A server polled on its own thread until `stop`.
 fn server(limits: Limits) -> (std::net::SocketAddr, mpsc::Receiver<Seen>, Arc<AtomicBool>) {
     let mut s = Server::bind("127.0.0.1:0".parse().unwrap(), F, limits).unwrap();
@@ -27,21 +30,43 @@ fn server(limits: Limits) -> (std::net::SocketAddr, mpsc::Receiver<Seen>, Arc<At
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     std::thread::spawn(move || {
+        let mut echoes = Vec::new();
         while !stop2.load(Ordering::Relaxed) {
             let busy = s.poll(|e| {
                 let _ = tx.send(match e {
-                    ServerEvent::Message { cookie, seq, payload, .. } => {
+                    ServerEvent::Message { cookie, seq, payload, msg_type } => {
+                        if msg_type == ECHO {
+                            echoes.push((cookie, payload.to_vec()));
+                        }
                         Seen::Msg(cookie, seq, payload.to_vec())
                     }
                     ServerEvent::Closed { reason, .. } => Seen::Closed(reason),
                 });
             });
+            for (cookie, p) in echoes.drain(..) {
+                s.send(cookie, ECHO, &p).expect("the session exists");
+            }
             if !busy {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
     });
     (addr, rx, stop)
+}
+
+/// Polls until everything sent is acked, reconnecting after errors if `reconnect` (else
+/// an error fails the test).
+fn until_acked(c: &mut ClientConn, reconnect: bool, mut on: impl FnMut(Event<'_>)) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.session.unacked() > 0 {
+        assert!(Instant::now() < end, "{} messages never acked", c.session.unacked());
+        if !c.connected() {
+            c.connect().unwrap();
+        }
+        let r = c.poll(&mut on);
+        assert!(reconnect || r.is_ok(), "{r:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn payload(i: usize) -> Vec<u8> {
@@ -70,15 +95,7 @@ fn cuts_mid_stream_lose_and_duplicate_nothing() {
             c.connect().unwrap();
         }
     }
-    let end = Instant::now() + Duration::from_secs(60);
-    while c.session.unacked() > 0 {
-        assert!(Instant::now() < end, "{} messages never acked", c.session.unacked());
-        if !c.connected() {
-            c.connect().unwrap();
-        }
-        let _ = c.poll(|_| {});
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    until_acked(&mut c, true, |_| {});
     stop.store(true, Ordering::Relaxed);
     let mut got = Vec::new();
     while let Ok(s) = rx.recv_timeout(Duration::from_secs(1)) {
@@ -143,12 +160,7 @@ fn bad_input_closes_only_that_connection() {
     for i in 0..50 {
         good.send(2, &payload(i)).unwrap();
     }
-    let end = Instant::now() + Duration::from_secs(30);
-    while good.session.unacked() > 0 {
-        assert!(Instant::now() < end, "the good client stopped being served");
-        good.poll(|_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    until_acked(&mut good, false, |_| {});
     stop.store(true, Ordering::Relaxed);
 }
 
@@ -162,12 +174,7 @@ fn payloads_of_every_awkward_size_arrive_intact() {
         let p: Vec<u8> = (0..n).map(|j| (j * 31 + i) as u8).collect();
         c.send(3, &p).unwrap();
     }
-    let end = Instant::now() + Duration::from_secs(60);
-    while c.session.unacked() > 0 {
-        assert!(Instant::now() < end, "not acked");
-        c.poll(|_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    until_acked(&mut c, false, |_| {});
     stop.store(true, Ordering::Relaxed);
     let got: Vec<Vec<u8>> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(1)).ok())
         .map(|s| match s {
@@ -179,5 +186,46 @@ fn payloads_of_every_awkward_size_arrive_intact() {
     for (i, (&n, p)) in sizes.iter().zip(&got).enumerate() {
         assert_eq!(p.len(), n);
         assert!(p.iter().enumerate().all(|(j, &b)| b == (j * 31 + i) as u8), "message {i}");
+    }
+}
+
+/// The server's sends to a client survive cuts too: every echo comes back once, in order.
+#[test]
+fn server_sends_survive_cuts() {
+    let (addr, _rx, stop) = server(Limits::DEFAULT);
+    let mut c = ClientConn::new(addr, 31, F, Limits::DEFAULT);
+    c.connect().unwrap();
+    let echoed: std::cell::RefCell<Vec<Vec<u8>>> = Default::default();
+    let mut keep = |e: Event<'_>| {
+        if let Event::Message { frame, msg_type: ECHO, .. } = e {
+            echoed.borrow_mut().push(session::payload(&frame).to_vec());
+        }
+    };
+    let n = 500;
+    for i in 0..n {
+        c.send(ECHO, &payload(i)).unwrap();
+        if i % 97 == 50 {
+            c.cut();
+            c.connect().unwrap();
+        }
+        if c.poll(&mut keep).is_err() {
+            c.connect().unwrap();
+        }
+    }
+    until_acked(&mut c, true, &mut keep);
+    let end = Instant::now() + Duration::from_secs(60);
+    while echoed.borrow().len() < n {
+        assert!(Instant::now() < end, "{} of {n} echoes came back", echoed.borrow().len());
+        if !c.connected() {
+            c.connect().unwrap();
+        }
+        let _ = c.poll(&mut keep);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let echoed = echoed.into_inner();
+    assert_eq!(echoed.len(), n, "duplicated echoes");
+    for (i, p) in echoed.iter().enumerate() {
+        assert_eq!(p, &payload(i), "echo {i}");
     }
 }

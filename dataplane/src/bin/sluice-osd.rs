@@ -416,8 +416,7 @@ fn start_agent(
     let thread = std::thread::Builder::new().name("cluster-agent".into()).spawn(move || {
         let _listeners = listeners;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (state, _) = tokio::sync::watch::channel(Default::default());
-        rt.block_on(sluice_control::osd_agent::run(cfg, stop_rx, state))
+        rt.block_on(sluice_control::osd_agent::run(cfg, stop_rx))
     })?;
     Ok((stop_tx, thread))
 }

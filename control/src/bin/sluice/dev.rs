@@ -220,7 +220,7 @@ async fn client(dir: &Path) -> Result<MonClient, Fail> {
 }
 
 /// Waits until the map shows `n` OSDs up (or the deadline).
-async fn wait_osds_up(c: &MonClient, n: usize, end: Instant) -> Result<(), Fail> {
+async fn wait_osds_up(c: &MonClient, dir: &Path, n: usize, end: Instant) -> Result<(), Fail> {
     loop {
         if let Ok(m) = c.get::<api::MapView>("/v1/osdmap").await
             && m.osds.iter().filter(|o| o.up).count() >= n
@@ -228,27 +228,30 @@ async fn wait_osds_up(c: &MonClient, n: usize, end: Instant) -> Result<(), Fail>
             return Ok(());
         }
         if Instant::now() > end {
-            return Err(fail(format!("timed out waiting for {n} OSDs to boot (see the logs)")));
+            return Err(fail(format!(
+                "timed out waiting for {n} OSDs to boot (the daemons' logs: {}/log)",
+                dir.display()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-async fn wait_healthy(c: &MonClient, end: Instant) -> Result<api::Status, Fail> {
+async fn wait_healthy(c: &MonClient, dir: &Path, end: Instant) -> Result<api::Status, Fail> {
     loop {
         let last = match c.get::<api::Status>("/v1/status").await {
             Ok(s) if s.health.status == api::HealthStatus::Ok => return Ok(s),
-            Ok(s) => Some(format!(
+            Ok(s) => format!(
                 "{}: {:?}",
                 s.health.status.as_str(),
                 s.health.checks.iter().map(|c| &c.summary).collect::<Vec<_>>()
-            )),
-            Err(e) => Some(e.to_string()),
+            ),
+            Err(e) => e.to_string(),
         };
         if Instant::now() > end {
             return Err(fail(format!(
-                "the cluster is running but not healthy yet: {}",
-                last.unwrap_or_default()
+                "the cluster is running but not healthy yet: {last} (`sluice dev status --dir {0}`; logs in {0}/log)",
+                dir.display()
             )));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -270,7 +273,7 @@ pub async fn run(cmd: &DevCmd, json: bool) -> Result<(), Fail> {
             for d in &st.daemons {
                 if d.name.starts_with("osd.") {
                     if fresh {
-                        wait_osds_up(&c, n_osd, end).await?;
+                        wait_osds_up(&c, dir, n_osd, end).await?;
                     }
                     n_osd += 1;
                 }
@@ -278,8 +281,8 @@ pub async fn run(cmd: &DevCmd, json: bool) -> Result<(), Fail> {
                     spawn(dir, d)?;
                 }
             }
-            wait_osds_up(&c, n_osd, end).await?;
-            let s = wait_healthy(&c, end).await?;
+            wait_osds_up(&c, dir, n_osd, end).await?;
+            let s = wait_healthy(&c, dir, end).await?;
             let dir_abs = std::fs::canonicalize(dir).map_err(fail)?;
             if json {
                 crate::print_json(&s);
