@@ -9,6 +9,7 @@
 mod common;
 mod device;
 mod machine;
+mod objects_bench;
 mod progress;
 mod reactor_bench;
 mod report;
@@ -35,6 +36,9 @@ enum Cmd {
     /// Durable object writes and verified reads through one store shard on its reactor,
     /// in process: compare with `device` on the same file system.
     Store(store_bench::StoreArgs),
+    /// Object I/O against a running cluster through the client library (e.g. one local
+    /// OSD made by `sluice dev up`): compare with `device` on the same file system.
+    Objects(objects_bench::ObjectsArgs),
     /// Measure round trips between two reactors for several spin windows and gaps:
     /// what parking costs and what spinning buys.
     Reactor(reactor_bench::ReactorBenchArgs),
@@ -46,6 +50,7 @@ fn main() {
         Cmd::Device(a) => device::run(a),
         Cmd::Reactor(a) => reactor_bench::run(a),
         Cmd::Store(a) => store_bench::run(a),
+        Cmd::Objects(a) => objects_bench::run(a),
     };
     if let Err(e) = r {
         eprintln!("sluice-bench: error: {e:#}");

@@ -63,6 +63,11 @@ pub struct Results {
     /// Share of the reactors' awake time spent doing work (0..1).
     pub busy_share: f64,
     pub errors: u64,
+    /// CPU time of the OSD processes on this machine per I/O (`objects` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub osd_cpu_us_per_io: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub osd_processes: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read: Option<OpResults>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -125,6 +130,8 @@ impl Results {
             },
             busy_share,
             errors,
+            osd_cpu_us_per_io: None,
+            osd_processes: None,
             read: None,
             write: None,
             flush: None,

@@ -1,5 +1,898 @@
-//! The Sluice client library: placement, routing, retries, auth.
+//! The Sluice client library: objects over the network.
 //!
-//! Empty until the serving path lands; see `docs/ARCHITECTURE.md` for what exists today.
+//! A [`Cluster`] connects from a configuration file (the monitors) and keeps the OSD
+//! map current in the background. Each thread that does I/O takes an [`Io`] from it:
+//! an `Io` maps every object to its PG, the PG's primary OSD and the core owning the PG,
+//! keeps one session per OSD core, and has many ops in flight at once.
+//!
+//! Two ways to use an `Io`:
+//! * **asynchronous, completion based**: [`Io::submit`] queues an op and returns its
+//!   transaction id; [`Io::poll`] drives the network and hands back [`Completion`]s;
+//! * **blocking**: [`Io::write_full`], [`Io::read`], [`Io::stat`], [`Io::remove`],
+//!   [`Io::list`], [`Io::set_xattr`], [`Io::get_xattr`] submit and wait for one op.
+//!
+//! What it survives: a lost connection (the session resends what the OSD did not get,
+//! exactly once), a map change or a redirect (the op is resent to the new primary, with
+//! the same request id so a write is applied once), an OSD restart (the OSD remembers
+//! request ids in its PG log). Every op has a deadline ([`Options::op_timeout`]).
+//!
+//! ```no_run
+//! use sluice_client::{Cluster, Options, Op, Output};
+//! # fn main() -> Result<(), sluice_client::Error> {
+//! let cluster = Cluster::connect_file("sluice.conf".as_ref(), Options::default())?;
+//! let mut io = cluster.io();
+//! // Blocking:
+//! io.write_full("data", "greeting", b"hello".to_vec())?;
+//! assert_eq!(io.read_all("data", "greeting")?, b"hello");
+//! // Asynchronous: 32 writes in flight, then their completions.
+//! let payload: std::sync::Arc<[u8]> = vec![7u8; 4096].into();
+//! for i in 0..32 {
+//!     io.submit("data", &format!("obj-{i}"), Op::WriteFull(payload.clone()))?;
+//! }
+//! let mut done = Vec::new();
+//! while io.in_flight() > 0 {
+//!     io.poll(std::time::Duration::from_secs(1), &mut done);
+//! }
+//! assert!(done.iter().all(|c| matches!(c.result, Ok(Output::Written { .. }))));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Threads: a `Cluster` is shared (clone it freely); an `Io` belongs to one thread.
 
 #![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_control::api::{self, MapUpdate};
+use sluice_control::client::MonClient;
+use sluice_control::conf::Conf;
+use sluice_control::maps::envelope::{self, Kind};
+use sluice_control::maps::placement::{self, PgId};
+use sluice_control::maps::{OsdId, OsdMap, PoolId};
+use sluice_net::frame::Limits;
+use sluice_net::ops::{self, Body, Reply, Request, Status};
+use sluice_net::session::Event;
+use sluice_net::tcp::ClientConn;
+
+/// What can go wrong, typed so callers can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("no such object")]
+    NotFound,
+    #[error("no pool named {0:?}")]
+    NoSuchPool(String),
+    #[error("the OSD is out of space")]
+    NoSpace,
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("OSD device error: {0}")]
+    Io(String),
+    #[error("{op} of {object:?} timed out after {after:?}")]
+    Timeout { op: &'static str, object: String, after: Duration },
+    #[error("monitors: {0}")]
+    Monitors(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long an op may take, resends included, before it fails with `Timeout`.
+    pub op_timeout: Duration,
+    /// How long [`Cluster::connect`] waits for the first map.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { op_timeout: Duration::from_secs(30), connect_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The map, shared between the follower thread and the `Io`s.
+#[derive(Debug)]
+struct Shared {
+    map: Mutex<Arc<OsdMap>>,
+    epoch: AtomicU64,
+    changed: Condvar,
+    stop: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A connection to a cluster: the monitors and the current OSD map.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+    opts: Options,
+    fsid: [u8; 16],
+    _stop: Arc<StopOnDrop>,
+}
+
+#[derive(Debug)]
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::Release);
+    }
+}
+
+impl Cluster {
+    /// Reads the configuration file (`sluice.conf`) and connects.
+    pub fn connect_file(path: &Path, opts: Options) -> Result<Cluster, Error> {
+        let conf = Conf::load(path).map_err(|e| Error::Config(e.to_string()))?;
+        Cluster::connect(&conf, opts)
+    }
+
+    /// Connects to the monitors of `conf` and waits for the first OSD map.
+    pub fn connect(conf: &Conf, opts: Options) -> Result<Cluster, Error> {
+        let shared = Arc::new(Shared {
+            map: Mutex::new(Arc::new(OsdMap::new(conf.fsid))),
+            epoch: AtomicU64::new(0),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        });
+        let id: u64 = rand::random();
+        let mon = MonClient::from_conf(conf, id);
+        let follower = Arc::clone(&shared);
+        let fsid = conf.fsid;
+        std::thread::Builder::new()
+            .name("sluice-client-maps".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        *follower.last_error.lock().expect("poisoned") = Some(e.to_string());
+                        return;
+                    }
+                };
+                rt.block_on(follow_maps(mon, fsid, follower));
+            })
+            .map_err(|e| Error::Config(format!("cannot start the map thread: {e}")))?;
+        let c = Cluster { _stop: Arc::new(StopOnDrop(Arc::clone(&shared))), shared, opts, fsid };
+        if !c.wait_for_epoch(1, c.opts.connect_timeout) {
+            let why = c.shared.last_error.lock().expect("poisoned").clone();
+            return Err(Error::Monitors(format!(
+                "no OSD map within {:?}: {}",
+                c.opts.connect_timeout,
+                why.unwrap_or_else(|| "no answer".into())
+            )));
+        }
+        Ok(c)
+    }
+
+    pub fn fsid(&self) -> [u8; 16] {
+        self.fsid
+    }
+
+    /// The newest map this client has.
+    pub fn map(&self) -> Arc<OsdMap> {
+        Arc::clone(&self.shared.map.lock().expect("poisoned"))
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// Waits until the map reaches `epoch`; false on timeout.
+    pub fn wait_for_epoch(&self, epoch: u64, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let mut g = self.shared.map.lock().expect("poisoned");
+        while self.shared.epoch.load(Ordering::Acquire) < epoch {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self.shared.changed.wait_timeout(g, left).expect("poisoned").0;
+        }
+        true
+    }
+
+    /// A handle for one thread's I/O.
+    pub fn io(&self) -> Io {
+        Io {
+            cluster: self.clone(),
+            id: rand::random::<u64>() | 1,
+            map: self.map(),
+            conns: HashMap::new(),
+            ops: HashMap::new(),
+            next_tid: 0,
+            done: VecDeque::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Follows the monitors' map subscription until the cluster handle is dropped.
+async fn follow_maps(mon: MonClient, fsid: [u8; 16], shared: Arc<Shared>) {
+    mon.start_background_check();
+    let mut map = OsdMap::new(fsid);
+    // 0 until the first answer: epoch 1 is the empty map every cluster starts from.
+    let mut have = 0;
+    while !shared.stop.load(Ordering::Acquire) {
+        let wait = if have == 0 { 0 } else { 5000 };
+        let path = format!("/v1/subscribe?have={have}&wait_ms={wait}");
+        let bytes = match mon.get_bytes(&path, Duration::from_secs(10)).await {
+            Ok(b) => b,
+            Err(e) => {
+                *shared.last_error.lock().expect("poisoned") = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        let u = match envelope::open::<MapUpdate>(Kind::MapUpdate, api::MAP_UPDATE_VERSION, &bytes)
+        {
+            Ok(u) => u,
+            Err(e) => {
+                *shared.last_error.lock().expect("poisoned") = Some(format!("map update: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = api::apply_map_update(&mut map, fsid, &u) {
+            *shared.last_error.lock().expect("poisoned") = Some(format!("map update: {e}"));
+            have = 0;
+            continue;
+        }
+        if map.epoch > have {
+            have = map.epoch;
+            *shared.map.lock().expect("poisoned") = Arc::new(map.clone());
+            shared.epoch.store(map.epoch, Ordering::Release);
+            shared.changed.notify_all();
+        }
+    }
+}
+
+/// An object operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Replace the whole object.
+    WriteFull(Arc<[u8]>),
+    /// Write at an offset (extends the object; a gap reads as zeroes).
+    Write {
+        offset: u64,
+        data: Arc<[u8]>,
+    },
+    /// Bytes `offset..offset+len` (len 0: to the end, at most `ops::MAX_READ_BYTES`).
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Stat,
+    Delete,
+    SetXattr {
+        key: String,
+        value: Vec<u8>,
+    },
+    GetXattr {
+        key: String,
+    },
+    /// One page of the names of one PG (the object name is ignored).
+    List {
+        pg: u32,
+        after: Option<String>,
+        max: u32,
+    },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::WriteFull(_) => "write_full",
+            Op::Write { .. } => "write",
+            Op::Read { .. } => "read",
+            Op::Stat => "stat",
+            Op::Delete => "delete",
+            Op::SetXattr { .. } => "setxattr",
+            Op::GetXattr { .. } => "getxattr",
+            Op::List { .. } => "list",
+        }
+    }
+
+    fn wire(&self) -> ops::Op<'_> {
+        match self {
+            Op::WriteFull(d) => ops::Op::WriteFull { data: d },
+            Op::Write { offset, data } => ops::Op::Write { offset: *offset, data },
+            Op::Read { offset, len } => ops::Op::Read { offset: *offset, len: *len },
+            Op::Stat => ops::Op::Stat,
+            Op::Delete => ops::Op::Delete,
+            Op::SetXattr { key, value } => ops::Op::SetXattr { key, value },
+            Op::GetXattr { key } => ops::Op::GetXattr { key },
+            Op::List { after, max, .. } => ops::Op::List { after: after.as_deref(), max: *max },
+        }
+    }
+}
+
+/// Where a listing continues: (PG, the last name returned in it).
+pub type ListCursor = (u32, Option<String>);
+
+/// What a successful op returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A write, delete or setxattr is durable, at this PG version.
+    Written {
+        version: u64,
+    },
+    Data(Vec<u8>),
+    Stat {
+        size: u64,
+        version: u64,
+    },
+    List {
+        names: Vec<String>,
+        next: Option<String>,
+    },
+}
+
+/// A finished op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub tid: u64,
+    pub result: Result<Output, Error>,
+}
+
+/// Where an op goes: an OSD's core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Target {
+    osd: OsdId,
+    addr: SocketAddr,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    pool: PoolId,
+    object: String,
+    op: Op,
+    deadline: Instant,
+    started: Instant,
+    /// Where it was last sent (None: not sent, waiting for a route).
+    target: Option<Target>,
+    /// Sent at least once (resends carry the RESENT flag).
+    sent: bool,
+    /// Hold until the map reaches this epoch (after a redirect).
+    wait_epoch: u64,
+    /// Hold until then (after an `Again`).
+    not_before: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    conn: ClientConn,
+    next_connect: Instant,
+    last_error: Option<String>,
+}
+
+/// One thread's I/O to the cluster. See the crate documentation.
+#[derive(Debug)]
+pub struct Io {
+    cluster: Cluster,
+    /// This client's id: the session cookie and half of every request id.
+    id: u64,
+    map: Arc<OsdMap>,
+    conns: HashMap<SocketAddr, Conn>,
+    ops: HashMap<u64, InFlight>,
+    next_tid: u64,
+    done: VecDeque<Completion>,
+    scratch: Vec<u8>,
+}
+
+fn error_of(status: Status, message: &str) -> Error {
+    match status {
+        Status::NotFound => Error::NotFound,
+        Status::NoSpace => Error::NoSpace,
+        Status::TooLarge => Error::TooLarge(message.into()),
+        Status::Corrupt => Error::Corrupt(message.into()),
+        Status::Io => Error::Io(message.into()),
+        Status::NoPool => Error::NoSuchPool(message.into()),
+        _ => Error::Invalid(message.into()),
+    }
+}
+
+impl Io {
+    /// This client's id (half of every request id).
+    pub fn client_id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn map(&self) -> &OsdMap {
+        &self.map
+    }
+
+    /// The pool named `name` in the current map.
+    pub fn pool(&mut self, name: &str) -> Result<PoolId, Error> {
+        if let Some(p) = self.map.pool_by_name(name) {
+            return Ok(p.id);
+        }
+        // Created a moment ago? Take the newest map before saying no.
+        self.take_map();
+        self.map.pool_by_name(name).map(|p| p.id).ok_or_else(|| Error::NoSuchPool(name.into()))
+    }
+
+    /// Queues an op on object `object` of pool `pool`; its result comes from
+    /// [`Io::poll`] as a [`Completion`] with the returned id.
+    pub fn submit(&mut self, pool: &str, object: &str, op: Op) -> Result<u64, Error> {
+        let pool = self.pool(pool)?;
+        self.submit_to(pool, object, op)
+    }
+
+    /// [`Io::submit`] by pool id.
+    pub fn submit_to(&mut self, pool: PoolId, object: &str, op: Op) -> Result<u64, Error> {
+        if object.len() > ops::MAX_NAME_BYTES {
+            return Err(Error::Invalid(format!(
+                "object name of {} bytes (at most {})",
+                object.len(),
+                ops::MAX_NAME_BYTES
+            )));
+        }
+        if !matches!(op, Op::List { .. }) && object.is_empty() {
+            return Err(Error::Invalid("empty object name".into()));
+        }
+        if let Op::WriteFull(d) | Op::Write { data: d, .. } = &op
+            && d.len() > ops::MAX_WRITE_BYTES
+        {
+            return Err(Error::TooLarge(format!(
+                "a write of {} bytes (at most {} per op)",
+                d.len(),
+                ops::MAX_WRITE_BYTES
+            )));
+        }
+        self.next_tid += 1;
+        let tid = self.next_tid;
+        let now = Instant::now();
+        self.ops.insert(
+            tid,
+            InFlight {
+                pool,
+                object: object.to_string(),
+                op,
+                deadline: now + self.cluster.opts.op_timeout,
+                started: now,
+                target: None,
+                sent: false,
+                wait_epoch: 0,
+                not_before: None,
+            },
+        );
+        self.route(tid);
+        Ok(tid)
+    }
+
+    /// Takes the newest map; ops whose primary moved are resent. Returns whether the
+    /// map changed.
+    fn take_map(&mut self) -> bool {
+        if self.cluster.epoch() <= self.map.epoch {
+            return false;
+        }
+        self.map = self.cluster.map();
+        // Sessions to addresses no OSD has any more are dropped (with what they hold:
+        // those ops are rerouted below).
+        let live: std::collections::HashSet<SocketAddr> = self
+            .map
+            .osds
+            .values()
+            .filter_map(|o| o.addrs.as_ref())
+            .flat_map(|a| a.core_ports.iter().map(|p| SocketAddr::new(a.public.ip(), *p)))
+            .collect();
+        self.conns.retain(|a, _| live.contains(a));
+        let tids: Vec<u64> = self.ops.keys().copied().collect();
+        for tid in tids {
+            self.route(tid);
+        }
+        true
+    }
+
+    /// Where an op should go under the current map.
+    fn target_of(&self, f: &InFlight) -> Result<Option<Target>, Error> {
+        let Some(pool) = self.map.pools.get(&f.pool) else {
+            return Err(Error::NoSuchPool(format!("pool id {}", f.pool.0)));
+        };
+        let pg = match &f.op {
+            Op::List { pg, .. } => {
+                if *pg >= pool.pg_num {
+                    return Err(Error::Invalid(format!("PG {pg} of {} PGs", pool.pg_num)));
+                }
+                PgId { pool: pool.id, pg: *pg }
+            }
+            _ => placement::object_pg(pool, &f.object),
+        };
+        let Some(primary) = placement::pg_mapping(&self.map, pool, pg).primary() else {
+            return Ok(None);
+        };
+        let Some(addrs) = self.map.osd(primary).and_then(|o| o.addrs.as_ref()) else {
+            return Ok(None);
+        };
+        if addrs.core_ports.is_empty() {
+            return Ok(None);
+        }
+        let port = addrs.core_ports[placement::pg_core(pg, addrs.core_ports.len())];
+        Ok(Some(Target { osd: primary, addr: SocketAddr::new(addrs.public.ip(), port) }))
+    }
+
+    /// Sends (or resends) op `tid` if it is due and its target changed or it was never
+    /// sent.
+    fn route(&mut self, tid: u64) {
+        let Some(f) = self.ops.get(&tid) else { return };
+        if f.wait_epoch > self.map.epoch || f.not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let target = match self.target_of(f) {
+            Ok(t) => t,
+            Err(e) => {
+                self.ops.remove(&tid);
+                self.done.push_back(Completion { tid, result: Err(e) });
+                return;
+            }
+        };
+        if target.is_some() && f.target == target && f.wait_epoch == 0 {
+            return; // already there
+        }
+        let f = self.ops.get_mut(&tid).expect("looked up above");
+        f.target = target;
+        f.wait_epoch = 0;
+        let Some(t) = target else { return };
+        let req = Request {
+            client: self.id,
+            tid,
+            epoch: self.map.epoch,
+            flags: if f.sent { ops::flags::RESENT } else { 0 },
+            pool: f.pool.0,
+            pg: match &f.op {
+                Op::List { pg, .. } => *pg,
+                _ => {
+                    self.map.pools.get(&f.pool).map_or(0, |p| placement::object_pg(p, &f.object).pg)
+                }
+            },
+            object: if matches!(f.op, Op::List { .. }) { "" } else { &f.object },
+            op: f.op.wire(),
+        };
+        self.scratch.clear();
+        req.encode(&mut self.scratch);
+        f.sent = true;
+        let id = self.id;
+        let c = self.conns.entry(t.addr).or_insert_with(|| Conn {
+            conn: ClientConn::new(t.addr, id, ops::FEATURES, Limits::DEFAULT),
+            next_connect: Instant::now(),
+            last_error: None,
+        });
+        // Queued in the session while disconnected; sent when connected.
+        if let Err(e) = c.conn.send(ops::MSG_REQUEST, &self.scratch) {
+            let f = self.ops.remove(&tid).expect("present");
+            self.done.push_back(Completion {
+                tid,
+                result: Err(Error::TooLarge(format!("{} of {:?}: {e}", f.op.name(), f.object))),
+            });
+        }
+    }
+
+    fn complete(&mut self, tid: u64, result: Result<Output, Error>) {
+        if self.ops.remove(&tid).is_some() {
+            self.done.push_back(Completion { tid, result });
+        }
+    }
+
+    fn on_reply(&mut self, r: Reply<'_>) {
+        let Some(f) = self.ops.get_mut(&r.tid) else {
+            return; // a reply to an op already finished (a resend's twin)
+        };
+        match r.status {
+            Status::Ok => {
+                let out = match (&f.op, r.body) {
+                    (Op::Read { .. } | Op::GetXattr { .. }, Body::Data(d)) => {
+                        Output::Data(d.to_vec())
+                    }
+                    (Op::Stat, Body::Stat { size }) => Output::Stat { size, version: r.version },
+                    (Op::List { .. }, Body::List { names, next }) => Output::List {
+                        names: names.into_iter().map(str::to_string).collect(),
+                        next: next.map(str::to_string),
+                    },
+                    (_, Body::None) => Output::Written { version: r.version },
+                    (op, b) => {
+                        let m = format!("{} answered with {b:?}", op.name());
+                        return self.complete(r.tid, Err(Error::Invalid(m)));
+                    }
+                };
+                self.complete(r.tid, Ok(out));
+            }
+            Status::Redirect => {
+                // The OSD had epoch r.epoch: resend once we have a newer map than the
+                // one that sent us there.
+                f.wait_epoch = r.epoch.max(self.map.epoch + 1);
+                f.target = None;
+            }
+            Status::Again => {
+                f.not_before = Some(Instant::now() + Duration::from_millis(100));
+                f.target = None;
+            }
+            s => {
+                let e = error_of(s, r.message);
+                self.complete(r.tid, Err(e));
+            }
+        }
+    }
+
+    /// Drives the network until at least one op completes or `timeout` passes; appends
+    /// completions to `out`. Returns how many were appended.
+    pub fn poll(&mut self, timeout: Duration, out: &mut Vec<Completion>) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            self.pass();
+            if !self.done.is_empty() {
+                let n = self.done.len();
+                out.extend(self.done.drain(..));
+                return n;
+            }
+            let now = Instant::now();
+            if now >= end || self.ops.is_empty() {
+                return 0;
+            }
+            self.wait(end.min(now + Duration::from_millis(20)));
+        }
+    }
+
+    /// One pass: map, timeouts, held ops, connections.
+    fn pass(&mut self) {
+        self.take_map();
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut held = Vec::new();
+        for (&tid, f) in &self.ops {
+            if now >= f.deadline {
+                expired.push(tid);
+            } else if f.target.is_none() {
+                held.push(tid);
+            }
+        }
+        for tid in expired {
+            let f = self.ops.remove(&tid).expect("listed");
+            self.done.push_back(Completion {
+                tid,
+                result: Err(Error::Timeout {
+                    op: f.op.name(),
+                    object: f.object,
+                    after: now - f.started,
+                }),
+            });
+        }
+        for tid in held {
+            self.route(tid);
+        }
+        let mut replies: Vec<Vec<u8>> = Vec::new();
+        let mut lost: Vec<SocketAddr> = Vec::new();
+        // A connection is needed while it has requests to deliver or replies to bring
+        // back (the OSD's session holds replies for us across a cut).
+        let wanted: std::collections::HashSet<SocketAddr> =
+            self.ops.values().filter_map(|f| f.target.map(|t| t.addr)).collect();
+        for (addr, c) in self.conns.iter_mut() {
+            if !c.conn.connected() {
+                let needed = c.conn.session.unacked() > 0 || wanted.contains(addr);
+                if !needed || now < c.next_connect {
+                    continue;
+                }
+                if let Err(e) = c.conn.connect_timeout(Duration::from_secs(1)) {
+                    c.last_error = Some(e.to_string());
+                    c.next_connect = now + Duration::from_millis(200);
+                    continue;
+                }
+            }
+            let r = c.conn.poll(|e| match e {
+                Event::Message { msg_type, frame, .. } if msg_type == ops::MSG_REPLY => {
+                    replies.push(sluice_net::session::payload(&frame).to_vec());
+                }
+                Event::Reset { resent } => {
+                    tracing::debug!("{addr}: the OSD forgot our session; {resent} op(s) resent");
+                }
+                _ => {}
+            });
+            if let Err(e) = r {
+                c.last_error = Some(e.to_string());
+                c.next_connect = now + Duration::from_millis(50);
+                lost.push(*addr);
+            }
+        }
+        for addr in lost {
+            tracing::debug!("connection to {addr} lost; reconnecting");
+        }
+        for p in replies {
+            match Reply::decode(&p) {
+                Ok(r) => self.on_reply(r),
+                Err(e) => tracing::warn!("undecodable reply: {e}"),
+            }
+        }
+    }
+
+    /// Sleeps until a socket is ready or `until`.
+    fn wait(&mut self, until: Instant) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = Vec::new();
+        for c in self.conns.values() {
+            if let Some(fd) = c.conn.fd() {
+                let mut fl = PollFlags::POLLIN;
+                if c.conn.wants_write() {
+                    fl |= PollFlags::POLLOUT;
+                }
+                fds.push(PollFd::new(fd, fl));
+            }
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+
+    /// Breaks every connection, as a network failure would (failure injection for
+    /// tests): sessions resend what the OSDs did not get.
+    pub fn cut_connections(&mut self) {
+        for c in self.conns.values_mut() {
+            c.conn.cut();
+        }
+    }
+
+    /// Submits one op and waits for it.
+    pub fn call(&mut self, pool: &str, object: &str, op: Op) -> Result<Output, Error> {
+        let tid = self.submit(pool, object, op)?;
+        self.wait_for(tid)
+    }
+
+    /// Waits for op `tid` (other ops that finish meanwhile stay for [`Io::poll`]).
+    pub fn wait_for(&mut self, tid: u64) -> Result<Output, Error> {
+        let mut others = Vec::new();
+        loop {
+            if let Some(i) = self.done.iter().position(|c| c.tid == tid) {
+                let c = self.done.remove(i).expect("found");
+                self.done.extend(others);
+                return c.result;
+            }
+            if !self.ops.contains_key(&tid) && !self.done.iter().any(|c| c.tid == tid) {
+                self.done.extend(others);
+                return Err(Error::Invalid(format!("no op {tid} in flight")));
+            }
+            let mut got = Vec::new();
+            self.poll(Duration::from_millis(100), &mut got);
+            for c in got {
+                if c.tid == tid {
+                    self.done.extend(others);
+                    return c.result;
+                }
+                others.push(c);
+            }
+        }
+    }
+
+    pub fn write_full(&mut self, pool: &str, object: &str, data: Vec<u8>) -> Result<u64, Error> {
+        match self.call(pool, object, Op::WriteFull(data.into()))? {
+            Output::Written { version } => Ok(version),
+            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+        }
+    }
+
+    pub fn write(
+        &mut self,
+        pool: &str,
+        object: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, Error> {
+        match self.call(pool, object, Op::Write { offset, data: data.into() })? {
+            Output::Written { version } => Ok(version),
+            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+        }
+    }
+
+    /// Up to `len` bytes from `offset` (fewer at the end of the object).
+    pub fn read(
+        &mut self,
+        pool: &str,
+        object: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, Error> {
+        match self.call(pool, object, Op::Read { offset, len })? {
+            Output::Data(d) => Ok(d),
+            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+        }
+    }
+
+    /// The whole object, however large (read in pieces of `ops::MAX_READ_BYTES`).
+    pub fn read_all(&mut self, pool: &str, object: &str) -> Result<Vec<u8>, Error> {
+        let mut all = Vec::new();
+        loop {
+            let d = self.read(pool, object, all.len() as u64, ops::MAX_READ_BYTES)?;
+            let n = d.len() as u64;
+            all.extend_from_slice(&d);
+            if n < ops::MAX_READ_BYTES {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// (size, version).
+    pub fn stat(&mut self, pool: &str, object: &str) -> Result<(u64, u64), Error> {
+        match self.call(pool, object, Op::Stat)? {
+            Output::Stat { size, version } => Ok((size, version)),
+            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+        }
+    }
+
+    pub fn remove(&mut self, pool: &str, object: &str) -> Result<(), Error> {
+        self.call(pool, object, Op::Delete).map(|_| ())
+    }
+
+    pub fn set_xattr(
+        &mut self,
+        pool: &str,
+        object: &str,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), Error> {
+        self.call(pool, object, Op::SetXattr { key: key.into(), value }).map(|_| ())
+    }
+
+    pub fn get_xattr(&mut self, pool: &str, object: &str, key: &str) -> Result<Vec<u8>, Error> {
+        match self.call(pool, object, Op::GetXattr { key: key.into() })? {
+            Output::Data(d) => Ok(d),
+            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+        }
+    }
+
+    /// One page of a pool's object names, from `cursor` ((PG, name) where the previous
+    /// page ended; `None` to start). Returns the names and the next cursor (`None`: done).
+    pub fn list_page(
+        &mut self,
+        pool: &str,
+        cursor: Option<ListCursor>,
+        max: u32,
+    ) -> Result<(Vec<String>, Option<ListCursor>), Error> {
+        let id = self.pool(pool)?;
+        let (mut pg, mut after) = cursor.unwrap_or((0, None));
+        loop {
+            let pg_num = self.map.pools.get(&id).map_or(0, |p| p.pg_num);
+            if pg >= pg_num {
+                return Ok((Vec::new(), None));
+            }
+            let tid = self.submit_to(id, "", Op::List { pg, after: after.clone(), max })?;
+            match self.wait_for(tid)? {
+                Output::List { names, next } => {
+                    let cursor = match next {
+                        Some(n) => Some((pg, Some(n))),
+                        None if pg + 1 < pg_num => Some((pg + 1, None)),
+                        None => None,
+                    };
+                    match cursor {
+                        Some(c) if names.is_empty() => (pg, after) = c,
+                        _ => return Ok((names, cursor)),
+                    }
+                }
+                o => return Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+            }
+        }
+    }
+
+    /// Every object name of a pool (PG by PG, each in name order).
+    pub fn list(&mut self, pool: &str) -> Result<Vec<String>, Error> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (names, next) = self.list_page(pool, cursor, 1000)?;
+            all.extend(names);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(all),
+            }
+        }
+    }
+}

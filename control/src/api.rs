@@ -245,6 +245,29 @@ pub struct MapUpdate {
 
 pub const MAP_UPDATE_VERSION: u16 = 1;
 
+/// Applies a subscription update to `map` (a full map if there is one, then every
+/// incremental past its epoch, in order). On an error the map is reset to epoch 0 of
+/// `fsid`, so the next subscription asks for a full map.
+pub fn apply_map_update(
+    map: &mut crate::maps::OsdMap,
+    fsid: [u8; 16],
+    u: &MapUpdate,
+) -> Result<(), crate::maps::MapError> {
+    if let Some(full) = &u.full {
+        *map = full.clone();
+    }
+    for inc in &u.incrementals {
+        if inc.epoch <= map.epoch {
+            continue;
+        }
+        if let Err(e) = map.apply(inc) {
+            *map = crate::maps::OsdMap::new(fsid);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// A setting from central config in seconds (`20`, `0.5`), or `default`.
 pub fn config_secs(config: &BTreeMap<String, String>, key: &str, default: f64) -> f64 {
     config

@@ -31,6 +31,18 @@ pub struct AgentConfig {
     pub public_ip: IpAddr,
     /// One dataplane port per core.
     pub core_ports: Vec<u16>,
+    /// Told every new map epoch, with this OSD's id (the dataplane cores serve by it).
+    pub on_map: Option<MapSink>,
+}
+
+/// Where the agent hands each new map (the dataplane's cores).
+#[derive(Clone)]
+pub struct MapSink(pub std::sync::Arc<dyn Fn(std::sync::Arc<OsdMap>, OsdId) + Send + Sync>);
+
+impl std::fmt::Debug for MapSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapSink")
+    }
 }
 
 const HB_VERSION: u16 = 1;
@@ -182,6 +194,9 @@ impl Agent {
                     self.next_beacon = Instant::now() + self.secs("osd_beacon_interval", 5.0);
                 }
                 self.me = Some(r.id);
+                if self.map.epoch > 0 {
+                    self.publish();
+                }
                 self.need_boot = false;
                 self.boot_epoch = r.epoch;
                 true
@@ -197,21 +212,19 @@ impl Agent {
         secs(&self.config, key, default)
     }
 
+    /// Hands the current map to the dataplane (once we know who we are).
+    fn publish(&self) {
+        if let (Some(sink), Some(me)) = (&self.cfg.on_map, self.me) {
+            (sink.0)(std::sync::Arc::new(self.map.clone()), me);
+        }
+    }
+
     fn apply_update(&mut self, u: MapUpdate) {
         let before = self.map.epoch;
-        if let Some(full) = u.full {
-            self.map = full;
-        }
-        for inc in &u.incrementals {
-            if inc.epoch <= self.map.epoch {
-                continue;
-            }
-            if let Err(e) = self.map.apply(inc) {
-                // Out of order or damaged: start again from a full map.
-                tracing::warn!("map epoch {}: {e}; refetching the full map", inc.epoch);
-                self.map = OsdMap::new(self.fsid());
-                break;
-            }
+        let fsid = self.fsid();
+        if let Err(e) = api::apply_map_update(&mut self.map, fsid, &u) {
+            // Out of order or damaged: start again from a full map.
+            tracing::warn!("map update: {e}; refetching the full map");
         }
         self.config = u.config;
         if let Some(p) =
@@ -222,6 +235,7 @@ impl Agent {
         }
         if self.map.epoch != before {
             tracing::debug!("map epoch {} -> {}", before, self.map.epoch);
+            self.publish();
         }
         if let Some(id) = self.me
             && let Some(o) = self.map.osd(id)

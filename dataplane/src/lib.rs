@@ -19,6 +19,8 @@
 #![deny(unsafe_code)]
 
 pub mod mailbox;
+#[cfg(not(loom))]
+pub mod osd;
 pub mod park;
 pub mod reactor;
 pub mod ring;

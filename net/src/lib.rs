@@ -13,5 +13,6 @@
 
 pub mod frame;
 pub mod message;
+pub mod ops;
 pub mod session;
 pub mod tcp;

@@ -73,6 +73,11 @@ pub enum Event<'a> {
     Message { seq: u64, msg_type: u16, frame: Frame<'a> },
     /// The peer echoed our keepalive sent at `sent_ns`.
     KeepaliveAck { sent_ns: u64 },
+    /// Client: the server no longer knew this session (it restarted, or expired the
+    /// session while we were away). Messages it had not acknowledged were renumbered
+    /// and sent again, so the server may see some of them twice: the layer above must
+    /// make them idempotent (the object protocol's request ids do).
+    Reset { resent: usize },
 }
 
 /// The payload of a message frame (segment 0 is the session header).
@@ -222,6 +227,9 @@ pub struct Session {
     /// Last sequence number delivered to us.
     in_seq: u64,
     ack_pending: bool,
+    /// Server: never attached yet (a hello for it is a new client or a reset one).
+    /// Client: has been open before (so a fresh server session means a reset).
+    history: bool,
 }
 
 impl Session {
@@ -240,6 +248,7 @@ impl Session {
             unacked: VecDeque::new(),
             in_seq: 0,
             ack_pending: false,
+            history: false,
         }
     }
 
@@ -288,8 +297,15 @@ impl Session {
         assert!(!self.client, "attach() is the server's");
         assert_eq!(hello.cookie, self.cookie, "attached to another session");
         self.negotiated = hello.features;
-        write_msg(out, tag::HELLO_REPLY, &self.limits, &[&self.in_seq.to_le_bytes()]);
-        self.peer_acked(hello.peer_in_seq)?;
+        let fresh = !self.history;
+        let fields: [&[u8]; 2] = [&self.in_seq.to_le_bytes(), &u64::from(fresh).to_le_bytes()];
+        write_msg(out, tag::HELLO_REPLY, &self.limits, &fields);
+        if !fresh {
+            // A fresh session sent nothing, so the client's position (from a session
+            // this server forgot) says nothing about it.
+            self.peer_acked(hello.peer_in_seq)?;
+        }
+        self.history = true;
         self.resend(out);
         self.state = State::Open;
         Ok(Event::Ready { features: self.negotiated })
@@ -318,6 +334,36 @@ impl Session {
                 u.1 -= shift;
             }
             self.replay_head = 0;
+        }
+        Ok(())
+    }
+
+    /// Client: the server forgot this session. Start a new one: nothing received,
+    /// and every unacknowledged message renumbered from 1 (the server expects 1).
+    fn renumber(&mut self) -> Result<(), SessionError> {
+        let old = std::mem::take(&mut self.replay);
+        let unacked = std::mem::take(&mut self.unacked);
+        self.replay_head = 0;
+        self.out_seq = 0;
+        self.acked = 0;
+        self.in_seq = 0;
+        self.ack_pending = false;
+        for (_, off, len) in unacked {
+            let Decoded::Frame { frame: f, .. } =
+                frame::decode(&old[off..off + len], &self.limits)?
+            else {
+                unreachable!("the replay buffer holds whole frames we encoded");
+            };
+            let mut d = body(&f)?;
+            let t = |_| SessionError::Truncated("message header");
+            let _seq = d.u64().map_err(t)?;
+            let _ack = d.u64().map_err(t)?;
+            let msg_type = d.u16().map_err(t)?;
+            let mut none = Vec::new();
+            let was = self.state;
+            self.state = State::Disconnected; // queue only: resend() writes them out
+            self.send(msg_type, payload(&f), &mut none)?;
+            self.state = was;
         }
         Ok(())
     }
@@ -389,11 +435,23 @@ impl Session {
                     self.state = State::AwaitReply { banner: true };
                 }
                 (tag::HELLO_REPLY, State::AwaitReply { banner: true }) => {
-                    let peer_in = body(&f)?.u64().map_err(|_| SessionError::Truncated("reply"))?;
-                    self.peer_acked(peer_in)?;
+                    let mut d = body(&f)?;
+                    let peer_in = d.u64().map_err(|_| SessionError::Truncated("reply"))?;
+                    // Absent in a reply from before resets existed: not fresh.
+                    let fresh = d.u64().unwrap_or(0) != 0;
+                    let reset = fresh && self.history;
+                    if reset {
+                        self.renumber()?;
+                    } else {
+                        self.peer_acked(peer_in)?;
+                    }
                     self.resend(out);
                     self.state = State::Open;
+                    self.history = true;
                     on(Event::Ready { features: self.negotiated });
+                    if reset {
+                        on(Event::Reset { resent: self.unacked.len() });
+                    }
                 }
                 (tag::MESSAGE, State::Open) => {
                     let mut d = body(&f)?;

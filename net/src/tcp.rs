@@ -9,6 +9,10 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use crate::frame::Limits;
 use crate::session::{Event, Features, Handshake, Session, SessionError};
@@ -46,6 +50,15 @@ impl Connection {
 
     pub fn peer(&self) -> io::Result<SocketAddr> {
         self.stream.peer_addr()
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// Bytes are queued that the socket did not take yet.
+    pub fn wants_write(&self) -> bool {
+        self.out_pos < self.out.len()
     }
 
     /// Reads what the socket has (up to a bound). `Ok(0)`: nothing now. End of stream is
@@ -164,9 +177,27 @@ impl ClientConn {
         self.conn.is_some()
     }
 
-    /// Connects (blocking connect, then non-blocking) and starts the handshake.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The socket, to wait on (readable; writable too when [`Self::wants_write`]).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.conn.as_ref().map(|c| c.fd())
+    }
+
+    pub fn wants_write(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.wants_write())
+    }
+
+    /// Connects (blocking connect, bounded by `timeout`, then non-blocking) and starts
+    /// the handshake.
     pub fn connect(&mut self) -> io::Result<()> {
-        let mut c = Connection::new(TcpStream::connect(self.addr)?)?;
+        self.connect_timeout(Duration::from_secs(5))
+    }
+
+    pub fn connect_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        let mut c = Connection::new(TcpStream::connect_timeout(&self.addr, timeout)?)?;
         self.session.connect(c.out());
         self.conn = Some(c);
         Ok(())
@@ -217,11 +248,19 @@ impl ClientConn {
 struct Client {
     session: Session,
     conn: Option<Connection>,
+    /// Whether the connection is registered for writability too.
+    armed_out: bool,
+    /// When the connection went away (for expiry).
+    idle_since: Option<Instant>,
 }
 
 /// A server: a listener and its connections; sessions by client cookie survive cuts.
+///
+/// Its sockets are registered in an epoll set of its own, whose fd ([`Server::fd`])
+/// becomes readable when any of them has something: the owner's reactor sleeps on it.
 pub struct Server {
     listener: TcpListener,
+    epoll: Epoll,
     features: Features,
     limits: Limits,
     /// Connections whose client has not said who it is yet.
@@ -257,9 +296,47 @@ pub enum ServerEvent<'a> {
 
 impl Server {
     pub fn bind(addr: SocketAddr, features: Features, limits: Limits) -> io::Result<Server> {
-        let listener = TcpListener::bind(addr)?;
+        Server::from_listener(TcpListener::bind(addr)?, features, limits)
+    }
+
+    /// Serves on a listener bound earlier (its port may already be published).
+    pub fn from_listener(
+        listener: TcpListener,
+        features: Features,
+        limits: Limits,
+    ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
-        Ok(Server { listener, features, limits, handshaking: Vec::new(), clients: HashMap::new() })
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        Ok(Server {
+            listener,
+            epoll,
+            features,
+            limits,
+            handshaking: Vec::new(),
+            clients: HashMap::new(),
+        })
+    }
+
+    /// Readable when a socket of this server has something to do (for parking).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+
+    /// Sessions (connected or waiting for their client to come back).
+    pub fn sessions(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Forgets sessions whose client has been gone longer than `max_idle`: a client
+    /// that comes back later gets a fresh session (and resends, see
+    /// [`Event::Reset`](crate::session::Event::Reset)). Returns how many were dropped.
+    pub fn expire_idle(&mut self, now: Instant, max_idle: Duration) -> usize {
+        let before = self.clients.len();
+        self.clients.retain(|_, c| {
+            c.conn.is_some() || c.idle_since.is_none_or(|t| now.duration_since(t) < max_idle)
+        });
+        before - self.clients.len()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -287,6 +364,11 @@ impl Server {
                 Ok((s, _)) => match Connection::new(s) {
                     Ok(mut conn) => {
                         let hs = Handshake::new(self.features, self.limits, conn.out());
+                        let ev = EpollEvent::new(EpollFlags::EPOLLIN, 0);
+                        if let Err(e) = self.epoll.add(conn.fd(), ev) {
+                            close(conn, ConnError::Io(e.into()), &mut on);
+                            continue;
+                        }
                         self.handshaking.push((hs, conn));
                         busy = true;
                     }
@@ -319,18 +401,62 @@ impl Server {
                 }
             }
         }
+        let now = Instant::now();
         for (&cookie, c) in self.clients.iter_mut() {
             let Some(conn) = &mut c.conn else { continue };
             match serve(cookie, &mut c.session, conn, &mut on) {
-                Ok(b) => busy |= b,
+                Ok(b) => {
+                    busy |= b;
+                    let want = conn.wants_write();
+                    if want != c.armed_out {
+                        let mut flags = EpollFlags::EPOLLIN;
+                        if want {
+                            flags |= EpollFlags::EPOLLOUT;
+                        }
+                        let mut ev = EpollEvent::new(flags, 0);
+                        // Cannot fail for a registered, open socket; if it did, the
+                        // connection would only be polled less eagerly.
+                        let _ = self.epoll.modify(conn.fd(), &mut ev);
+                        c.armed_out = want;
+                    }
+                }
                 Err(e) => {
                     busy = true;
                     c.session.disconnected();
+                    c.idle_since = Some(now);
                     close(c.conn.take().expect("just polled"), e, &mut on);
                 }
             }
         }
         busy
+    }
+
+    /// Drops a client's connection and its session (it sent something unacceptable).
+    /// Returns whether the session existed.
+    pub fn kick(&mut self, cookie: u64, why: &str) -> bool {
+        let Some(c) = self.clients.remove(&cookie) else { return false };
+        if let Some(conn) = c.conn {
+            conn.shutdown();
+            let _ = why;
+        }
+        true
+    }
+
+    /// Writes what sessions queued since the last poll (replies sent outside `poll`),
+    /// without reading. Returns whether anything was written.
+    pub fn flush(&mut self) -> bool {
+        let mut wrote = false;
+        for c in self.clients.values_mut() {
+            if let Some(conn) = &mut c.conn
+                && !conn.out.is_empty()
+            {
+                wrote = true;
+                if conn.flush().is_err() {
+                    // Noticed (and logged) by the next poll's read.
+                }
+            }
+        }
+        wrote
     }
 
     /// The client of `conn` said which session it is: attach the connection to it. A
@@ -346,15 +472,22 @@ impl Server {
         let c = self.clients.entry(hello.cookie).or_insert_with(|| Client {
             session: Session::server(hello.cookie, features, limits),
             conn: None,
+            armed_out: false,
+            idle_since: None,
         });
         if let Some(old) = c.conn.take() {
             let e = io::Error::other("replaced by a newer connection of the same session");
             close(old, ConnError::Io(e), on);
         }
         c.session.disconnected();
+        c.armed_out = false;
+        c.idle_since = None;
         match c.session.attach(&hello, conn.out()) {
             Ok(_) => c.conn = Some(conn),
-            Err(e) => close(conn, e.into(), on),
+            Err(e) => {
+                c.idle_since = Some(Instant::now());
+                close(conn, e.into(), on)
+            }
         }
     }
 }

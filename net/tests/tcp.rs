@@ -229,3 +229,84 @@ fn server_sends_survive_cuts() {
         assert_eq!(p, &payload(i), "echo {i}");
     }
 }
+
+/// Polls a server and a client in turn until `done` (or a generous deadline).
+fn pump(
+    s: &mut Server,
+    c: &mut ClientConn,
+    got: &mut Vec<(u64, Vec<u8>)>,
+    events: &mut Vec<String>,
+    done: impl Fn(&Vec<(u64, Vec<u8>)>, &ClientConn) -> bool,
+) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !done(got, c) {
+        assert!(Instant::now() < end, "stuck: got {:?}, events {events:?}", got.len());
+        s.poll(|e| {
+            if let ServerEvent::Message { seq, payload, .. } = e {
+                got.push((seq, payload.to_vec()));
+            }
+        });
+        if !c.connected() {
+            c.connect().unwrap();
+        }
+        let _ = c.poll(|e| match e {
+            Event::Reset { resent } => events.push(format!("reset {resent}")),
+            Event::Ready { .. } => events.push("ready".into()),
+            _ => {}
+        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_server_that_forgot_the_session_gets_the_unacked_messages_again() {
+    let mut s = Server::bind("127.0.0.1:0".parse().unwrap(), F, Limits::DEFAULT).unwrap();
+    let addr = s.local_addr().unwrap();
+    let mut c = ClientConn::new(addr, 5, F, Limits::DEFAULT);
+    let (mut got, mut events) = (Vec::new(), Vec::new());
+    for i in 1..=3u8 {
+        c.send(1, &[i]).unwrap();
+    }
+    pump(&mut s, &mut c, &mut got, &mut events, |g, c| g.len() == 3 && c.session.unacked() == 0);
+    assert_eq!(events, ["ready"]);
+    // Two more the server never reads: then it restarts (a new process, same port).
+    c.send(1, &[4]).unwrap();
+    c.send(1, &[5]).unwrap();
+    let _ = c.poll(|_| {});
+    drop(s);
+    let mut s = Server::bind(addr, F, Limits::DEFAULT).unwrap();
+    got.clear();
+    pump(&mut s, &mut c, &mut got, &mut events, |g, c| g.len() == 2 && c.session.unacked() == 0);
+    assert_eq!(got, vec![(1, vec![4]), (2, vec![5])], "renumbered from 1, in order");
+    assert!(events.iter().any(|e| e == "reset 2"), "{events:?}");
+    // The new session then works as any other.
+    c.send(1, &[6]).unwrap();
+    pump(&mut s, &mut c, &mut got, &mut events, |g, _| g.len() == 3);
+    assert_eq!(got[2], (3, vec![6]));
+}
+
+#[test]
+fn expired_sessions_are_forgotten_and_reset_on_return() {
+    let mut s = Server::bind("127.0.0.1:0".parse().unwrap(), F, Limits::DEFAULT).unwrap();
+    let addr = s.local_addr().unwrap();
+    let mut c = ClientConn::new(addr, 6, F, Limits::DEFAULT);
+    let (mut got, mut events) = (Vec::new(), Vec::new());
+    c.send(1, b"a").unwrap();
+    pump(&mut s, &mut c, &mut got, &mut events, |g, c| g.len() == 1 && c.session.unacked() == 0);
+    assert_eq!(s.expire_idle(Instant::now(), Duration::ZERO), 0, "connected: kept");
+    c.cut();
+    let end = Instant::now() + Duration::from_secs(30);
+    while s.connections() > 0 {
+        assert!(Instant::now() < end);
+        s.poll(|_| {});
+    }
+    assert_eq!(
+        s.expire_idle(Instant::now() + Duration::from_secs(3600), Duration::from_secs(60)),
+        1
+    );
+    assert_eq!(s.sessions(), 0);
+    c.send(1, b"b").unwrap();
+    pump(&mut s, &mut c, &mut got, &mut events, |g, _| g.len() == 2);
+    assert_eq!(got[1], (1, b"b".to_vec()));
+    assert!(events.iter().any(|e| e.starts_with("reset")), "{events:?}");
+}

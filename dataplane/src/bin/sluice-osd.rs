@@ -12,10 +12,16 @@ use std::sync::mpsc;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use sluice_control::maps::{OsdId, OsdMap};
+use sluice_control::osd_agent::MapSink;
+use sluice_dataplane::osd::{CoreMsg, MapView, OsdCore};
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, PollArgs, PollMode, ReactorConfig};
 use sluice_dataplane::store::{self, MkfsError, MkfsOptions, MountOptions, Shard, StoreConfig};
-use sluice_dataplane::{Context, PollResult, Poller};
+use sluice_dataplane::{Context, PollResult, Poller, Waker, mesh};
+use sluice_net::frame::Limits;
+use sluice_net::ops;
+use sluice_net::tcp::Server;
 use sluice_nvme::uring::open_file;
 use sluice_nvme::{UringDevice, UringOptions};
 use sluice_vocab::{ByteSize, CoreId};
@@ -290,15 +296,37 @@ fn run(
     if !cpus.is_empty() && cpus.len() != shards {
         bail!("the store has {shards} shard(s): give one CPU per shard (--cpus), or none");
     }
+    // One dataplane port per core, bound before the reactors start so they can be
+    // published in the map; each core serves its own.
+    let mut listeners = Vec::new();
+    if conf.is_some() {
+        for _ in 0..shards {
+            listeners.push(Some(std::net::TcpListener::bind((cluster.public_ip, 0))?));
+        }
+    }
+    let core_ports = listeners
+        .iter()
+        .flatten()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let parks = (0..shards).map(|_| ParkState::new()).collect::<Result<Vec<_>, _>>()?;
+    let wakers: Vec<Waker> = parks.iter().map(|p| Waker::new(Arc::clone(p))).collect();
+    let (outboxes, inboxes) = mesh::<CoreMsg>(wakers.clone(), 0, 4096);
+    let mut map_txs = Vec::new();
     let (tx, rx) = mpsc::channel::<(u16, Result<String, String>)>();
     let mut handles = Vec::new();
-    for shard in 0..shards as u16 {
+    for ((shard, (outbox, inbox)), park) in
+        (0..shards as u16).zip(outboxes.into_iter().zip(inboxes)).zip(parks)
+    {
         let cfg =
             ReactorConfig { core: CoreId(shard), cpu: cpus.get(shard as usize).copied(), mode };
         let file = Arc::clone(&file);
         let name = path.display().to_string();
         let tx = tx.clone();
-        let h = reactor::spawn(cfg, ParkState::new()?, move |r| {
+        let (map_tx, map_rx) = mpsc::channel::<MapView>();
+        map_txs.push(map_tx);
+        let listener = listeners.get_mut(shard as usize).and_then(Option::take);
+        let h = reactor::spawn(cfg, park, move |r| {
             let opened = UringDevice::open_shared(
                 file,
                 size,
@@ -310,20 +338,32 @@ fn run(
                 Shard::open(dev, shard, StoreConfig { mount, ..Default::default() })
                     .map_err(|f| f.error.to_string())
             });
+            let opened = opened.and_then(|s| {
+                let info = s.replay_info().clone();
+                let msg = format!(
+                    "{} journal records replayed{}",
+                    info.records,
+                    info.torn_tail.map_or(String::new(), |(off, seq)| format!(
+                        ", torn tail at byte offset {off} (record {seq}) cut off"
+                    ))
+                );
+                let poller: Box<dyn Poller> = match listener {
+                    Some(l) => {
+                        let server = Server::from_listener(l, ops::FEATURES, Limits::DEFAULT)
+                            .map_err(|e| e.to_string())?;
+                        let core = OsdCore::open(s, server, shard, shards, outbox, inbox, map_rx)
+                            .map_err(|e| e.to_string())?;
+                        let msg = format!("{msg}, {} PG(s)", core.pg_count());
+                        return Ok((msg, Box::new(core) as Box<dyn Poller>));
+                    }
+                    None => Box::new(ShardPoller { shard: s }),
+                };
+                Ok((msg, poller))
+            });
             match opened {
-                Ok(s) => {
-                    let info = s.replay_info().clone();
-                    let _ = tx.send((
-                        shard,
-                        Ok(format!(
-                            "{} journal records replayed{}",
-                            info.records,
-                            info.torn_tail.map_or(String::new(), |(off, seq)| format!(
-                                ", torn tail at byte offset {off} (record {seq}) cut off"
-                            ))
-                        )),
-                    ));
-                    r.add_poller(Box::new(ShardPoller { shard: s }))?;
+                Ok((msg, poller)) => {
+                    let _ = tx.send((shard, Ok(msg)));
+                    r.add_poller(poller)?;
                     Ok(())
                 }
                 Err(e) => {
@@ -349,14 +389,25 @@ fn run(
         }
         bail!("the store could not be opened; nothing was changed:\n  {}", failed.join("\n  "));
     }
-    tracing::info!(
-        "store on {} open on {shards} reactor(s); the network path arrives with the serving work, so this daemon serves no clients yet; stop with Ctrl-C",
-        path.display()
-    );
     let agent = match conf {
-        Some(conf) => Some(start_agent(conf, dsb.fsid, shards, cluster)?),
+        Some(conf) => {
+            tracing::info!(
+                "store on {} open on {shards} reactor(s), serving on ports {core_ports:?}; stop with Ctrl-C",
+                path.display()
+            );
+            let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId| {
+                for (tx, w) in map_txs.iter().zip(&wakers) {
+                    let _ = tx.send(MapView { map: Arc::clone(&map), me });
+                    w.wake();
+                }
+            }));
+            Some(start_agent(conf, dsb.fsid, core_ports, sink, cluster)?)
+        }
         None => {
-            tracing::info!("no cluster configuration (--conf, $SLUICE_CONF): running standalone");
+            tracing::info!(
+                "store on {} open on {shards} reactor(s); no cluster configuration (--conf, $SLUICE_CONF): running standalone, serving no clients; stop with Ctrl-C",
+                path.display()
+            );
             None
         }
     };
@@ -383,23 +434,14 @@ type Agent = (tokio::sync::watch::Sender<bool>, std::thread::JoinHandle<anyhow::
 fn start_agent(
     conf: sluice_control::conf::Conf,
     uuid: [u8; 16],
-    shards: usize,
+    core_ports: Vec<u16>,
+    on_map: MapSink,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<Agent> {
     use sluice_control::maps::{Location, osdmap::ONE};
     if !(0.0..=1000.0).contains(&cluster.weight) {
         bail!("--weight {}: use 0..=1000", cluster.weight);
     }
-    // One dataplane port per core, reserved now (bound, not yet served: the serving
-    // path takes these listeners over); the map tells clients where each core listens.
-    let mut listeners = Vec::new();
-    for _ in 0..shards {
-        listeners.push(std::net::TcpListener::bind((cluster.public_ip, 0))?);
-    }
-    let core_ports = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<Vec<_>, _>>()?;
     let host = match &cluster.host {
         Some(h) => h.clone(),
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
@@ -411,10 +453,10 @@ fn start_agent(
         weight: (cluster.weight * f64::from(ONE)).round() as u32,
         public_ip: cluster.public_ip,
         core_ports,
+        on_map: Some(on_map),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new().name("cluster-agent".into()).spawn(move || {
-        let _listeners = listeners;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(sluice_control::osd_agent::run(cfg, stop_rx))
     })?;

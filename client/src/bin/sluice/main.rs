@@ -18,12 +18,13 @@ use sluice_control::monclient::Policy;
 use sluice_control::state::{Command, Response};
 
 mod dev;
+mod objects;
 
 #[derive(Parser)]
 #[command(
     name = "sluice",
     version,
-    about = "Operate a Sluice cluster: status, OSDs, pools, config; and local dev clusters.",
+    about = "Operate a Sluice cluster: status, OSDs, pools, config, objects; and local dev clusters.",
     after_help = "Exit codes: 0 done; 1 refused by the cluster (or a dev operation failed); \
                   2 usage; 3 no monitor reachable or no quorum; 4 configuration problem \
                   (no sluice.conf, wrong fsid).\n\
@@ -81,6 +82,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    #[command(flatten)]
+    Object(objects::ObjCmd),
     /// A local cluster on loopback with file-backed devices, for development and tests.
     Dev {
         #[command(subcommand)]
@@ -210,6 +213,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Cmd::Object(cmd) = &cli.cmd {
+        // Blocking client library (its own map thread): no runtime here.
+        return match objects::run(cmd, cli.conf.as_deref(), cli.timeout, cli.format == Format::Json)
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Fail(code, msg)) => {
+                eprintln!("sluice: {msg}");
+                ExitCode::from(code)
+            }
+        };
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -272,6 +286,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     let json = cli.format == Format::Json;
     match &cli.cmd {
         Cmd::Dev { cmd } => return dev::run(cmd, cli.format == Format::Json).await,
+        Cmd::Object(_) => unreachable!("object commands run before the runtime starts"),
         Cmd::Status => {
             let s: api::Status = client(&cli)?.get("/v1/status").await?;
             if json {

@@ -1,0 +1,153 @@
+//! What the multi-process tests share: a dev cluster in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin_dir() -> PathBuf {
+    let sluice = PathBuf::from(env!("CARGO_BIN_EXE_sluice"));
+    let dir = sluice.parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("sluice-osd").exists(),
+        "{} missing: run `cargo build --bins` (or `cargo test --workspace`) first",
+        dir.join("sluice-osd").display()
+    );
+    dir
+}
+
+/// A dev cluster in a temporary directory, brought down when dropped.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn up(mons: usize, osds: usize) -> Cluster {
+        Cluster::up_with(mons, osds, "64M")
+    }
+
+    pub fn up_with(mons: usize, osds: usize, device_size: &str) -> Cluster {
+        bin_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster { dir };
+        let out = c.sluice(&[
+            "dev",
+            "up",
+            "--mons",
+            &mons.to_string(),
+            "--osds",
+            &osds.to_string(),
+            "--device-size",
+            device_size,
+            "--wait",
+            "180",
+        ]);
+        assert!(out.status.success(), "dev up failed: {}\n{}", text(&out), c.logs());
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.path().join("sluice.conf")
+    }
+
+    /// Runs `sluice` with this cluster's conf and dir.
+    pub fn sluice(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("-c").arg(self.conf());
+        cmd.args(args);
+        if args.first() == Some(&"dev") {
+            cmd.arg("--dir").arg(self.path());
+        }
+        cmd.env("SLUICE_BIN_DIR", bin_dir());
+        cmd.output().expect("run sluice")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.sluice(args);
+        assert!(out.status.success(), "sluice {args:?} failed: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// `args` sent to one monitor only.
+    pub fn json_at(&self, mon_addr: &str, args: &[&str]) -> Option<Value> {
+        let mut a = vec!["-m", mon_addr, "--timeout", "3"];
+        a.extend(args);
+        a.extend(["--format", "json"]);
+        let out = self.sluice(&a);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    pub fn mon_addr(&self, name: &str) -> String {
+        let m = self.json(&["mon", "stat"]);
+        m["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap_or_else(|| panic!("no mon {name}"))["addr"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.path().join("log")) {
+            for e in rd.flatten() {
+                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                s += &format!("--- {}\n", e.path().display());
+                for l in tail.into_iter().rev() {
+                    s += l;
+                    s += "\n";
+                }
+            }
+        }
+        s
+    }
+
+    pub fn osd(&self, id: u64) -> Value {
+        let m = self.json(&["osd", "dump"]);
+        m["osds"].as_array().unwrap().iter().find(|o| o["id"] == id).cloned().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.sluice(&["dev", "down"]);
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Polls `f` until it returns Some, or panics after `secs` with `what`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
