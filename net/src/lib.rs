@@ -6,8 +6,8 @@
 //! length, so an older peer skips fields it does not know), sessions ([`session`]: banner
 //! and features, sequence numbers and acks, exactly-once replay after a reconnect,
 //! keepalives; sans-IO) and the kernel TCP transport ([`tcp`]: non-blocking sockets
-//! polled by their owner). Wiring into the OSD's reactors comes next; see
-//! `docs/ARCHITECTURE.md`.
+//! polled by their owner, each server with its own epoll set to park on), and the object
+//! protocol between clients and OSDs ([`ops`]); see `docs/ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
 
