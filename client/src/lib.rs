@@ -53,7 +53,7 @@ use sluice_control::api::{self, MapUpdate};
 use sluice_control::client::MonClient;
 use sluice_control::conf::Conf;
 use sluice_control::maps::envelope::{self, Kind};
-use sluice_control::maps::placement::{self, PgId};
+use sluice_control::maps::placement::{self, PgId, PrimaryCache};
 use sluice_control::maps::{OsdId, OsdMap, PoolId};
 use sluice_net::frame::Limits;
 use sluice_net::ops::{self, Body, Reply, Request, Status};
@@ -65,7 +65,8 @@ use sluice_net::tcp::ClientConn;
 pub enum Error {
     #[error("no such object")]
     NotFound,
-    #[error("no pool named {0:?}")]
+    /// No such pool in the client's (or the OSD's) map; says which.
+    #[error("no pool {0}")]
     NoSuchPool(String),
     #[error("the OSD is out of space")]
     NoSpace,
@@ -77,8 +78,9 @@ pub enum Error {
     Corrupt(String),
     #[error("OSD device error: {0}")]
     Io(String),
-    #[error("{op} of {object:?} timed out after {after:?}")]
-    Timeout { op: &'static str, object: String, after: Duration },
+    /// The op did not finish in time; `waiting` says what it was last waiting for.
+    #[error("{op} of {object:?} timed out after {after:?} ({waiting})")]
+    Timeout { op: &'static str, object: String, after: Duration, waiting: String },
     #[error("monitors: {0}")]
     Monitors(String),
     #[error("configuration: {0}")]
@@ -207,10 +209,12 @@ impl Cluster {
             id: rand::random::<u64>() | 1,
             map: self.map(),
             conns: HashMap::new(),
-            ops: HashMap::new(),
+            primaries: PrimaryCache::default(),
+            ops: Ops::default(),
             next_tid: 0,
-            done: VecDeque::new(),
             scratch: Vec::new(),
+            expired: Vec::new(),
+            held: Vec::new(),
         }
     }
 }
@@ -289,16 +293,7 @@ pub enum Op {
 
 impl Op {
     fn name(&self) -> &'static str {
-        match self {
-            Op::WriteFull(_) => "write_full",
-            Op::Write { .. } => "write",
-            Op::Read { .. } => "read",
-            Op::Stat => "stat",
-            Op::Delete => "delete",
-            Op::SetXattr { .. } => "setxattr",
-            Op::GetXattr { .. } => "getxattr",
-            Op::List { .. } => "list",
-        }
+        self.wire().name()
     }
 
     fn wire(&self) -> ops::Op<'_> {
@@ -365,12 +360,15 @@ struct InFlight {
     wait_epoch: u64,
     /// Hold until then (after an `Again`).
     not_before: Option<Instant>,
+    /// Why it is not done yet, for a timeout's message.
+    waiting: String,
 }
 
 #[derive(Debug)]
 struct Conn {
     conn: ClientConn,
     next_connect: Instant,
+    /// Why the last connect or connection failed (reported by timeouts of its ops).
     last_error: Option<String>,
 }
 
@@ -382,10 +380,75 @@ pub struct Io {
     id: u64,
     map: Arc<OsdMap>,
     conns: HashMap<SocketAddr, Conn>,
-    ops: HashMap<u64, InFlight>,
+    primaries: PrimaryCache,
+    ops: Ops,
     next_tid: u64,
-    done: VecDeque<Completion>,
     scratch: Vec<u8>,
+    /// Reused per pass: ops timed out, ops held for a route.
+    expired: Vec<u64>,
+    held: Vec<u64>,
+}
+
+/// Ops in flight and finished ones not yet handed out.
+#[derive(Debug, Default)]
+struct Ops {
+    inflight: HashMap<u64, InFlight>,
+    done: VecDeque<Completion>,
+}
+
+impl Ops {
+    fn complete(&mut self, tid: u64, result: Result<Output, Error>) {
+        if self.inflight.remove(&tid).is_some() {
+            self.done.push_back(Completion { tid, result });
+        }
+    }
+
+    /// Handles a reply at map epoch `epoch`.
+    fn on_reply(&mut self, r: Reply<'_>, epoch: u64) {
+        let Some(f) = self.inflight.get_mut(&r.tid) else {
+            return; // a reply to an op already finished (a resend's twin)
+        };
+        match r.status {
+            Status::Ok => {
+                let out = match (&f.op, r.body) {
+                    (Op::Read { .. } | Op::GetXattr { .. }, Body::Data(d)) => {
+                        Output::Data(d.to_vec())
+                    }
+                    (Op::Stat, Body::Stat { size }) => Output::Stat { size, version: r.version },
+                    (Op::List { .. }, Body::List { names, next }) => Output::List {
+                        names: names.into_iter().map(str::to_string).collect(),
+                        next: next.map(str::to_string),
+                    },
+                    (_, Body::None) => Output::Written { version: r.version },
+                    (op, b) => {
+                        let m = format!("{} answered with {b:?}", op.name());
+                        return self.complete(r.tid, Err(Error::Invalid(m)));
+                    }
+                };
+                self.complete(r.tid, Ok(out));
+            }
+            Status::Redirect => {
+                // The OSD had epoch r.epoch: resend once we have a newer map than the
+                // one that sent us there.
+                f.wait_epoch = r.epoch.max(epoch + 1);
+                f.target = None;
+                f.waiting = format!("a map newer than epoch {}: {}", f.wait_epoch - 1, r.message);
+            }
+            Status::Again => {
+                f.not_before = Some(Instant::now() + Duration::from_millis(100));
+                f.target = None;
+                f.waiting = format!("the OSD asked to retry: {}", r.message);
+            }
+            s => {
+                let e = error_of(s, r.message);
+                self.complete(r.tid, Err(e));
+            }
+        }
+    }
+}
+
+fn unexpected(o: Output) -> Error {
+    Error::Invalid(format!("unexpected answer {o:?}"))
 }
 
 fn error_of(status: Status, message: &str) -> Error {
@@ -395,7 +458,7 @@ fn error_of(status: Status, message: &str) -> Error {
         Status::TooLarge => Error::TooLarge(message.into()),
         Status::Corrupt => Error::Corrupt(message.into()),
         Status::Io => Error::Io(message.into()),
-        Status::NoPool => Error::NoSuchPool(message.into()),
+        Status::NoPool => Error::NoSuchPool(format!("on the OSD ({message})")),
         _ => Error::Invalid(message.into()),
     }
 }
@@ -407,7 +470,7 @@ impl Io {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.ops.len()
+        self.ops.inflight.len()
     }
 
     pub fn map(&self) -> &OsdMap {
@@ -421,7 +484,9 @@ impl Io {
         }
         // Created a moment ago? Take the newest map before saying no.
         self.take_map();
-        self.map.pool_by_name(name).map(|p| p.id).ok_or_else(|| Error::NoSuchPool(name.into()))
+        self.map.pool_by_name(name).map(|p| p.id).ok_or_else(|| {
+            Error::NoSuchPool(format!("named {name:?} at map epoch {}", self.map.epoch))
+        })
     }
 
     /// Queues an op on object `object` of pool `pool`; its result comes from
@@ -455,7 +520,7 @@ impl Io {
         self.next_tid += 1;
         let tid = self.next_tid;
         let now = Instant::now();
-        self.ops.insert(
+        self.ops.inflight.insert(
             tid,
             InFlight {
                 pool,
@@ -467,6 +532,7 @@ impl Io {
                 sent: false,
                 wait_epoch: 0,
                 not_before: None,
+                waiting: "a route".into(),
             },
         );
         self.route(tid);
@@ -490,17 +556,22 @@ impl Io {
             .flat_map(|a| a.core_ports.iter().map(|p| SocketAddr::new(a.public.ip(), *p)))
             .collect();
         self.conns.retain(|a, _| live.contains(a));
-        let tids: Vec<u64> = self.ops.keys().copied().collect();
-        for tid in tids {
+        let mut tids = std::mem::take(&mut self.held);
+        tids.clear();
+        tids.extend(self.ops.inflight.keys().copied());
+        for &tid in &tids {
             self.route(tid);
         }
+        self.held = tids;
         true
     }
 
-    /// Where an op should go under the current map.
-    fn target_of(&self, f: &InFlight) -> Result<Option<Target>, Error> {
+    /// Where an op should go under the current map: its PG and, when the PG has an up
+    /// primary with an address, that primary's core. `Err` ends the op.
+    fn target_of(&mut self, f: &mut InFlight) -> Result<(PgId, Option<Target>), Error> {
         let Some(pool) = self.map.pools.get(&f.pool) else {
-            return Err(Error::NoSuchPool(format!("pool id {}", f.pool.0)));
+            let e = format!("with id {} at map epoch {} (deleted?)", f.pool.0, self.map.epoch);
+            return Err(Error::NoSuchPool(e));
         };
         let pg = match &f.op {
             Op::List { pg, .. } => {
@@ -511,59 +582,61 @@ impl Io {
             }
             _ => placement::object_pg(pool, &f.object),
         };
-        let Some(primary) = placement::pg_mapping(&self.map, pool, pg).primary() else {
-            return Ok(None);
+        let Some(primary) = self.primaries.primary(&self.map, pool, pg) else {
+            f.waiting = format!("an up primary for PG {pg} (none at map epoch {})", self.map.epoch);
+            return Ok((pg, None));
         };
         let Some(addrs) = self.map.osd(primary).and_then(|o| o.addrs.as_ref()) else {
-            return Ok(None);
+            f.waiting = format!("an address for {primary}, primary of PG {pg}");
+            return Ok((pg, None));
         };
         if addrs.core_ports.is_empty() {
-            return Ok(None);
+            f.waiting = format!("the ports of {primary}, primary of PG {pg}");
+            return Ok((pg, None));
         }
         let port = addrs.core_ports[placement::pg_core(pg, addrs.core_ports.len())];
-        Ok(Some(Target { osd: primary, addr: SocketAddr::new(addrs.public.ip(), port) }))
+        let addr = SocketAddr::new(addrs.public.ip(), port);
+        Ok((pg, Some(Target { osd: primary, addr })))
     }
 
     /// Sends (or resends) op `tid` if it is due and its target changed or it was never
     /// sent.
     fn route(&mut self, tid: u64) {
-        let Some(f) = self.ops.get(&tid) else { return };
+        // Out of the table while routing (target_of borrows the rest of self).
+        let Some(mut f) = self.ops.inflight.remove(&tid) else { return };
         if f.wait_epoch > self.map.epoch || f.not_before.is_some_and(|t| Instant::now() < t) {
+            self.ops.inflight.insert(tid, f);
             return;
         }
-        let target = match self.target_of(f) {
+        let (pg, target) = match self.target_of(&mut f) {
             Ok(t) => t,
             Err(e) => {
-                self.ops.remove(&tid);
-                self.done.push_back(Completion { tid, result: Err(e) });
+                self.ops.done.push_back(Completion { tid, result: Err(e) });
                 return;
             }
         };
-        if target.is_some() && f.target == target && f.wait_epoch == 0 {
-            return; // already there
-        }
-        let f = self.ops.get_mut(&tid).expect("looked up above");
+        let moved = target.is_none() || f.target != target || f.wait_epoch != 0;
         f.target = target;
         f.wait_epoch = 0;
-        let Some(t) = target else { return };
+        let (Some(t), true) = (target, moved) else {
+            self.ops.inflight.insert(tid, f);
+            return;
+        };
+        let list = matches!(f.op, Op::List { .. });
         let req = Request {
             client: self.id,
             tid,
             epoch: self.map.epoch,
             flags: if f.sent { ops::flags::RESENT } else { 0 },
             pool: f.pool.0,
-            pg: match &f.op {
-                Op::List { pg, .. } => *pg,
-                _ => {
-                    self.map.pools.get(&f.pool).map_or(0, |p| placement::object_pg(p, &f.object).pg)
-                }
-            },
-            object: if matches!(f.op, Op::List { .. }) { "" } else { &f.object },
+            pg: pg.pg,
+            object: if list { "" } else { &f.object },
             op: f.op.wire(),
         };
         self.scratch.clear();
         req.encode(&mut self.scratch);
         f.sent = true;
+        f.waiting = format!("a reply from {} at {}", t.osd, t.addr);
         let id = self.id;
         let c = self.conns.entry(t.addr).or_insert_with(|| Conn {
             conn: ClientConn::new(t.addr, id, ops::FEATURES, Limits::DEFAULT),
@@ -571,57 +644,13 @@ impl Io {
             last_error: None,
         });
         // Queued in the session while disconnected; sent when connected.
-        if let Err(e) = c.conn.send(ops::MSG_REQUEST, &self.scratch) {
-            let f = self.ops.remove(&tid).expect("present");
-            self.done.push_back(Completion {
-                tid,
-                result: Err(Error::TooLarge(format!("{} of {:?}: {e}", f.op.name(), f.object))),
-            });
-        }
-    }
-
-    fn complete(&mut self, tid: u64, result: Result<Output, Error>) {
-        if self.ops.remove(&tid).is_some() {
-            self.done.push_back(Completion { tid, result });
-        }
-    }
-
-    fn on_reply(&mut self, r: Reply<'_>) {
-        let Some(f) = self.ops.get_mut(&r.tid) else {
-            return; // a reply to an op already finished (a resend's twin)
-        };
-        match r.status {
-            Status::Ok => {
-                let out = match (&f.op, r.body) {
-                    (Op::Read { .. } | Op::GetXattr { .. }, Body::Data(d)) => {
-                        Output::Data(d.to_vec())
-                    }
-                    (Op::Stat, Body::Stat { size }) => Output::Stat { size, version: r.version },
-                    (Op::List { .. }, Body::List { names, next }) => Output::List {
-                        names: names.into_iter().map(str::to_string).collect(),
-                        next: next.map(str::to_string),
-                    },
-                    (_, Body::None) => Output::Written { version: r.version },
-                    (op, b) => {
-                        let m = format!("{} answered with {b:?}", op.name());
-                        return self.complete(r.tid, Err(Error::Invalid(m)));
-                    }
-                };
-                self.complete(r.tid, Ok(out));
+        match c.conn.send(ops::MSG_REQUEST, &self.scratch) {
+            Ok(_) => {
+                self.ops.inflight.insert(tid, f);
             }
-            Status::Redirect => {
-                // The OSD had epoch r.epoch: resend once we have a newer map than the
-                // one that sent us there.
-                f.wait_epoch = r.epoch.max(self.map.epoch + 1);
-                f.target = None;
-            }
-            Status::Again => {
-                f.not_before = Some(Instant::now() + Duration::from_millis(100));
-                f.target = None;
-            }
-            s => {
-                let e = error_of(s, r.message);
-                self.complete(r.tid, Err(e));
+            Err(e) => {
+                let m = format!("{} of {:?}: {e}", f.op.name(), f.object);
+                self.ops.done.push_back(Completion { tid, result: Err(Error::TooLarge(m)) });
             }
         }
     }
@@ -632,13 +661,13 @@ impl Io {
         let end = Instant::now() + timeout;
         loop {
             self.pass();
-            if !self.done.is_empty() {
-                let n = self.done.len();
-                out.extend(self.done.drain(..));
+            if !self.ops.done.is_empty() {
+                let n = self.ops.done.len();
+                out.extend(self.ops.done.drain(..));
                 return n;
             }
             let now = Instant::now();
-            if now >= end || self.ops.is_empty() {
+            if now >= end || self.ops.inflight.is_empty() {
                 return 0;
             }
             self.wait(end.min(now + Duration::from_millis(20)));
@@ -649,50 +678,58 @@ impl Io {
     fn pass(&mut self) {
         self.take_map();
         let now = Instant::now();
-        let mut expired = Vec::new();
-        let mut held = Vec::new();
-        for (&tid, f) in &self.ops {
+        let (mut expired, mut held) =
+            (std::mem::take(&mut self.expired), std::mem::take(&mut self.held));
+        for (&tid, f) in &self.ops.inflight {
             if now >= f.deadline {
                 expired.push(tid);
             } else if f.target.is_none() {
                 held.push(tid);
             }
         }
-        for tid in expired {
-            let f = self.ops.remove(&tid).expect("listed");
-            self.done.push_back(Completion {
-                tid,
-                result: Err(Error::Timeout {
-                    op: f.op.name(),
-                    object: f.object,
-                    after: now - f.started,
-                }),
-            });
+        for tid in expired.drain(..) {
+            let f = self.ops.inflight.remove(&tid).expect("listed");
+            // Waiting on a connection that fails: say why it fails.
+            let conn_error =
+                f.target.and_then(|t| self.conns.get(&t.addr)).and_then(|c| c.last_error.as_ref());
+            let waiting = match conn_error {
+                Some(e) => format!("{}; last connection error: {e}", f.waiting),
+                None => f.waiting,
+            };
+            let e = Error::Timeout {
+                op: f.op.name(),
+                object: f.object,
+                after: now - f.started,
+                waiting,
+            };
+            self.ops.done.push_back(Completion { tid, result: Err(e) });
         }
-        for tid in held {
+        for tid in held.drain(..) {
             self.route(tid);
         }
-        let mut replies: Vec<Vec<u8>> = Vec::new();
-        let mut lost: Vec<SocketAddr> = Vec::new();
-        // A connection is needed while it has requests to deliver or replies to bring
-        // back (the OSD's session holds replies for us across a cut).
-        let wanted: std::collections::HashSet<SocketAddr> =
-            self.ops.values().filter_map(|f| f.target.map(|t| t.addr)).collect();
-        for (addr, c) in self.conns.iter_mut() {
+        (self.expired, self.held) = (expired, held);
+        let Io { conns, ops, map, .. } = self;
+        for (addr, c) in conns.iter_mut() {
             if !c.conn.connected() {
-                let needed = c.conn.session.unacked() > 0 || wanted.contains(addr);
+                // Needed while it has requests to deliver or replies to bring back (the
+                // OSD's session holds replies for us across a cut).
+                let needed = c.conn.session.unacked() > 0
+                    || ops.inflight.values().any(|f| f.target.is_some_and(|t| t.addr == *addr));
                 if !needed || now < c.next_connect {
                     continue;
                 }
                 if let Err(e) = c.conn.connect_timeout(Duration::from_secs(1)) {
-                    c.last_error = Some(e.to_string());
+                    c.last_error = Some(format!("connecting to {addr}: {e}"));
                     c.next_connect = now + Duration::from_millis(200);
                     continue;
                 }
             }
             let r = c.conn.poll(|e| match e {
                 Event::Message { msg_type, frame, .. } if msg_type == ops::MSG_REPLY => {
-                    replies.push(sluice_net::session::payload(&frame).to_vec());
+                    match Reply::decode(sluice_net::session::payload(&frame)) {
+                        Ok(r) => ops.on_reply(r, map.epoch),
+                        Err(e) => tracing::warn!("{addr}: undecodable reply: {e}"),
+                    }
                 }
                 Event::Reset { resent } => {
                     tracing::debug!("{addr}: the OSD forgot our session; {resent} op(s) resent");
@@ -700,18 +737,9 @@ impl Io {
                 _ => {}
             });
             if let Err(e) = r {
-                c.last_error = Some(e.to_string());
+                tracing::debug!("connection to {addr} lost ({e}); reconnecting");
+                c.last_error = Some(format!("connection to {addr}: {e}"));
                 c.next_connect = now + Duration::from_millis(50);
-                lost.push(*addr);
-            }
-        }
-        for addr in lost {
-            tracing::debug!("connection to {addr} lost; reconnecting");
-        }
-        for p in replies {
-            match Reply::decode(&p) {
-                Ok(r) => self.on_reply(r),
-                Err(e) => tracing::warn!("undecodable reply: {e}"),
             }
         }
     }
@@ -750,25 +778,16 @@ impl Io {
 
     /// Waits for op `tid` (other ops that finish meanwhile stay for [`Io::poll`]).
     pub fn wait_for(&mut self, tid: u64) -> Result<Output, Error> {
-        let mut others = Vec::new();
         loop {
-            if let Some(i) = self.done.iter().position(|c| c.tid == tid) {
-                let c = self.done.remove(i).expect("found");
-                self.done.extend(others);
-                return c.result;
+            if let Some(i) = self.ops.done.iter().position(|c| c.tid == tid) {
+                return self.ops.done.remove(i).expect("found").result;
             }
-            if !self.ops.contains_key(&tid) && !self.done.iter().any(|c| c.tid == tid) {
-                self.done.extend(others);
+            if !self.ops.inflight.contains_key(&tid) {
                 return Err(Error::Invalid(format!("no op {tid} in flight")));
             }
-            let mut got = Vec::new();
-            self.poll(Duration::from_millis(100), &mut got);
-            for c in got {
-                if c.tid == tid {
-                    self.done.extend(others);
-                    return c.result;
-                }
-                others.push(c);
+            self.pass();
+            if !self.ops.done.iter().any(|c| c.tid == tid) {
+                self.wait(Instant::now() + Duration::from_millis(20));
             }
         }
     }
@@ -776,7 +795,7 @@ impl Io {
     pub fn write_full(&mut self, pool: &str, object: &str, data: Vec<u8>) -> Result<u64, Error> {
         match self.call(pool, object, Op::WriteFull(data.into()))? {
             Output::Written { version } => Ok(version),
-            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+            o => Err(unexpected(o)),
         }
     }
 
@@ -789,7 +808,7 @@ impl Io {
     ) -> Result<u64, Error> {
         match self.call(pool, object, Op::Write { offset, data: data.into() })? {
             Output::Written { version } => Ok(version),
-            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+            o => Err(unexpected(o)),
         }
     }
 
@@ -803,7 +822,7 @@ impl Io {
     ) -> Result<Vec<u8>, Error> {
         match self.call(pool, object, Op::Read { offset, len })? {
             Output::Data(d) => Ok(d),
-            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+            o => Err(unexpected(o)),
         }
     }
 
@@ -824,7 +843,7 @@ impl Io {
     pub fn stat(&mut self, pool: &str, object: &str) -> Result<(u64, u64), Error> {
         match self.call(pool, object, Op::Stat)? {
             Output::Stat { size, version } => Ok((size, version)),
-            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+            o => Err(unexpected(o)),
         }
     }
 
@@ -845,7 +864,7 @@ impl Io {
     pub fn get_xattr(&mut self, pool: &str, object: &str, key: &str) -> Result<Vec<u8>, Error> {
         match self.call(pool, object, Op::GetXattr { key: key.into() })? {
             Output::Data(d) => Ok(d),
-            o => Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+            o => Err(unexpected(o)),
         }
     }
 
@@ -877,7 +896,7 @@ impl Io {
                         _ => return Ok((names, cursor)),
                     }
                 }
-                o => return Err(Error::Invalid(format!("unexpected answer {o:?}"))),
+                o => return Err(unexpected(o)),
             }
         }
     }

@@ -342,4 +342,7 @@ fn ops_time_out_with_a_typed_error() {
         Err(Error::Timeout { op: "stat", .. }) => {}
         r => panic!("{r:?}"),
     }
+    // The message says what the op was waiting for.
+    let e = io.stat("p", "x").unwrap_err().to_string();
+    assert!(e.contains("an up primary for PG"), "{e}");
 }

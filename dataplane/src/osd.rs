@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use sluice_control::maps::placement::{self, PgId};
+use sluice_control::maps::placement::{self, PgId, PrimaryCache};
 use sluice_control::maps::{OsdId, OsdMap, PoolId};
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
 use sluice_net::tcp::{Server, ServerEvent};
@@ -36,8 +36,7 @@ use sluice_nvme::BlockDevice;
 use sluice_vocab::{CoreId, MonoTime};
 
 use crate::store::{
-    Answer, CollId, Missing, Query, ReadData, Shard, StoreError, StoreEvent, Transaction, TxOp,
-    blocking,
+    Answer, CollId, Missing, Query, Shard, StoreError, StoreEvent, Transaction, TxOp, blocking,
 };
 use crate::{Context, Inbox, Outbox, PollResult, Poller};
 
@@ -164,6 +163,7 @@ struct Core<D: BlockDevice> {
     outbox: Outbox<CoreMsg>,
     view: Option<MapView>,
     pgs: HashMap<PgId, Pg>,
+    primaries: PrimaryCache,
     ops: Vec<Option<Pending>>,
     free: Vec<usize>,
     /// Requests from a newer epoch than ours: (origin, payload, since).
@@ -266,6 +266,7 @@ impl<D: BlockDevice> OsdCore<D> {
                 outbox,
                 view: None,
                 pgs,
+                primaries: PrimaryCache::default(),
                 ops: Vec::new(),
                 free: Vec::new(),
                 waiting: VecDeque::new(),
@@ -343,6 +344,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
             busy = true;
             match m {
                 CoreMsg::Forward { from, cookie, payload } => {
+                    self.c.stats.requests += 1;
                     self.c.handle(Origin::Core(from, cookie), &payload, now);
                 }
                 CoreMsg::Reply { cookie, payload } => {
@@ -357,6 +359,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         busy |= self.server.poll(|e| match e {
             ServerEvent::Message { cookie, msg_type, payload, .. } => {
                 if msg_type == ops::MSG_REQUEST {
+                    c.stats.requests += 1;
                     c.handle(Origin::Local(cookie), payload, now);
                 } else {
                     c.stats.bad_requests += 1;
@@ -373,7 +376,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         });
         for (cookie, why) in self.c.kick.drain(..) {
             tracing::warn!("core {}: dropping session {cookie:#x}: {why}", self.c.core);
-            self.server.kick(cookie, &why);
+            self.server.kick(cookie);
         }
         // The store.
         busy |= self.c.poll_store();
@@ -449,21 +452,17 @@ impl<D: BlockDevice> Core<D> {
         self.view.as_ref().map_or(0, |v| v.map.epoch)
     }
 
-    /// Queues a reply to `origin`. `data` is appended as the reply's data body.
-    fn reply(&mut self, origin: Origin, r: &Reply<'_>, data: Option<&ReadData>) {
-        let write = |out: &mut Vec<u8>| {
-            if let Some(d) = data {
-                out.extend_from_slice(d.data());
-            }
-        };
+    /// Queues a reply to `origin` (a read's data is copied once, from the store's
+    /// buffer into the reply).
+    fn reply(&mut self, origin: Origin, r: &Reply<'_>) {
         match origin {
             Origin::Local(cookie) => {
-                r.encode_with(&mut self.reply_buf, write);
+                r.encode(&mut self.reply_buf);
                 self.replies.push((cookie, self.reply_buf.len()));
             }
             Origin::Core(core, cookie) => {
                 let mut payload = Vec::new();
-                r.encode_with(&mut payload, write);
+                r.encode(&mut payload);
                 self.send_to_core(CoreId(core), CoreMsg::Reply { cookie, payload });
             }
         }
@@ -471,7 +470,7 @@ impl<D: BlockDevice> Core<D> {
 
     fn error(&mut self, origin: Origin, tid: u64, status: Status, message: &str) {
         let r = Reply { tid, epoch: self.epoch(), status, version: 0, message, body: Body::None };
-        self.reply(origin, &r, None);
+        self.reply(origin, &r);
     }
 
     fn send_to_core(&mut self, to: CoreId, m: CoreMsg) {
@@ -513,7 +512,6 @@ impl<D: BlockDevice> Core<D> {
 
     /// Decodes and routes one request.
     fn handle(&mut self, origin: Origin, payload: &[u8], now: MonoTime) {
-        self.stats.requests += 1;
         let req = match Request::decode(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -556,7 +554,7 @@ impl<D: BlockDevice> Core<D> {
                 placement::object_pg(pool, req.object)
             }
         };
-        let primary = placement::pg_mapping(&view.map, pool, pg).primary();
+        let primary = self.primaries.primary(&view.map, pool, pg);
         if pg.pg != req.pg || primary != Some(view.me) {
             self.stats.redirects += 1;
             let m = format!(
@@ -609,7 +607,7 @@ impl<D: BlockDevice> Core<D> {
                         message: "",
                         body: Body::List { names: Vec::new(), next: None },
                     };
-                    return self.reply(origin, &r, None);
+                    return self.reply(origin, &r);
                 }
                 let max = max.clamp(1, ops::MAX_LIST) as usize;
                 (Query::List { coll, after: after.map(str::to_string), max }, Kind::List)
@@ -640,7 +638,7 @@ impl<D: BlockDevice> Core<D> {
                 message: "",
                 body: Body::None,
             };
-            return self.reply(origin, &r, None);
+            return self.reply(origin, &r);
         }
         if let Some(&slot) = pg.inflight.get(&reqid) {
             self.stats.dedup_hits += 1;
@@ -740,9 +738,9 @@ impl<D: BlockDevice> Core<D> {
                         st.log.push_back((version, reqid));
                         st.done.insert(reqid, version);
                         let reply = ok(version, Body::None);
-                        self.reply(p.origin, &reply, None);
+                        self.reply(p.origin, &reply);
                         for (o, tid) in p.dups {
-                            self.reply(o, &Reply { tid, ..reply.clone() }, None);
+                            self.reply(o, &Reply { tid, ..reply.clone() });
                         }
                     }
                     Err(e) => {
@@ -767,23 +765,18 @@ impl<D: BlockDevice> Core<D> {
                 self.error(p.origin, p.tid, status_of(&e), &m);
             }
             (Kind::Read, Ok(Some(Answer::Data(d)))) => {
-                self.reply(p.origin, &ok(0, Body::Data(&[])), Some(&d));
+                self.reply(p.origin, &ok(0, Body::Data(d.data())));
             }
             (Kind::Stat, Ok(Some(Answer::Stat(s)))) => {
-                self.reply(p.origin, &ok(s.version, Body::Stat { size: s.size }), None);
+                self.reply(p.origin, &ok(s.version, Body::Stat { size: s.size }));
             }
             (Kind::GetXattr, Ok(Some(Answer::Xattr(v)))) => {
-                if v.is_empty() {
-                    // An empty value still needs a data body: encode_with writes it.
-                    self.reply(p.origin, &ok(0, Body::Data(&[])), None);
-                } else {
-                    self.reply(p.origin, &ok(0, Body::Data(&v)), None);
-                }
+                self.reply(p.origin, &ok(0, Body::Data(&v)));
             }
             (Kind::List, Ok(Some(Answer::List { names, next }))) => {
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
                 let body = Body::List { names, next: next.as_deref() };
-                self.reply(p.origin, &ok(0, body), None);
+                self.reply(p.origin, &ok(0, body));
             }
             (kind, Ok(a)) => panic!("store answered {kind:?} with {a:?}"),
         }
@@ -796,10 +789,7 @@ impl<D: BlockDevice> Core<D> {
         for _ in 0..n {
             let (origin, payload, since) = self.waiting.pop_front().expect("counted");
             match Request::decode(&payload) {
-                Ok(r) if r.epoch <= epoch => {
-                    self.stats.requests -= 1; // counted once, when it arrived
-                    self.handle(origin, &payload, now);
-                }
+                Ok(r) if r.epoch <= epoch => self.handle(origin, &payload, now),
                 _ => self.waiting.push_back((origin, payload, since)),
             }
         }

@@ -331,12 +331,6 @@ pub struct Reply<'a> {
 
 impl<'a> Reply<'a> {
     pub fn encode(&self, out: &mut Vec<u8>) {
-        self.encode_with(out, |_| {});
-    }
-
-    /// Encodes the reply; a `Body::Data` is written by `data` (so a read's bytes are
-    /// copied once, straight from the store's buffer).
-    pub fn encode_with(&self, out: &mut Vec<u8>, data: impl FnOnce(&mut Vec<u8>)) {
         let m = message::begin(out, VERSION, 1);
         put_u64(out, self.tid);
         put_u64(out, self.epoch);
@@ -347,16 +341,7 @@ impl<'a> Reply<'a> {
             Body::None => out.push(0),
             Body::Data(d) => {
                 out.push(1);
-                if d.is_empty() {
-                    // Written by the callback: length first, patched after.
-                    let at = out.len();
-                    put_u32(out, 0);
-                    data(out);
-                    let n = u32::try_from(out.len() - at - 4).expect("bounded by frame limits");
-                    out[at..at + 4].copy_from_slice(&n.to_le_bytes());
-                } else {
-                    put_bytes(out, d);
-                }
+                put_bytes(out, d);
             }
             Body::Stat { size } => {
                 out.push(2);
@@ -494,22 +479,6 @@ mod tests {
             let _ = Request::decode(&bytes);
             let _ = Reply::decode(&bytes);
         }
-    }
-
-    #[test]
-    fn data_written_by_callback_matches_a_slice() {
-        let r = Reply {
-            tid: 1,
-            epoch: 2,
-            status: Status::Ok,
-            version: 3,
-            message: "",
-            body: Body::Data(&[]),
-        };
-        let mut buf = Vec::new();
-        r.encode_with(&mut buf, |o| o.extend_from_slice(b"hello"));
-        let d = Reply::decode(&buf).unwrap();
-        assert_eq!(d.body, Body::Data(b"hello"));
     }
 
     #[test]

@@ -131,6 +131,13 @@ fn body<'a>(f: &Frame<'a>) -> Result<Dec<'a>, SessionError> {
     Ok(Dec::new(message::open(f.segment(0), VERSION)?.body))
 }
 
+/// A MESSAGE frame's session header: (sequence number, sender's ack, message type).
+fn message_header(f: &Frame<'_>) -> Result<(u64, u64, u16), SessionError> {
+    let mut d = body(f)?;
+    let t = |_| SessionError::Truncated("message header");
+    Ok((d.u64().map_err(t)?, d.u64().map_err(t)?, d.u16().map_err(t)?))
+}
+
 fn negotiate(ours: Features, f: &Frame<'_>) -> Result<u64, SessionError> {
     let mut d = body(f)?;
     let t = |_| SessionError::Truncated("banner");
@@ -354,16 +361,8 @@ impl Session {
             else {
                 unreachable!("the replay buffer holds whole frames we encoded");
             };
-            let mut d = body(&f)?;
-            let t = |_| SessionError::Truncated("message header");
-            let _seq = d.u64().map_err(t)?;
-            let _ack = d.u64().map_err(t)?;
-            let msg_type = d.u16().map_err(t)?;
-            let mut none = Vec::new();
-            let was = self.state;
-            self.state = State::Disconnected; // queue only: resend() writes them out
-            self.send(msg_type, payload(&f), &mut none)?;
-            self.state = was;
+            let (_, _, msg_type) = message_header(&f)?;
+            self.enqueue(msg_type, payload(&f))?;
         }
         Ok(())
     }
@@ -380,6 +379,21 @@ impl Session {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<u64, SessionError> {
+        let (seq, off, len) = self.enqueue(msg_type, payload)?;
+        if self.state == State::Open {
+            out.extend_from_slice(&self.replay[off..off + len]);
+            self.ack_pending = false; // the header carried our ack
+        }
+        Ok(seq)
+    }
+
+    /// Encodes the next message into the replay buffer (where it stays until acked).
+    /// Returns its sequence number and where it is in the buffer.
+    fn enqueue(
+        &mut self,
+        msg_type: u16,
+        payload: &[u8],
+    ) -> Result<(u64, usize, usize), SessionError> {
         let seq = self.out_seq + 1;
         // Session header: seq u64, our cumulative ack u64, message type u16.
         let mut hdr = [0u8; message::HEADER_BYTES + 18];
@@ -391,11 +405,7 @@ impl Session {
         let len = frame::encode(&mut self.replay, tag::MESSAGE, 0, &[&hdr, payload], &self.limits)?;
         self.out_seq = seq;
         self.unacked.push_back((seq, off, len));
-        if self.state == State::Open {
-            out.extend_from_slice(&self.replay[off..off + len]);
-            self.ack_pending = false; // the header carried our ack
-        }
-        Ok(seq)
+        Ok((seq, off, len))
     }
 
     /// Writes an ack if messages were delivered since we last told the peer.
@@ -454,11 +464,7 @@ impl Session {
                     }
                 }
                 (tag::MESSAGE, State::Open) => {
-                    let mut d = body(&f)?;
-                    let t = |_| SessionError::Truncated("message header");
-                    let seq = d.u64().map_err(t)?;
-                    let ack = d.u64().map_err(t)?;
-                    let msg_type = d.u16().map_err(t)?;
+                    let (seq, ack, msg_type) = message_header(&f)?;
                     self.peer_acked(ack)?;
                     if seq <= self.in_seq {
                         continue; // a resend of what we already have

@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::frame::Limits;
 use crate::session::{Event, Features, Handshake, Session, SessionError};
@@ -248,6 +248,11 @@ impl ClientConn {
 struct Client {
     session: Session,
     conn: Option<Connection>,
+    /// The connection's epoll token.
+    conn_id: u64,
+    /// Serve the connection in the next poll whether or not the socket is ready (it was
+    /// just attached: the hello reply and resends to write, bytes after the hello to read).
+    pending: bool,
     /// Whether the connection is registered for writability too.
     armed_out: bool,
     /// When the connection went away (for expiry).
@@ -258,15 +263,26 @@ struct Client {
 ///
 /// Its sockets are registered in an epoll set of its own, whose fd ([`Server::fd`])
 /// becomes readable when any of them has something: the owner's reactor sleeps on it.
+/// Each poll asks that set what is ready (one `epoll_wait` with a zero timeout) and
+/// touches only those sockets: no `accept` or `recv` per idle socket per pass (an
+/// `accept` that finds nothing still allocates and frees a socket in the kernel).
 pub struct Server {
     listener: TcpListener,
     epoll: Epoll,
     features: Features,
     limits: Limits,
-    /// Connections whose client has not said who it is yet.
-    handshaking: Vec<(Handshake, Connection)>,
+    /// Connections whose client has not said who it is yet, with their epoll tokens.
+    handshaking: Vec<(Handshake, Connection, u64)>,
     clients: HashMap<u64, Client>,
+    /// The next connection token (the listener's is [`LISTENER`]).
+    next_id: u64,
+    /// Scratch for `epoll_wait`, and the tokens it reported, sorted.
+    events: Vec<EpollEvent>,
+    ready: Vec<u64>,
 }
+
+/// The listener's epoll token.
+const LISTENER: u64 = 0;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,7 +323,7 @@ impl Server {
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
         Ok(Server {
             listener,
             epoll,
@@ -315,6 +331,9 @@ impl Server {
             limits,
             handshaking: Vec::new(),
             clients: HashMap::new(),
+            next_id: LISTENER + 1,
+            events: vec![EpollEvent::empty(); 256],
+            ready: Vec::new(),
         })
     }
 
@@ -359,31 +378,25 @@ impl Server {
     /// happened.
     pub fn poll(&mut self, mut on: impl FnMut(ServerEvent<'_>)) -> bool {
         let mut busy = false;
-        loop {
-            match self.listener.accept() {
-                Ok((s, _)) => match Connection::new(s) {
-                    Ok(mut conn) => {
-                        let hs = Handshake::new(self.features, self.limits, conn.out());
-                        let ev = EpollEvent::new(EpollFlags::EPOLLIN, 0);
-                        if let Err(e) = self.epoll.add(conn.fd(), ev) {
-                            close(conn, ConnError::Io(e.into()), &mut on);
-                            continue;
-                        }
-                        self.handshaking.push((hs, conn));
-                        busy = true;
-                    }
-                    Err(e) => on(ServerEvent::Closed { peer: None, reason: e.to_string() }),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    on(ServerEvent::Closed { peer: None, reason: format!("accept: {e}") });
-                    break;
-                }
-            }
+        self.ready.clear();
+        // Level-triggered: what does not fit in `events` is reported again next time.
+        if let Ok(n) = self.epoll.wait(&mut self.events, EpollTimeout::ZERO) {
+            self.ready.extend(self.events[..n].iter().map(|e| e.data()));
+            self.ready.sort_unstable();
+        }
+        let ready = |ready: &[u64], id: u64| ready.binary_search(&id).is_ok();
+        let first_new = self.next_id;
+        if ready(&self.ready, LISTENER) {
+            busy |= self.accept(&mut on);
         }
         let mut i = 0;
         while i < self.handshaking.len() {
-            let (hs, conn) = &mut self.handshaking[i];
+            let (hs, conn, id) = &mut self.handshaking[i];
+            // New connections are handled at once: the banner goes out.
+            if !ready(&self.ready, *id) && *id < first_new {
+                i += 1;
+                continue;
+            }
             match handshake(hs, conn) {
                 Ok((b, None)) => {
                     busy |= b;
@@ -391,12 +404,12 @@ impl Server {
                 }
                 Ok((_, Some(hello))) => {
                     busy = true;
-                    let (_, conn) = self.handshaking.swap_remove(i);
-                    self.attach(hello, conn, &mut on);
+                    let (_, conn, id) = self.handshaking.swap_remove(i);
+                    self.attach(hello, conn, id, &mut on);
                 }
                 Err(e) => {
                     busy = true;
-                    let (_, conn) = self.handshaking.swap_remove(i);
+                    let (_, conn, _) = self.handshaking.swap_remove(i);
                     close(conn, e, &mut on);
                 }
             }
@@ -404,21 +417,14 @@ impl Server {
         let now = Instant::now();
         for (&cookie, c) in self.clients.iter_mut() {
             let Some(conn) = &mut c.conn else { continue };
+            if !c.pending && !ready(&self.ready, c.conn_id) {
+                continue;
+            }
+            c.pending = false;
             match serve(cookie, &mut c.session, conn, &mut on) {
                 Ok(b) => {
                     busy |= b;
-                    let want = conn.wants_write();
-                    if want != c.armed_out {
-                        let mut flags = EpollFlags::EPOLLIN;
-                        if want {
-                            flags |= EpollFlags::EPOLLOUT;
-                        }
-                        let mut ev = EpollEvent::new(flags, 0);
-                        // Cannot fail for a registered, open socket; if it did, the
-                        // connection would only be polled less eagerly.
-                        let _ = self.epoll.modify(conn.fd(), &mut ev);
-                        c.armed_out = want;
-                    }
+                    arm(&self.epoll, c);
                 }
                 Err(e) => {
                     busy = true;
@@ -431,13 +437,41 @@ impl Server {
         busy
     }
 
-    /// Drops a client's connection and its session (it sent something unacceptable).
-    /// Returns whether the session existed.
-    pub fn kick(&mut self, cookie: u64, why: &str) -> bool {
+    /// Accepts every waiting connection; each starts its handshake (our banner).
+    fn accept(&mut self, on: &mut impl FnMut(ServerEvent<'_>)) -> bool {
+        let mut busy = false;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => match Connection::new(s) {
+                    Ok(mut conn) => {
+                        let hs = Handshake::new(self.features, self.limits, conn.out());
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        let ev = EpollEvent::new(EpollFlags::EPOLLIN, id);
+                        if let Err(e) = self.epoll.add(conn.fd(), ev) {
+                            close(conn, ConnError::Io(e.into()), on);
+                            continue;
+                        }
+                        self.handshaking.push((hs, conn, id));
+                        busy = true;
+                    }
+                    Err(e) => on(ServerEvent::Closed { peer: None, reason: e.to_string() }),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return busy,
+                Err(e) => {
+                    on(ServerEvent::Closed { peer: None, reason: format!("accept: {e}") });
+                    return busy;
+                }
+            }
+        }
+    }
+
+    /// Drops a client's connection and its session (it sent something unacceptable;
+    /// the caller logs why). Returns whether the session existed.
+    pub fn kick(&mut self, cookie: u64) -> bool {
         let Some(c) = self.clients.remove(&cookie) else { return false };
         if let Some(conn) = c.conn {
             conn.shutdown();
-            let _ = why;
         }
         true
     }
@@ -448,12 +482,13 @@ impl Server {
         let mut wrote = false;
         for c in self.clients.values_mut() {
             if let Some(conn) = &mut c.conn
-                && !conn.out.is_empty()
+                && conn.wants_write()
             {
                 wrote = true;
-                if conn.flush().is_err() {
-                    // Noticed (and logged) by the next poll's read.
-                }
+                // An error shows again (and is reported) at the next read; what the
+                // socket did not take waits for writability.
+                let _ = conn.flush();
+                arm(&self.epoll, c);
             }
         }
         wrote
@@ -466,12 +501,15 @@ impl Server {
         &mut self,
         hello: crate::session::Hello,
         mut conn: Connection,
+        conn_id: u64,
         on: &mut impl FnMut(ServerEvent<'_>),
     ) {
         let (features, limits) = (self.features, self.limits);
         let c = self.clients.entry(hello.cookie).or_insert_with(|| Client {
             session: Session::server(hello.cookie, features, limits),
             conn: None,
+            conn_id,
+            pending: false,
             armed_out: false,
             idle_since: None,
         });
@@ -480,6 +518,8 @@ impl Server {
             close(old, ConnError::Io(e), on);
         }
         c.session.disconnected();
+        c.conn_id = conn_id;
+        c.pending = true;
         c.armed_out = false;
         c.idle_since = None;
         match c.session.attach(&hello, conn.out()) {
@@ -489,6 +529,23 @@ impl Server {
                 close(conn, e.into(), on)
             }
         }
+    }
+}
+
+/// Registers a client's connection for writability exactly while output is queued.
+fn arm(epoll: &Epoll, c: &mut Client) {
+    let Some(conn) = &c.conn else { return };
+    let want = conn.wants_write();
+    if want != c.armed_out {
+        let mut flags = EpollFlags::EPOLLIN;
+        if want {
+            flags |= EpollFlags::EPOLLOUT;
+        }
+        let mut ev = EpollEvent::new(flags, c.conn_id);
+        // Cannot fail for a registered, open socket; if it did, the connection would
+        // be served on its next readable event instead.
+        let _ = epoll.modify(conn.fd(), &mut ev);
+        c.armed_out = want;
     }
 }
 

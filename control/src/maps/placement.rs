@@ -234,6 +234,25 @@ pub fn pg_mapping(map: &OsdMap, pool: &Pool, pg: PgId) -> PgMapping {
     PgMapping { pg, placement, up }
 }
 
+/// Primaries of PGs at one map epoch, each computed once (placement walks the whole
+/// hierarchy; a request should not). A map is identified by its epoch: maps change only
+/// through incrementals, so two maps of one epoch are the same map.
+#[derive(Debug, Default)]
+pub struct PrimaryCache {
+    epoch: u64,
+    pgs: std::collections::HashMap<PgId, Option<OsdId>>,
+}
+
+impl PrimaryCache {
+    pub fn primary(&mut self, map: &OsdMap, pool: &Pool, pg: PgId) -> Option<OsdId> {
+        if self.epoch != map.epoch {
+            self.pgs.clear();
+            self.epoch = map.epoch;
+        }
+        *self.pgs.entry(pg).or_insert_with(|| pg_mapping(map, pool, pg).primary())
+    }
+}
+
 /// The primary of the PG of object `name` in `pool`, if any.
 pub fn object_primary(map: &OsdMap, pool: PoolId, name: &str) -> Option<(PgId, OsdId)> {
     let p = map.pools.get(&pool)?;
@@ -368,6 +387,21 @@ mod tests {
                 by_rack.iter().map(|o| m.osd(*o).unwrap().location.rack.clone()).collect();
             assert_eq!(racks.len(), 2);
         }
+    }
+
+    #[test]
+    fn the_primary_cache_follows_the_epoch() {
+        let mut m = map_with(&[(0, "r", "h0", ONE), (1, "r", "h1", ONE)]);
+        let p = pool(1, 16, FailureDomain::Host);
+        let id = PgId { pool: PoolId(1), pg: 3 };
+        let mut cache = PrimaryCache::default();
+        let first = cache.primary(&m, &p, id).unwrap();
+        assert_eq!(Some(first), pg_mapping(&m, &p, id).primary());
+        m.osds.get_mut(&first).unwrap().up = false;
+        m.epoch += 1;
+        let now = cache.primary(&m, &p, id);
+        assert_eq!(now, pg_mapping(&m, &p, id).primary());
+        assert_ne!(now, Some(first));
     }
 
     #[test]
