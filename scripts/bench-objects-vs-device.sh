@@ -2,11 +2,13 @@
 # Measures objects through one local OSD (pool size 1, file-backed device) against the
 # raw device on the same file system, back to back (issue 5's bar, docs/benchmarks.md):
 #   4 KiB write QD1 median  vs  device 4 KiB randwrite QD1 with a flush after each write
-#                               + the loopback round trip (measured here with ping -c 20
-#                               on 127.0.0.1, median; fallback 0.03 ms)
+#                               + the loopback round trip (`sluice-bench net`: 64-byte
+#                               TCP ping-pong between two blocking threads, median)
 #   4 KiB write / randread QD32  vs  device 4 KiB randwrite / randread QD32
 #   4 MiB writes (QD4)  vs  device 1 MiB sequential write bandwidth (QD4)
 # and the OSD's CPU per I/O (from /proc, all sluice-osd processes on this machine).
+# The null network (`sluice-bench net --size 4M --qd 4`) is reported beside the 4 MiB
+# figure: what loopback TCP alone carries on this machine, before any store.
 #
 #   usage: scripts/bench-objects-vs-device.sh [DIR] [RUNTIME_S]  (defaults: /var/tmp/sluice/objbench 10)
 #   env:   DEV_SIZE (default 4G)
@@ -22,6 +24,11 @@ cargo build --release -q --bins
 B=./target/release
 $B/sluice dev down --dir "$DIR/cluster" >/dev/null 2>&1 || true
 rm -rf "$DIR"; mkdir -p "$DIR"
+# The OSD's device file is written in full first, like the baseline's: writes into the
+# holes of a sparse file make every fdatasync commit the file system's journal (QD1
+# writes measured ~330 us instead of ~190 us), which no block device pays.
+mkdir -p "$DIR/cluster"
+dd if=/dev/zero of="$DIR/cluster/osd.0.dev" bs=4M count=$(( $(numfmt --from=iec "$DEV_SIZE") / 4194304 )) oflag=direct status=none
 $B/sluice dev up --dir "$DIR/cluster" --mons 1 --osds 1 --device-size "$DEV_SIZE" >/dev/null
 trap '$B/sluice dev down --dir "$DIR/cluster" >/dev/null 2>&1 || true' EXIT
 CONF="$DIR/cluster/sluice.conf"
@@ -46,13 +53,15 @@ dev d-w4k-qd1-flush randwrite 4k 1 1
 dev d-w4k-qd32 randwrite 4k 32
 dev d-rr4k-qd32 randread 4k 32
 dev d-w1m-qd4 write 1M 4
-RTT=$(ping -c 20 -i 0.05 -q 127.0.0.1 2>/dev/null | awk -F'/' '/rtt|round-trip/ {print $5}' || true)
-RTT=${RTT:-0.03}
+echo "== null network"
+$B/sluice-bench net --size 64 --qd 1 --runtime "${RT}s" --quiet --json "$OUT/n-rtt.json" >/dev/null
+$B/sluice-bench net --size 4M --qd 4 --runtime "${RT}s" --quiet --json "$OUT/n-4m-qd4.json" >/dev/null
 
-python3 - "$OUT" "$RTT" <<'PY'
+python3 - "$OUT" <<'PY'
 import json, sys
-out, rtt_ms = sys.argv[1], float(sys.argv[2])
+out = sys.argv[1]
 r = lambda n: json.load(open(f"{out}/{n}.json"))["results"]
+rtt_ms = r("n-rtt")["p50_us"] / 1000
 rows = []
 qd1, dqd1 = r("w4k-qd1"), r("d-w4k-qd1-flush")
 base = dqd1["durable_write"]["p50_us"] if dqd1.get("durable_write") else dqd1["p50_us"]
@@ -61,5 +70,7 @@ print(f"4k write QD1: median {qd1['p50_us']:.1f} us; device write+flush median {
 for name, dev, bar, key in [("w4k-qd32", "d-w4k-qd32", 0.70, "iops"), ("rr4k-qd32", "d-rr4k-qd32", 0.70, "iops"), ("w4m-qd4", "d-w1m-qd4", 0.70, "bytes_per_sec")]:
     a, b = r(name), r(dev)
     print(f"{name}: {a[key]:.0f} vs device {b[key]:.0f} {key}: ratio {a[key]/b[key]:.2f} (bar >= {bar}); p50 {a['p50_us']:.0f} us p99 {a['p99_us']:.0f} us; OSD CPU {a.get('osd_cpu_us_per_io', float('nan')):.1f} us/io")
+n4m = r("n-4m-qd4")
+print(f"null network 4 MiB QD4: {n4m['bytes_per_sec']/1e6:.0f} MB/s at {n4m['cpu_us_per_io']:.0f} us CPU per 4 MiB (both ends); objects 4 MiB reach {r('w4m-qd4')['bytes_per_sec']/n4m['bytes_per_sec']:.2f} of it")
 print(f"reports in {out}")
 PY

@@ -479,6 +479,10 @@ impl Poller for Load {
         self.dev.after_park()
     }
 
+    fn awaiting_device(&self) -> bool {
+        self.dev.in_flight() > 0
+    }
+
     fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.dev.park_fd()
     }

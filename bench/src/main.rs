@@ -9,6 +9,7 @@
 mod common;
 mod device;
 mod machine;
+mod net_bench;
 mod objects_bench;
 mod progress;
 mod reactor_bench;
@@ -42,6 +43,9 @@ enum Cmd {
     /// Measure round trips between two reactors for several spin windows and gaps:
     /// what parking costs and what spinning buys.
     Reactor(reactor_bench::ReactorBenchArgs),
+    /// The null network: requests over one loopback TCP connection to an in-process
+    /// server that only answers. The round trip and bandwidth any network path here pays.
+    Net(net_bench::NetArgs),
 }
 
 fn main() {
@@ -51,6 +55,7 @@ fn main() {
         Cmd::Reactor(a) => reactor_bench::run(a),
         Cmd::Store(a) => store_bench::run(a),
         Cmd::Objects(a) => objects_bench::run(a),
+        Cmd::Net(a) => net_bench::run(a),
     };
     if let Err(e) = r {
         eprintln!("sluice-bench: error: {e:#}");

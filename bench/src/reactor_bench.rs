@@ -169,7 +169,7 @@ fn one(mode: PollMode, gap: Duration, round_trips: u64) -> anyhow::Result<Row> {
     let hist = done.1.lock().expect("lock").take().context("no histogram")?;
     let mode = match mode {
         PollMode::Dedicated => "dedicated".to_string(),
-        PollMode::Park { spin } => format!("spin {}us", spin.as_micros()),
+        PollMode::Park { spin, .. } => format!("spin {}us", spin.as_micros()),
     };
     Ok(Row {
         mode,
@@ -181,7 +181,7 @@ fn one(mode: PollMode, gap: Duration, round_trips: u64) -> anyhow::Result<Row> {
 }
 
 pub fn run(args: ReactorBenchArgs) -> anyhow::Result<()> {
-    let mut modes: Vec<PollMode> = args.spin.iter().map(|&spin| PollMode::Park { spin }).collect();
+    let mut modes: Vec<PollMode> = args.spin.iter().map(|&spin| PollMode::park(spin)).collect();
     if args.with_dedicated {
         modes.push(PollMode::Dedicated);
     }

@@ -435,6 +435,10 @@ impl Poller for Load {
         self.shard.after_park()
     }
 
+    fn awaiting_device(&self) -> bool {
+        self.shard.awaiting_device()
+    }
+
     fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.shard.park_fd()
     }

@@ -87,3 +87,32 @@ fn bad_options_fail_with_a_message() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn net_baseline_measures_round_trips_and_bandwidth() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for (size, qd, bytes) in [("64", "1", 64u64), ("1M", "4", 1 << 20)] {
+        let json = dir.path().join(format!("net-{size}.json"));
+        let out = bench()
+            .args(["net", "--size", size, "--qd", qd, "--runtime", "300ms", "--quiet", "--json"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(v["kind"], "net");
+        assert_eq!(v["config"]["size"], bytes);
+        let r = &v["results"];
+        let ios = r["ios"].as_u64().unwrap();
+        assert!(ios > 0, "{v}");
+        assert_eq!(r["errors"], 0);
+        assert!(r["p50_us"].as_f64().unwrap() > 0.0);
+        // MB/s counts the request payload.
+        let bps = r["bytes_per_sec"].as_f64().unwrap();
+        let iops = r["iops"].as_f64().unwrap();
+        assert!((bps - iops * bytes as f64).abs() <= 1e-6 * bps.max(1.0), "{v}");
+    }
+    let out = bench().args(["net", "--qd", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--qd must be at least 1"));
+}

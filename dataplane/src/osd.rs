@@ -190,7 +190,8 @@ pub struct OsdCore<D: BlockDevice> {
     /// A timer is set to expire requests waiting for a map.
     wait_timer: bool,
     park: Epoll,
-    last_expire: Instant,
+    /// When idle sessions were last expired (the reactor's clock: no clock read per pass).
+    last_expire: MonoTime,
     last_stats_log: Instant,
 }
 
@@ -282,7 +283,7 @@ impl<D: BlockDevice> OsdCore<D> {
             new_view: None,
             wait_timer: false,
             park,
-            last_expire: Instant::now(),
+            last_expire: MonoTime::ZERO,
             last_stats_log: Instant::now(),
         })
     }
@@ -388,9 +389,9 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         busy |= self.c.flush_stalled();
         busy |= self.send_replies();
         busy |= self.server.flush();
-        if self.last_expire.elapsed() > Duration::from_secs(10) {
-            let now = Instant::now();
+        if now.saturating_sub(self.last_expire) > Duration::from_secs(10) {
             self.last_expire = now;
+            let now = Instant::now();
             let n = self.server.expire_idle(now, SESSION_IDLE);
             if n > 0 {
                 tracing::info!("core {}: forgot {n} idle session(s)", self.c.core);
@@ -427,6 +428,10 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
 
     fn after_park(&mut self) {
         self.c.shard.after_park();
+    }
+
+    fn awaiting_device(&self) -> bool {
+        self.c.shard.awaiting_device()
     }
 
     fn park_fd(&self) -> Option<BorrowedFd<'_>> {

@@ -179,7 +179,7 @@ fn mailboxes_under_contention_lose_and_reorder_nothing() {
         let cfg = ReactorConfig {
             core: CoreId(i as u16),
             cpu: Some(i % 2),
-            mode: PollMode::Park { spin: Duration::from_micros(20) },
+            mode: PollMode::park(Duration::from_micros(20)),
         };
         handles.push(
             reactor::spawn(cfg, park, move |r| {
@@ -260,8 +260,7 @@ fn a_parked_reactor_wakes_for_every_message() {
     let got = Arc::new(Mutex::new(Vec::new()));
     let got2 = Arc::clone(&got);
     let inbox = ins.pop().unwrap();
-    let cfg =
-        ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::Park { spin: Duration::ZERO } };
+    let cfg = ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::park(Duration::ZERO) };
     let h = reactor::spawn(cfg, park, move |r| {
         r.add_poller(Box::new(Inboxed { inbox, got: got2 }))?;
         Ok(())
@@ -370,8 +369,7 @@ fn a_parked_reactor_wakes_for_device_completions_and_timers() {
     let done = Arc::new(AtomicU64::new(0));
     let done2 = Arc::clone(&done);
     let park = ParkState::new().unwrap();
-    let cfg =
-        ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::Park { spin: Duration::ZERO } };
+    let cfg = ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::park(Duration::ZERO) };
     let h = reactor::spawn(cfg, park, move |r| {
         r.add_poller(Box::new(Flusher { dev, done: done2, left: 30 }))?;
         Ok(())
@@ -393,8 +391,7 @@ fn a_parked_reactor_wakes_for_device_completions_and_timers() {
     let park = ParkState::new().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
     let hits2 = Arc::clone(&hits);
-    let cfg =
-        ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::Park { spin: Duration::ZERO } };
+    let cfg = ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::park(Duration::ZERO) };
     let h = reactor::spawn(cfg, park, move |r| {
         struct Tick(Arc<AtomicU64>, bool);
         impl Poller for Tick {
@@ -436,4 +433,63 @@ fn pinning_to_an_existing_cpu_works_and_a_missing_one_is_an_error() {
     let h = reactor::spawn(cfg, ParkState::new().unwrap(), |_| Ok(())).unwrap();
     let e = h.stop().unwrap_err();
     assert!(e.to_string().contains("1000"), "{e}");
+}
+
+/// Finds nothing to do, but says whether device I/O is in flight.
+struct DeviceWaiter {
+    awaiting: Arc<std::sync::atomic::AtomicBool>,
+    polls: Arc<AtomicU64>,
+}
+
+impl Poller for DeviceWaiter {
+    fn name(&self) -> &'static str {
+        "device-waiter"
+    }
+
+    fn poll(&mut self, _cx: &mut Context<'_>) -> PollResult {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        PollResult::Idle
+    }
+
+    fn awaiting_device(&self) -> bool {
+        self.awaiting.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn a_reactor_keeps_polling_while_the_device_is_busy_and_parks_after() {
+    let awaiting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let polls = Arc::new(AtomicU64::new(0));
+    let (a2, p2) = (Arc::clone(&awaiting), Arc::clone(&polls));
+    let park = ParkState::new().unwrap();
+    // No spin at all when idle, an hour while the device is busy.
+    let mode = PollMode::Park { spin: Duration::ZERO, device_spin: Duration::from_secs(3600) };
+    let h = reactor::spawn(ReactorConfig { core: CoreId(0), cpu: None, mode }, park, move |r| {
+        r.add_poller(Box::new(DeviceWaiter { awaiting: a2, polls: p2 }))?;
+        Ok(())
+    })
+    .unwrap();
+    // Nothing but the device spin can keep it polling: it has no fd and no timer, so a
+    // parked reactor would sleep until stopped.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while polls.load(Ordering::Relaxed) < 200_000 {
+        assert!(Instant::now() < deadline, "stopped polling with device I/O in flight");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(h.stats().parks, 0, "parked with device I/O in flight");
+    awaiting.store(false, Ordering::Relaxed);
+    // With no spin window it parks on its next idle pass and stops polling (it counts
+    // the park when it wakes, so watch the polls).
+    let mut last = polls.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = polls.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never parked once the device was idle");
+        last = now;
+    }
+    let stats = h.stop().unwrap();
+    assert_eq!(stats.parks, 1, "one park (woken only to stop): {stats:?}");
 }

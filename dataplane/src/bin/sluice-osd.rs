@@ -253,6 +253,10 @@ impl Poller for ShardPoller {
         self.shard.after_park()
     }
 
+    fn awaiting_device(&self) -> bool {
+        self.shard.awaiting_device()
+    }
+
     fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.shard.park_fd()
     }

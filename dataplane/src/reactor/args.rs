@@ -24,12 +24,19 @@ pub struct PollArgs {
     /// How long an idle reactor keeps polling before it sleeps (with --poll park).
     #[arg(long, default_value = "200us", value_parser = parse_duration)]
     pub spin: Duration,
+    /// How long an idle reactor keeps polling while device I/O is in flight (with
+    /// --poll park): a completion usually comes sooner than a sleeping reactor wakes.
+    /// Never shorter than --spin.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    pub device_spin: Duration,
 }
 
 impl PollArgs {
     pub fn mode(&self) -> PollMode {
         match self.poll {
-            PollKind::Park => PollMode::Park { spin: self.spin },
+            PollKind::Park => {
+                PollMode::Park { spin: self.spin, device_spin: self.device_spin.max(self.spin) }
+            }
             PollKind::Dedicated => PollMode::Dedicated,
         }
     }

@@ -78,6 +78,14 @@ pub trait Poller {
     /// The reactor woke up: disarm notifications.
     fn after_park(&mut self) {}
 
+    /// Whether this poller waits for device completions. A parked reactor is woken
+    /// through the kernel (tens of microseconds here), usually later than a device
+    /// answers, so a reactor keeps polling for [`PollMode::Park`]'s `device_spin` while
+    /// any of its pollers awaits the device.
+    fn awaiting_device(&self) -> bool {
+        false
+    }
+
     /// An fd that becomes readable when this poller has work while the reactor sleeps.
     /// Asked once, when the poller is added.
     fn park_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -217,6 +225,11 @@ impl Reactor {
 
     /// Sleeps until a poller fd, the wake eventfd or the next timer fires, or `max_wait`
     /// passes. Returns `false` without sleeping if some poller has pending work.
+    /// Whether any poller waits for device completions.
+    pub fn awaiting_device(&self) -> bool {
+        self.pollers.iter().any(|p| p.awaiting_device())
+    }
+
     pub fn park(&mut self, now: MonoTime, max_wait: Option<Duration>) -> bool {
         self.park.flag().announce();
         let mut prepared = 0;

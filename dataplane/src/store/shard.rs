@@ -445,6 +445,11 @@ impl<D: BlockDevice> Shard<D> {
         self.dev.prepare_park()
     }
 
+    /// Whether device commands are in flight (a completion will come).
+    pub fn awaiting_device(&self) -> bool {
+        self.dev.in_flight() > 0
+    }
+
     /// Whether transactions, queries or internal jobs are still unfinished.
     fn has_pending_work(&self) -> bool {
         !self.queue.is_empty()
