@@ -21,3 +21,15 @@ pub mod osd_agent;
 pub mod raft;
 pub mod state;
 pub mod store;
+
+/// Logs to stderr for every Sluice program, filtered by `$SLUICE_LOG` (tracing's
+/// `EnvFilter` syntax, e.g. `debug` or `info,sluice_net=trace`), else by `default`.
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

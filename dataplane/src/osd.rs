@@ -164,8 +164,8 @@ struct Core<D: BlockDevice> {
     view: Option<MapView>,
     pgs: HashMap<PgId, Pg>,
     primaries: PrimaryCache,
-    ops: Vec<Option<Pending>>,
-    free: Vec<usize>,
+    /// Ops at the store, by token.
+    ops: slab::Slab<Pending>,
     /// Requests from a newer epoch than ours: (origin, payload, since).
     waiting: VecDeque<(Origin, Vec<u8>, MonoTime)>,
     /// Replies for local sessions, encoded back to back: (cookie, end offset).
@@ -268,8 +268,7 @@ impl<D: BlockDevice> OsdCore<D> {
                 view: None,
                 pgs,
                 primaries: PrimaryCache::default(),
-                ops: Vec::new(),
-                free: Vec::new(),
+                ops: slab::Slab::new(),
                 waiting: VecDeque::new(),
                 replies: Vec::new(),
                 reply_buf: Vec::new(),
@@ -502,19 +501,6 @@ impl<D: BlockDevice> Core<D> {
         busy
     }
 
-    fn slot(&mut self, p: Pending) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.ops[i] = Some(p);
-                i
-            }
-            None => {
-                self.ops.push(Some(p));
-                self.ops.len() - 1
-            }
-        }
-    }
-
     /// Decodes and routes one request.
     fn handle(&mut self, origin: Origin, payload: &[u8], now: MonoTime) {
         let req = match Request::decode(payload) {
@@ -624,7 +610,7 @@ impl<D: BlockDevice> Core<D> {
         if !exists {
             return self.error(origin, tid, Status::NotFound, "no such object");
         }
-        let slot = self.slot(Pending { origin, tid, kind, dups: Vec::new() });
+        let slot = self.ops.insert(Pending { origin, tid, kind, dups: Vec::new() });
         self.shard.query(q, slot as u64);
     }
 
@@ -647,7 +633,7 @@ impl<D: BlockDevice> Core<D> {
         }
         if let Some(&slot) = pg.inflight.get(&reqid) {
             self.stats.dedup_hits += 1;
-            if let Some(p) = self.ops[slot].as_mut() {
+            if let Some(p) = self.ops.get_mut(slot) {
                 p.dups.push((origin, req.tid));
             }
             return;
@@ -692,11 +678,10 @@ impl<D: BlockDevice> Core<D> {
             }
         }
         let kind = Kind::Write { pg: pgid, reqid, version, created };
-        let slot = self.slot(Pending { origin, tid: req.tid, kind, dups: Vec::new() });
+        let slot = self.ops.insert(Pending { origin, tid: req.tid, kind, dups: Vec::new() });
         if let Err(e) = self.shard.submit(txn, slot as u64) {
             // Refused before queueing: nothing happened.
-            let p = self.ops[slot].take().expect("just filled");
-            self.free.push(slot);
+            let p = self.ops.remove(slot);
             if created && let Some(pg) = self.pgs.get_mut(&pgid) {
                 pg.exists = false;
             }
@@ -721,10 +706,9 @@ impl<D: BlockDevice> Core<D> {
             StoreEvent::Query { token, result } => (token, result.map(Some)),
         };
         let slot = token as usize;
-        let Some(p) = self.ops.get_mut(slot).and_then(Option::take) else {
+        let Some(p) = self.ops.try_remove(slot) else {
             panic!("store completed token {token} that is not in flight");
         };
-        self.free.push(slot);
         let epoch = self.epoch();
         let ok = |version, body| Reply {
             tid: p.tid,

@@ -109,13 +109,7 @@ struct ClusterArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sluice_control::init_logging("info");
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Mkfs { dev, size, shards, segment_size, force } => {

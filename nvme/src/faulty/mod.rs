@@ -208,8 +208,7 @@ pub struct FaultyDevice<D: BlockDevice> {
     /// Finished, held back until their release time; cached writes name their entry so
     /// delivery can mark it.
     ready: Vec<(MonoTime, Completion, Option<u64>)>,
-    pending: Vec<Option<Pending>>,
-    free_pending: Vec<usize>,
+    pending: slab::Slab<Pending>,
     flushes: VecDeque<FlushJob>,
     /// Inner commands waiting for an inner slot.
     backlog: VecDeque<(IoCommand, Option<DmaBuf>, u64)>,
@@ -238,8 +237,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
             ctl: FaultHandle::default(),
             queued: VecDeque::new(),
             ready: Vec::new(),
-            pending: Vec::new(),
-            free_pending: Vec::new(),
+            pending: slab::Slab::new(),
             flushes: VecDeque::new(),
             backlog: VecDeque::new(),
             cache: WriteCache::default(),
@@ -360,7 +358,6 @@ impl<D: BlockDevice> FaultyDevice<D> {
         self.queued.clear();
         self.ready.clear();
         self.pending.clear();
-        self.free_pending.clear();
         self.flushes.clear();
         self.in_flight = 0;
         report
@@ -448,19 +445,6 @@ impl<D: BlockDevice> FaultyDevice<D> {
         self.ready.push((at, Completion { tag, result, buf }, entry));
     }
 
-    fn alloc_pending(&mut self, p: Pending) -> usize {
-        match self.free_pending.pop() {
-            Some(i) => {
-                self.pending[i] = Some(p);
-                i
-            }
-            None => {
-                self.pending.push(Some(p));
-                self.pending.len() - 1
-            }
-        }
-    }
-
     /// Executes one user command at kick time.
     fn execute(&mut self, cmd: IoCommand, buf: Option<DmaBuf>, tag: u64, covered: Option<Covered>) {
         let failed = {
@@ -483,7 +467,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
                     }
                     self.release(tag, Ok(()), Some(buf));
                 } else {
-                    let id = self.alloc_pending(Pending::Read { tag, lba, overlay });
+                    let id = self.pending.insert(Pending::Read { tag, lba, overlay });
                     self.inner_submit(cmd, Some(buf), T_READ | id as u64);
                 }
             }
@@ -570,10 +554,9 @@ impl<D: BlockDevice> FaultyDevice<D> {
         match c.tag & T_MASK {
             T_READ => {
                 let id = (c.tag & !T_MASK) as usize;
-                let Some(Pending::Read { tag, lba, overlay }) = self.pending[id].take() else {
+                let Some(Pending::Read { tag, lba, overlay }) = self.pending.try_remove(id) else {
                     panic!("inner read completion for unknown pending op {id}");
                 };
-                self.free_pending.push(id);
                 let mut buf = c.buf.expect("reads return their buffer");
                 let result = c.result.map_err(|e| match e {
                     IoError::Media { .. } => IoError::Media { lba },

@@ -205,13 +205,7 @@ impl From<ClientError> for Fail {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sluice_control::init_logging("warn");
     let cli = Cli::parse();
     if let Cmd::Object(cmd) = &cli.cmd {
         // Blocking client library (its own map thread): no runtime here.
