@@ -634,7 +634,7 @@ impl Io {
             op: f.op.wire(),
         };
         self.scratch.clear();
-        req.encode(&mut self.scratch);
+        let data = req.encode_head(&mut self.scratch);
         f.sent = true;
         f.waiting = format!("a reply from {} at {}", t.osd, t.addr);
         let id = self.id;
@@ -644,7 +644,7 @@ impl Io {
             last_error: None,
         });
         // Queued in the session while disconnected; sent when connected.
-        match c.conn.send(ops::MSG_REQUEST, &self.scratch) {
+        match c.conn.send_parts(ops::MSG_REQUEST, &[&self.scratch, data]) {
             Ok(_) => {
                 self.ops.inflight.insert(tid, f);
             }

@@ -37,6 +37,7 @@ use sluice_vocab::{CoreId, MonoTime};
 
 use crate::store::{
     Answer, CollId, Missing, Query, Shard, StoreError, StoreEvent, Transaction, TxOp, blocking,
+    txn_data,
 };
 use crate::{Context, Inbox, Outbox, PollResult, Poller};
 
@@ -650,7 +651,7 @@ impl<D: BlockDevice> Core<D> {
             pg.exists = true;
         }
         let op = match req.op {
-            Op::WriteFull { data } => TxOp::WriteFull { coll, name, data: data.to_vec() },
+            Op::WriteFull { data } => TxOp::WriteFull { coll, name, data: txn_data(data) },
             Op::Write { offset, data } => TxOp::Write { coll, name, offset, data: data.to_vec() },
             Op::Delete => TxOp::Delete { coll, name },
             Op::SetXattr { key, value } => {

@@ -222,19 +222,40 @@ pub fn encode(
     segments: &[&[u8]],
     limits: &Limits,
 ) -> Result<usize, FrameError> {
+    let mut parts: [&[&[u8]]; MAX_SEGMENTS] = [&[]; MAX_SEGMENTS];
     if segments.len() > MAX_SEGMENTS {
         return Err(FrameError::BadPreamble("more than 4 segments"));
     }
+    for (p, s) in parts.iter_mut().zip(segments) {
+        *p = std::slice::from_ref(s);
+    }
+    encode_parts(out, tag, flags, &parts[..segments.len()], limits)
+}
+
+/// [`encode`] with each segment given as pieces laid back to back (a header and the
+/// caller's data, say), so nobody copies them together first.
+pub fn encode_parts(
+    out: &mut Vec<u8>,
+    tag: u8,
+    flags: u8,
+    segments: &[&[&[u8]]],
+    limits: &Limits,
+) -> Result<usize, FrameError> {
+    if segments.len() > MAX_SEGMENTS {
+        return Err(FrameError::BadPreamble("more than 4 segments"));
+    }
+    let seg_len = |s: &[&[u8]]| s.iter().map(|p| p.len() as u64).sum::<u64>();
     let mut total = 0u64;
     for (i, s) in segments.iter().enumerate() {
-        if s.len() as u64 > u64::from(limits.max_segment_bytes) {
+        let len = seg_len(s);
+        if len > u64::from(limits.max_segment_bytes) {
             return Err(FrameError::SegmentTooLarge {
                 segment: i,
-                len: u32::try_from(s.len()).unwrap_or(u32::MAX),
+                len: u32::try_from(len).unwrap_or(u32::MAX),
                 limit: limits.max_segment_bytes,
             });
         }
-        total += s.len() as u64;
+        total += len;
     }
     if total > u64::from(limits.max_frame_bytes) {
         return Err(FrameError::FrameTooLarge { len: total, limit: limits.max_frame_bytes });
@@ -244,19 +265,21 @@ pub fn encode(
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&[VERSION, tag, flags, segments.len() as u8, 0, 0]);
     for i in 0..MAX_SEGMENTS {
-        let l = segments.get(i).map_or(0, |s| s.len() as u32);
+        let l = segments.get(i).map_or(0, |s| seg_len(s) as u32);
         out.extend_from_slice(&l.to_le_bytes());
     }
     out.extend_from_slice(&0u32.to_le_bytes());
     let crc = crc32c::crc32c(&out[start..start + 28]);
     out.extend_from_slice(&crc.to_le_bytes());
     for s in segments {
-        out.extend_from_slice(s);
-        out.extend_from_slice(&crc32c::crc32c(s).to_le_bytes());
+        let at = out.len();
+        for p in *s {
+            out.extend_from_slice(p);
+        }
+        // Over the copy just made: it is in cache.
+        let crc = crc32c::crc32c(&out[at..]);
+        out.extend_from_slice(&crc.to_le_bytes());
     }
-    debug_assert_eq!(
-        out.len() - start,
-        PREAMBLE_BYTES + segments.iter().map(|s| s.len() + 4).sum::<usize>()
-    );
+    debug_assert_eq!(out.len() - start, PREAMBLE_BYTES + total as usize + 4 * segments.len());
     Ok(out.len() - start)
 }

@@ -53,7 +53,13 @@ pub fn header(version: u16, oldest: u16, len: u32) -> [u8; HEADER_BYTES] {
 
 /// Completes the message begun at `mark` (everything appended since is its body).
 pub fn finish(out: &mut [u8], mark: Mark) {
-    let len = out.len() - mark.0 - HEADER_BYTES;
+    finish_with(out, mark, 0)
+}
+
+/// [`finish`] for a message whose last `tail` bytes the caller sends separately, right
+/// after `out` (see `frame::encode_parts`).
+pub fn finish_with(out: &mut [u8], mark: Mark, tail: usize) {
+    let len = out.len() + tail - mark.0 - HEADER_BYTES;
     let len = u32::try_from(len).expect("message bodies are bounded by frame limits");
     out[mark.0 + 4..mark.0 + 8].copy_from_slice(&len.to_le_bytes());
 }

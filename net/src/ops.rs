@@ -179,6 +179,15 @@ impl<'a> D<'a> {
 impl<'a> Request<'a> {
     /// Appends the encoded request to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        let tail = self.encode_head(out);
+        out.extend_from_slice(tail);
+    }
+
+    /// Appends the encoded request to `out` except its bulk bytes (the data of a write,
+    /// the value of an xattr), which come last and are returned: sent as the next piece
+    /// of the same message (`ClientConn::send_parts`), they are copied once, into the
+    /// session's buffer, instead of twice.
+    pub fn encode_head(&self, out: &mut Vec<u8>) -> &'a [u8] {
         let m = message::begin(out, VERSION, 1);
         put_u64(out, self.client);
         put_u64(out, self.tid);
@@ -188,29 +197,41 @@ impl<'a> Request<'a> {
         put_u32(out, self.pg);
         put_bytes(out, self.object.as_bytes());
         out.push(self.op.code());
-        match self.op {
-            Op::WriteFull { data } => put_bytes(out, data),
+        let len = |b: &[u8]| u32::try_from(b.len()).expect("bounded by frame limits");
+        let tail: &'a [u8] = match self.op {
+            Op::WriteFull { data } => {
+                put_u32(out, len(data));
+                data
+            }
             Op::Write { offset, data } => {
                 put_u64(out, offset);
-                put_bytes(out, data);
+                put_u32(out, len(data));
+                data
             }
             Op::Read { offset, len } => {
                 put_u64(out, offset);
                 put_u64(out, len);
+                &[]
             }
-            Op::Stat | Op::Delete => {}
+            Op::Stat | Op::Delete => &[],
             Op::List { after, max } => {
                 out.push(u8::from(after.is_some()));
                 put_bytes(out, after.unwrap_or("").as_bytes());
                 put_u32(out, max);
+                &[]
             }
             Op::SetXattr { key, value } => {
                 put_bytes(out, key.as_bytes());
-                put_bytes(out, value);
+                put_u32(out, len(value));
+                value
             }
-            Op::GetXattr { key } => put_bytes(out, key.as_bytes()),
-        }
-        message::finish(out, m);
+            Op::GetXattr { key } => {
+                put_bytes(out, key.as_bytes());
+                &[]
+            }
+        };
+        message::finish_with(out, m, tail.len());
+        tail
     }
 
     pub fn decode(buf: &'a [u8]) -> Result<Request<'a>, DecodeError> {

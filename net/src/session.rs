@@ -15,7 +15,12 @@
 //! * **Keepalives** carry the sender's clock and are echoed.
 //!
 //! Messages kept for resending live back to back in one buffer that is compacted as acks
-//! arrive: no allocation per message once it has grown to the in-flight window.
+//! arrive: no allocation per message once it has grown to the in-flight window. The
+//! same buffer is the output: the owner writes a message from it straight to the socket
+//! ([`Session::unsent`], [`Session::mark_sent`]), so a message is copied once, into the
+//! buffer, on its way out. Control frames (acks, keepalives, the handshake) go to a
+//! separate output the owner writes before the messages, never inside one
+//! ([`Session::unsent_in_frame`]).
 
 use std::collections::VecDeque;
 
@@ -229,6 +234,9 @@ pub struct Session {
     /// Encoded MESSAGE frames not yet acked, back to back from `replay_head`.
     replay: Vec<u8>,
     replay_head: usize,
+    /// How much of `replay` the current connection was given (`replay_head..sent` went
+    /// out; meaningful only while open).
+    sent: usize,
     /// (seq, offset in `replay`, length) of each unacked message, oldest first.
     unacked: VecDeque<(u64, usize, usize)>,
     /// Last sequence number delivered to us.
@@ -252,6 +260,7 @@ impl Session {
             acked: 0,
             replay: Vec::new(),
             replay_head: 0,
+            sent: 0,
             unacked: VecDeque::new(),
             in_seq: 0,
             ack_pending: false,
@@ -313,7 +322,7 @@ impl Session {
             self.peer_acked(hello.peer_in_seq)?;
         }
         self.history = true;
-        self.resend(out);
+        self.resend();
         self.state = State::Open;
         Ok(Event::Ready { features: self.negotiated })
     }
@@ -331,9 +340,14 @@ impl Session {
             self.replay_head = off + len;
             self.unacked.pop_front();
         }
+        // Acked on an open connection means sent; otherwise (a hello after a cut) the
+        // resend starts at the head anyway.
+        self.sent = self.sent.max(self.replay_head);
         if self.unacked.is_empty() {
+            debug_assert_eq!(self.sent, self.replay.len(), "acked more than was sent");
             self.replay.clear();
             self.replay_head = 0;
+            self.sent = 0;
         } else if self.replay_head > (64 << 10) && self.replay_head * 2 > self.replay.len() {
             let shift = self.replay_head;
             self.replay.drain(..shift);
@@ -341,6 +355,7 @@ impl Session {
                 u.1 -= shift;
             }
             self.replay_head = 0;
+            self.sent -= shift;
         }
         Ok(())
     }
@@ -351,6 +366,7 @@ impl Session {
         let old = std::mem::take(&mut self.replay);
         let unacked = std::mem::take(&mut self.unacked);
         self.replay_head = 0;
+        self.sent = 0;
         self.out_seq = 0;
         self.acked = 0;
         self.in_seq = 0;
@@ -362,29 +378,56 @@ impl Session {
                 unreachable!("the replay buffer holds whole frames we encoded");
             };
             let (_, _, msg_type) = message_header(&f)?;
-            self.enqueue(msg_type, payload(&f))?;
+            self.enqueue(msg_type, &[payload(&f)])?;
         }
         Ok(())
     }
 
-    fn resend(&mut self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.replay[self.replay_head..]);
+    /// A new connection gets everything unacknowledged.
+    fn resend(&mut self) {
+        self.sent = self.replay_head;
     }
 
-    /// Sends a message (queued for the next connection while disconnected). Returns its
-    /// sequence number.
-    pub fn send(
-        &mut self,
-        msg_type: u16,
-        payload: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<u64, SessionError> {
-        let (seq, off, len) = self.enqueue(msg_type, payload)?;
+    /// Queues a message whose payload is `parts` back to back (one copy, into the replay
+    /// buffer; the caller's buffers are not kept). It goes out with [`Self::unsent`] on
+    /// this connection or the next. Returns its sequence number.
+    pub fn send(&mut self, msg_type: u16, parts: &[&[u8]]) -> Result<u64, SessionError> {
+        let (seq, _, _) = self.enqueue(msg_type, parts)?;
         if self.state == State::Open {
-            out.extend_from_slice(&self.replay[off..off + len]);
-            self.ack_pending = false; // the header carried our ack
+            self.ack_pending = false; // the header carries our ack
         }
         Ok(seq)
+    }
+
+    /// Message bytes this connection has not been given yet (empty unless open). Write
+    /// them after the control output, then report with [`Self::mark_sent`].
+    pub fn unsent(&self) -> &[u8] {
+        if self.state == State::Open { &self.replay[self.sent..] } else { &[] }
+    }
+
+    /// If the connection took part of a message frame, the bytes left of that frame:
+    /// they must go out before any control frame.
+    pub fn unsent_in_frame(&self) -> usize {
+        if self.state != State::Open || self.sent == self.replay.len() {
+            return 0;
+        }
+        // The first unacked frame ending after `sent`.
+        let i = self.unacked.partition_point(|&(_, off, len)| off + len <= self.sent);
+        let (_, off, len) = self.unacked[i];
+        if off == self.sent { 0 } else { off + len - self.sent }
+    }
+
+    /// The connection took `n` more bytes of [`Self::unsent`].
+    pub fn mark_sent(&mut self, n: usize) {
+        assert!(n <= self.unsent().len(), "marked {n} bytes sent of {}", self.unsent().len());
+        self.sent += n;
+    }
+
+    /// Appends every unsent message byte to `out` (for owners that keep one output
+    /// stream, such as tests; the TCP transport writes from the buffer instead).
+    pub fn drain_into(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.unsent());
+        self.sent += self.unsent().len();
     }
 
     /// Encodes the next message into the replay buffer (where it stays until acked).
@@ -392,7 +435,7 @@ impl Session {
     fn enqueue(
         &mut self,
         msg_type: u16,
-        payload: &[u8],
+        parts: &[&[u8]],
     ) -> Result<(u64, usize, usize), SessionError> {
         let seq = self.out_seq + 1;
         // Session header: seq u64, our cumulative ack u64, message type u16.
@@ -402,7 +445,13 @@ impl Session {
         hdr[16..24].copy_from_slice(&self.in_seq.to_le_bytes());
         hdr[24..26].copy_from_slice(&msg_type.to_le_bytes());
         let off = self.replay.len();
-        let len = frame::encode(&mut self.replay, tag::MESSAGE, 0, &[&hdr, payload], &self.limits)?;
+        let len = frame::encode_parts(
+            &mut self.replay,
+            tag::MESSAGE,
+            0,
+            &[&[&hdr], parts],
+            &self.limits,
+        )?;
         self.out_seq = seq;
         self.unacked.push_back((seq, off, len));
         Ok((seq, off, len))
@@ -455,7 +504,7 @@ impl Session {
                     } else {
                         self.peer_acked(peer_in)?;
                     }
-                    self.resend(out);
+                    self.resend();
                     self.state = State::Open;
                     self.history = true;
                     on(Event::Ready { features: self.negotiated });

@@ -7,7 +7,7 @@
 //! and duplicates nothing.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -56,9 +56,14 @@ impl Connection {
         self.stream.as_fd()
     }
 
-    /// Bytes are queued that the socket did not take yet.
+    /// Control bytes are queued that the socket did not take yet.
     pub fn wants_write(&self) -> bool {
         self.out_pos < self.out.len()
+    }
+
+    /// Bytes are queued, control or `session`'s messages, that the socket did not take.
+    pub fn wants_write_with(&self, session: &Session) -> bool {
+        self.wants_write() || !session.unsent().is_empty()
     }
 
     /// Reads what the socket has (up to a bound). `Ok(0)`: nothing now. End of stream is
@@ -121,7 +126,43 @@ impl Connection {
         &mut self.out
     }
 
-    /// Writes what it can. `Ok(true)`: everything queued is written.
+    /// Writes the control output, then `session`'s unsent messages straight from its
+    /// replay buffer (one `writev` for both; no copy into `out`), as far as the socket
+    /// takes them. A message frame the socket took part of is finished before any
+    /// control byte. `Ok(true)`: everything queued is written.
+    pub fn flush_with(&mut self, session: &mut Session) -> io::Result<bool> {
+        loop {
+            let rest = session.unsent_in_frame();
+            let unsent = session.unsent();
+            let (a, b): (&[u8], &[u8]) =
+                if rest > 0 { (&[], &unsent[..rest]) } else { (&self.out[self.out_pos..], unsent) };
+            if a.is_empty() && b.is_empty() {
+                break;
+            }
+            let r = match (a.is_empty(), b.is_empty()) {
+                (false, true) => self.stream.write(a),
+                (true, false) => self.stream.write(b),
+                _ => self.stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]),
+            };
+            match r {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
+                Ok(n) => {
+                    let from_a = n.min(a.len());
+                    self.out_pos += from_a;
+                    session.mark_sent(n - from_a);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Ok(true)
+    }
+
+    /// Writes the control output only (a connection with no session yet). `Ok(true)`:
+    /// everything queued is written.
     pub fn flush(&mut self) -> io::Result<bool> {
         while self.out_pos < self.out.len() {
             match self.stream.write(&self.out[self.out_pos..]) {
@@ -158,19 +199,11 @@ pub struct ClientConn {
     pub session: Session,
     addr: SocketAddr,
     conn: Option<Connection>,
-    /// Messages sent while disconnected wait in the session; this holds their bytes
-    /// only while a connection exists.
-    scratch: Vec<u8>,
 }
 
 impl ClientConn {
     pub fn new(addr: SocketAddr, cookie: u64, features: Features, limits: Limits) -> ClientConn {
-        ClientConn {
-            session: Session::client(cookie, features, limits),
-            addr,
-            conn: None,
-            scratch: Vec::new(),
-        }
+        ClientConn { session: Session::client(cookie, features, limits), addr, conn: None }
     }
 
     pub fn connected(&self) -> bool {
@@ -187,7 +220,7 @@ impl ClientConn {
     }
 
     pub fn wants_write(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.wants_write())
+        self.conn.as_ref().is_some_and(|c| c.wants_write_with(&self.session))
     }
 
     /// Connects (blocking connect, bounded by `timeout`, then non-blocking) and starts
@@ -203,15 +236,15 @@ impl ClientConn {
         Ok(())
     }
 
-    /// Sends a message (queued while disconnected; resent after a reconnect).
+    /// Sends a message (queued while disconnected; resent after a reconnect). It goes
+    /// out at the next [`Self::poll`].
     pub fn send(&mut self, msg_type: u16, payload: &[u8]) -> Result<u64, SessionError> {
-        match &mut self.conn {
-            Some(c) => self.session.send(msg_type, payload, c.out()),
-            None => {
-                self.scratch.clear();
-                self.session.send(msg_type, payload, &mut self.scratch)
-            }
-        }
+        self.session.send(msg_type, &[payload])
+    }
+
+    /// [`Self::send`] with the payload given as pieces laid back to back.
+    pub fn send_parts(&mut self, msg_type: u16, parts: &[&[u8]]) -> Result<u64, SessionError> {
+        self.session.send(msg_type, parts)
     }
 
     /// Reads, handles and writes what is ready. On an error the connection is dropped
@@ -225,7 +258,7 @@ impl ClientConn {
             *c.out() = out;
             c.consume(used?);
             self.session.flush_ack(c.out());
-            c.flush()?;
+            c.flush_with(&mut self.session)?;
             Ok(())
         })();
         if r.is_err() {
@@ -366,12 +399,15 @@ impl Server {
         self.handshaking.len() + self.clients.values().filter(|c| c.conn.is_some()).count()
     }
 
-    /// Sends to a client's session (delivered on its current or next connection).
+    /// Sends to a client's session (delivered on its current or next connection; it goes
+    /// out at the next [`Self::flush`] or [`Self::poll`]).
     pub fn send(&mut self, cookie: u64, msg_type: u16, payload: &[u8]) -> Option<u64> {
-        let c = self.clients.get_mut(&cookie)?;
-        let mut none = Vec::new();
-        let out = c.conn.as_mut().map_or(&mut none, |conn| conn.out());
-        c.session.send(msg_type, payload, out).ok()
+        self.send_parts(cookie, msg_type, &[payload])
+    }
+
+    /// [`Self::send`] with the payload given as pieces laid back to back.
+    pub fn send_parts(&mut self, cookie: u64, msg_type: u16, parts: &[&[u8]]) -> Option<u64> {
+        self.clients.get_mut(&cookie)?.session.send(msg_type, parts).ok()
     }
 
     /// Accepts, reads, handles and writes whatever is ready. Returns whether anything
@@ -482,12 +518,12 @@ impl Server {
         let mut wrote = false;
         for c in self.clients.values_mut() {
             if let Some(conn) = &mut c.conn
-                && conn.wants_write()
+                && conn.wants_write_with(&c.session)
             {
                 wrote = true;
                 // An error shows again (and is reported) at the next read; what the
                 // socket did not take waits for writability.
-                let _ = conn.flush();
+                let _ = conn.flush_with(&mut c.session);
                 arm(&self.epoll, c);
             }
         }
@@ -535,7 +571,7 @@ impl Server {
 /// Registers a client's connection for writability exactly while output is queued.
 fn arm(epoll: &Epoll, c: &mut Client) {
     let Some(conn) = &c.conn else { return };
-    let want = conn.wants_write();
+    let want = conn.wants_write_with(&c.session);
     if want != c.armed_out {
         let mut flags = EpollFlags::EPOLLIN;
         if want {
@@ -589,6 +625,6 @@ fn serve(
     *conn.out() = out;
     conn.consume(used?);
     session.flush_ack(conn.out());
-    conn.flush()?;
+    conn.flush_with(session)?;
     Ok(n > 0)
 }

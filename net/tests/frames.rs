@@ -44,6 +44,33 @@ proptest! {
     /// Every proper prefix asks for more (never a frame, never an error: the bytes so far
     /// are all valid), and says how many bytes the frame needs once the preamble is in.
     #[test]
+    fn segments_in_pieces_encode_like_whole_ones(
+        tag in any::<u8>(), segs in segments(), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..4),
+    ) {
+        let whole = enc(tag, 0, &segs);
+        // Each segment split at up to `cuts.len()` points.
+        let pieces: Vec<Vec<&[u8]>> = segs
+            .iter()
+            .map(|s| {
+                let mut at: Vec<usize> = cuts.iter().map(|c| c.index(s.len() + 1)).collect();
+                at.sort_unstable();
+                let mut v = Vec::new();
+                let mut from = 0;
+                for a in at {
+                    v.push(&s[from..a]);
+                    from = a;
+                }
+                v.push(&s[from..]);
+                v
+            })
+            .collect();
+        let refs: Vec<&[&[u8]]> = pieces.iter().map(|p| p.as_slice()).collect();
+        let mut out = Vec::new();
+        frame::encode_parts(&mut out, tag, 0, &refs, &Limits::DEFAULT).unwrap();
+        prop_assert_eq!(out, whole);
+    }
+
+    #[test]
     fn prefixes_need_more(segs in segments()) {
         let bytes = enc(1, 0, &segs);
         for cut in 0..bytes.len() {

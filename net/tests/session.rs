@@ -80,6 +80,7 @@ impl World {
             if let Some(h) = hello {
                 assert_eq!(h.cookie, 42);
                 let ev = self.server.attach(&h, &mut self.conn.to_client)?;
+                self.server.drain_into(&mut self.conn.to_client);
                 assert!(matches!(ev, Event::Ready { features: 0b111 }));
                 self.conn.handshake = None;
             }
@@ -94,6 +95,7 @@ impl World {
                 })?;
             self.conn.server_in.drain(..used);
             self.server.flush_ack(&mut self.conn.to_client);
+            self.server.drain_into(&mut self.conn.to_client);
         }
         let got = &mut self.got_by_client;
         let used = self.client.receive(&self.conn.client_in, &mut self.conn.to_server, |e| {
@@ -103,6 +105,7 @@ impl World {
         })?;
         self.conn.client_in.drain(..used);
         self.client.flush_ack(&mut self.conn.to_server);
+        self.client.drain_into(&mut self.conn.to_server);
         Ok(())
     }
 }
@@ -140,11 +143,13 @@ proptest! {
         for s in steps {
             match s {
                 Step::ClientSends => {
-                    w.client.send(1, &msg(b'c', sent_c), &mut w.conn.to_server).unwrap();
+                    w.client.send(1, &[&msg(b'c', sent_c)]).unwrap();
+                    w.client.drain_into(&mut w.conn.to_server);
                     sent_c += 1;
                 }
                 Step::ServerSends => {
-                    w.server.send(2, &msg(b's', sent_s), &mut w.conn.to_client).unwrap();
+                    w.server.send(2, &[&msg(b's', sent_s)]).unwrap();
+                    w.server.drain_into(&mut w.conn.to_client);
                     sent_s += 1;
                 }
                 Step::Pump(n) => w.pump(n).unwrap(),
@@ -229,14 +234,15 @@ fn keepalives_are_echoed_and_messages_before_the_handshake_refused() {
     // A message frame where a banner is expected closes the connection.
     let mut s = Session::server(9, F, Limits::DEFAULT);
     let mut bytes = Vec::new();
-    s.send(1, b"x", &mut Vec::new()).unwrap();
+    s.send(1, &[b"x"]).unwrap();
     let mut c2 = Session::client(9, F, Limits::DEFAULT);
     c2.connect(&mut Vec::new());
     let mut open_server = Session::server(9, F, Limits::DEFAULT);
     let mut out = Vec::new();
     let hello = sluice_net::session::Hello { cookie: 9, peer_in_seq: 0, features: 0b111 };
     open_server.attach(&hello, &mut out).unwrap();
-    open_server.send(1, b"early", &mut bytes).unwrap();
+    open_server.send(1, &[b"early"]).unwrap();
+    open_server.drain_into(&mut bytes);
     assert!(matches!(
         c2.receive(&bytes, &mut Vec::new(), |_| {}),
         Err(SessionError::Unexpected { .. })

@@ -138,6 +138,14 @@ pub enum TxOp {
     },
 }
 
+/// A copy of `bytes` for a write op, with room to pad it to whole blocks: staging then
+/// uses the buffer itself as the object's blocks (no copy per block, no reallocation).
+pub fn txn_data(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bytes.len().next_multiple_of(format::BS));
+    v.extend_from_slice(bytes);
+    v
+}
+
 /// Mutations applied atomically: after a crash either all of them are there or none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Transaction {

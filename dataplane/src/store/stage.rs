@@ -13,6 +13,7 @@
 //!    number. Nothing can fail after the first delta is applied.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sluice_nvme::{BlockDevice, Completion, DmaBuf, IoCommand};
 use sluice_vocab::limits::{
@@ -64,6 +65,9 @@ pub(super) struct Staged {
     pub deltas: Vec<u8>,
     /// Pending block ids, in the order the deltas consume them.
     pub data: Vec<u64>,
+    /// crc32c of those blocks' bytes, back to back (the record crc combines it with
+    /// the deltas' instead of reading megabytes again at batch time).
+    pub data_crc: u32,
     pub objects: Vec<(CollId, String)>,
     pub colls: Vec<CollId>,
     pub coll_set: bool,
@@ -205,6 +209,8 @@ struct Build {
     seq: u64,
     deltas: Vec<Delta>,
     ids: Vec<u64>,
+    /// crc32c of the blocks of `ids` back to back.
+    data_crc: u32,
     /// Disk blocks this transaction unmaps: they count as live until it is durable.
     freed: Vec<u64>,
 }
@@ -474,28 +480,34 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     /// Content of an object's block as staged so far (holes are zeroes).
-    fn block_content(&self, coll: CollId, name: &str, block: u64) -> Vec<u8> {
+    /// The current content of one block of an object (zeroes where it has none).
+    fn block_content(&self, coll: CollId, name: &str, block: u64) -> &[u8] {
+        const ZERO: [u8; BS] = [0; BS];
         match self.st.index.object(coll, name).and_then(|o| o.blocks.get(&block)) {
-            None => vec![0; BS],
+            None => &ZERO,
             Some(r) => match r.loc {
-                Loc::Pending(id) => self.pending.blocks[&id].data.to_vec(),
-                Loc::Disk(addr) => self
-                    .rmw
-                    .fetched
-                    .get(&addr)
-                    .expect("partial block fetched before staging")
-                    .to_vec(),
+                Loc::Pending(id) => self.pending.blocks[&id].bytes(),
+                Loc::Disk(addr) => {
+                    self.rmw.fetched.get(&addr).expect("partial block fetched before staging")
+                }
             },
         }
     }
 
-    fn new_pending(&mut self, coll: CollId, name: &str, lblock: u64, data: Vec<u8>) -> u64 {
-        debug_assert_eq!(data.len(), BS);
+    fn new_pending(
+        &mut self,
+        coll: CollId,
+        name: &Arc<str>,
+        lblock: u64,
+        data: &Arc<Vec<u8>>,
+        off: usize,
+    ) -> u64 {
+        debug_assert!(off.is_multiple_of(BS) && off + BS <= data.len());
         let id = self.pending.next_block;
         self.pending.next_block += 1;
         self.pending.blocks.insert(
             id,
-            PendingBlock { data: data.into_boxed_slice(), coll, name: name.to_string(), lblock },
+            PendingBlock { data: Arc::clone(data), off, coll, name: Arc::clone(name), lblock },
         );
         id
     }
@@ -512,23 +524,23 @@ impl<D: BlockDevice> Shard<D> {
         b.deltas.push(d);
     }
 
-    /// Writes whole blocks `first..` of an object from `blocks` (each BS bytes).
-    fn write_blocks(
-        &mut self,
-        b: &mut Build,
-        coll: CollId,
-        name: &str,
-        first: u64,
-        blocks: Vec<Vec<u8>>,
-    ) {
-        if blocks.is_empty() {
+    /// Writes whole blocks `first..` of an object from `data` (a whole number of
+    /// blocks), which its pending blocks then share: no copy and no allocation per block.
+    fn write_blocks(&mut self, b: &mut Build, coll: CollId, name: &str, first: u64, data: Vec<u8>) {
+        assert!(data.len().is_multiple_of(BS), "write_blocks takes whole blocks");
+        if data.is_empty() {
             return;
         }
-        let crcs = blocks.iter().map(|x| crc32c::crc32c(x)).collect();
-        let new: Vec<u64> = blocks
-            .into_iter()
-            .enumerate()
-            .map(|(i, x)| self.new_pending(coll, name, first + i as u64, x))
+        let mut crcs = Vec::with_capacity(data.len() / BS);
+        for block in data.chunks_exact(BS) {
+            crcs.push(crc32c::crc32c(block));
+            // The block is in cache now: the record's running crc costs little here.
+            b.data_crc = crc32c::crc32c_append(b.data_crc, block);
+        }
+        let data = Arc::new(data);
+        let shared: Arc<str> = Arc::from(name);
+        let new: Vec<u64> = (0..crcs.len())
+            .map(|i| self.new_pending(coll, &shared, first + i as u64, &data, i * BS))
             .collect();
         self.push_delta(
             b,
@@ -544,7 +556,8 @@ impl<D: BlockDevice> Shard<D> {
     fn apply_txn(&mut self, token: u64, txn: Transaction, reserved: u64) {
         let seq = self.st.next_seq;
         self.st.next_seq += 1;
-        let mut b = Build { seq, deltas: Vec::new(), ids: Vec::new(), freed: Vec::new() };
+        let mut b =
+            Build { seq, deltas: Vec::new(), ids: Vec::new(), data_crc: 0, freed: Vec::new() };
         let mut objects = Vec::new();
         let mut colls = Vec::new();
         let mut coll_set = false;
@@ -565,7 +578,7 @@ impl<D: BlockDevice> Shard<D> {
                 TxOp::Touch { coll, name } => {
                     self.push_delta(&mut b, Delta::Touch { coll, name }, &[])
                 }
-                TxOp::WriteFull { coll, name, data } => {
+                TxOp::WriteFull { coll, name, mut data } => {
                     let old_blocks = self
                         .st
                         .index
@@ -574,15 +587,10 @@ impl<D: BlockDevice> Shard<D> {
                         .unwrap_or(0);
                     let n = (data.len() as u64).div_ceil(BSU);
                     self.push_delta(&mut b, Delta::Touch { coll, name: name.clone() }, &[]);
-                    let blocks: Vec<Vec<u8>> = data
-                        .chunks(BS)
-                        .map(|c| {
-                            let mut b = c.to_vec();
-                            b.resize(BS, 0);
-                            b
-                        })
-                        .collect();
-                    self.write_blocks(&mut b, coll, &name, 0, blocks);
+                    let size = data.len() as u64;
+                    // No copy when the buffer has room for the padding (`txn_data`).
+                    data.resize(n as usize * BS, 0);
+                    self.write_blocks(&mut b, coll, &name, 0, data);
                     if old_blocks > n {
                         self.push_delta(
                             &mut b,
@@ -595,11 +603,7 @@ impl<D: BlockDevice> Shard<D> {
                             &[],
                         );
                     }
-                    self.push_delta(
-                        &mut b,
-                        Delta::SetSize { coll, name, size: data.len() as u64 },
-                        &[],
-                    );
+                    self.push_delta(&mut b, Delta::SetSize { coll, name, size }, &[]);
                 }
                 TxOp::Write { coll, name, offset, data } => {
                     self.push_delta(&mut b, Delta::Touch { coll, name: name.clone() }, &[]);
@@ -608,20 +612,19 @@ impl<D: BlockDevice> Shard<D> {
                     }
                     let end = offset + data.len() as u64;
                     let (fb, lb) = (offset / BSU, (end - 1) / BSU);
-                    let mut blocks = Vec::with_capacity((lb - fb + 1) as usize);
-                    for b in fb..=lb {
-                        let bstart = b * BSU;
-                        let lo = offset.max(bstart);
-                        let hi = end.min(bstart + BSU);
-                        let mut content = if lo == bstart && hi == bstart + BSU {
-                            vec![0; BS]
-                        } else {
-                            self.block_content(coll, &name, b)
-                        };
-                        content[(lo - bstart) as usize..(hi - bstart) as usize]
-                            .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
-                        blocks.push(content);
+                    let mut blocks = vec![0u8; (lb - fb + 1) as usize * BS];
+                    // Only the first and last blocks can be partial: they start from
+                    // the object's current content.
+                    for edge in [fb, lb] {
+                        let bstart = edge * BSU;
+                        if offset > bstart || end < bstart + BSU {
+                            let at = ((edge - fb) * BSU) as usize;
+                            blocks[at..at + BS]
+                                .copy_from_slice(self.block_content(coll, &name, edge));
+                        }
                     }
+                    let at = (offset - fb * BSU) as usize;
+                    blocks[at..at + data.len()].copy_from_slice(&data);
                     self.write_blocks(&mut b, coll, &name, fb, blocks);
                     let size = self.size_of(coll, &name).unwrap_or(0);
                     if end > size {
@@ -661,9 +664,9 @@ impl<D: BlockDevice> Shard<D> {
                                 .object(coll, &name)
                                 .is_some_and(|o| o.blocks.contains_key(&last))
                         {
-                            let mut content = self.block_content(coll, &name, last);
+                            let mut content = self.block_content(coll, &name, last).to_vec();
                             content[(size % BSU) as usize..].fill(0);
-                            self.write_blocks(&mut b, coll, &name, last, vec![content]);
+                            self.write_blocks(&mut b, coll, &name, last, content);
                         }
                     }
                     self.push_delta(&mut b, Delta::SetSize { coll, name, size }, &[]);
@@ -706,9 +709,9 @@ impl<D: BlockDevice> Shard<D> {
                             .object(coll, &name)
                             .is_some_and(|o| o.blocks.contains_key(&blk))
                         {
-                            let mut content = self.block_content(coll, &name, blk);
+                            let mut content = self.block_content(coll, &name, blk).to_vec();
                             content[(lo - bstart) as usize..(hi - bstart) as usize].fill(0);
-                            self.write_blocks(&mut b, coll, &name, blk, vec![content]);
+                            self.write_blocks(&mut b, coll, &name, blk, content);
                         }
                         blk += 1;
                     }
@@ -761,7 +764,7 @@ impl<D: BlockDevice> Shard<D> {
         if coll_set {
             self.pending.coll_set += 1;
         }
-        let Build { seq, deltas, ids, freed } = b;
+        let Build { seq, deltas, ids, data_crc, freed } = b;
         let bytes = delta::encode(&deltas);
         // The estimate reserved room for the record; it must hold.
         let actual = ids.len() as u64 + (bytes.len() as u64 + 64).div_ceil(BSU);
@@ -772,6 +775,7 @@ impl<D: BlockDevice> Shard<D> {
             seq,
             deltas: bytes,
             data: ids,
+            data_crc,
             objects,
             colls,
             coll_set,
@@ -793,7 +797,8 @@ impl<D: BlockDevice> Shard<D> {
         }
         let seq = self.st.next_seq;
         self.st.next_seq += 1;
-        let mut b = Build { seq, deltas: Vec::new(), ids: Vec::new(), freed: Vec::new() };
+        let mut b =
+            Build { seq, deltas: Vec::new(), ids: Vec::new(), data_crc: 0, freed: Vec::new() };
         let mut objects = Vec::new();
         let mut colls = Vec::new();
         for (d, block) in deltas.into_iter().zip(data) {
@@ -801,7 +806,15 @@ impl<D: BlockDevice> Shard<D> {
                 unreachable!("relocations only")
             };
             let (coll, name, lblock) = (*coll, name.clone(), *lblock);
-            let id = self.new_pending(coll, &name, lblock, block.to_vec());
+            assert_eq!(block.len(), BS, "relocations move single blocks");
+            b.data_crc = crc32c::crc32c_append(b.data_crc, &block);
+            let id = self.new_pending(
+                coll,
+                &Arc::from(name.as_str()),
+                lblock,
+                &Arc::new(block.into_vec()),
+                0,
+            );
             self.push_delta(&mut b, d, &[id]);
             objects.push((coll, name));
             colls.push(coll);
