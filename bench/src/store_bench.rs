@@ -15,7 +15,7 @@ use serde_json::json;
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, ReactorConfig};
 use sluice_dataplane::store::{
-    self, CollId, MkfsOptions, Query, Shard, StoreConfig, StoreEvent, Transaction, TxOp,
+    self, CollId, MkfsOptions, Query, Shard, StoreConfig, StoreEvent, StorePools, Transaction, TxOp,
 };
 use sluice_dataplane::{Context, PollResult, Poller};
 use sluice_nvme::{BlockDevice, UringDevice, UringOptions};
@@ -105,10 +105,13 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
         ReactorConfig { core: CoreId(0), cpu, mode: args.reactor.mode() },
         ParkState::new()?,
         move |r| {
-            let dev =
-                UringDevice::open(&path, UringOptions { queue_depth: 256, ..Default::default() })
-                    .map_err(std::io::Error::other)?;
-            let shard = Shard::open(dev, 0, StoreConfig::default())
+            // The shard's DMA pools registered with the ring, as sluice-osd does.
+            let cfg = StoreConfig::default();
+            let pools = StorePools::new(&cfg)?;
+            let opts =
+                UringOptions { queue_depth: 256, fixed_pools: pools.all(), ..Default::default() };
+            let dev = UringDevice::open(&path, opts).map_err(std::io::Error::other)?;
+            let shard = Shard::open_with(dev, 0, cfg, Some(pools))
                 .map_err(|f| std::io::Error::other(f.error.to_string()))?;
             r.add_poller(Box::new(Load::new(shard, rw, size, qd, objects, runtime, mix, shared2)))?;
             Ok(())

@@ -189,6 +189,21 @@ fn cli_reads_writes_and_exit_codes() {
     assert!(body.contains("sluice_osdmap_epoch "), "{body}");
     assert!(body.contains("sluice_health_status 0"), "{body}");
 
+    // Output into a pipe whose reader is gone (`sluice osd tree | head -1`): a quiet end,
+    // never a panic.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("-c")
+        .arg(c.conf())
+        .args(["osd", "tree"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "sluice panicked on a closed pipe: {err}");
+
     // An unknown daemon name: a usage error naming the ones there are.
     let out = c.sluice(&["dev", "stop", "osd.9"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));

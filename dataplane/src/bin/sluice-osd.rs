@@ -17,7 +17,9 @@ use sluice_control::osd_agent::MapSink;
 use sluice_dataplane::osd::{CoreMsg, MapView, OsdCore};
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, PollArgs, PollMode, ReactorConfig};
-use sluice_dataplane::store::{self, MkfsError, MkfsOptions, MountOptions, Shard, StoreConfig};
+use sluice_dataplane::store::{
+    self, MkfsError, MkfsOptions, MountOptions, Shard, StoreConfig, StorePools,
+};
 use sluice_dataplane::{Context, PollResult, Poller, Waker, mesh};
 use sluice_net::frame::Limits;
 use sluice_net::ops;
@@ -325,17 +327,24 @@ fn run(
         map_txs.push(map_tx);
         let listener = listeners.get_mut(shard as usize).and_then(Option::take);
         let h = reactor::spawn(cfg, park, move |r| {
-            let opened = UringDevice::open_shared(
-                file,
-                size,
-                name,
-                UringOptions { queue_depth: 128, ..Default::default() },
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|dev| {
-                Shard::open(dev, shard, StoreConfig { mount, ..Default::default() })
-                    .map_err(|f| f.error.to_string())
-            });
+            let store_cfg = StoreConfig { mount, ..Default::default() };
+            // Made before the queue pair so it can register them as fixed buffers.
+            let opened = StorePools::new(&store_cfg)
+                .map_err(|e| format!("{name}: DMA memory for shard {shard}: {e}"))
+                .and_then(|pools| {
+                    let opts = UringOptions {
+                        queue_depth: 128,
+                        fixed_pools: pools.all(),
+                        ..Default::default()
+                    };
+                    UringDevice::open_shared(file, size, name, opts)
+                        .map_err(|e| e.to_string())
+                        .map(|dev| (dev, pools))
+                })
+                .and_then(|(dev, pools)| {
+                    Shard::open_with(dev, shard, store_cfg, Some(pools))
+                        .map_err(|f| f.error.to_string())
+                });
             let opened = opened.and_then(|s| {
                 let info = s.replay_info().clone();
                 let msg = format!(

@@ -37,6 +37,7 @@
 pub mod blocking;
 mod checkpoint;
 mod cleaner;
+mod crc;
 pub mod delta;
 pub mod format;
 mod fsck;
@@ -52,7 +53,7 @@ pub use mount::{
     MkfsError, MkfsOptions, MountError, MountErrorKind, MountOptions, ReplayInfo, Structure, mkfs,
     read_device_superblock,
 };
-pub use shard::{OpenFailure, Shard, StoreConfig, StoreStats};
+pub use shard::{OpenFailure, Shard, StoreConfig, StorePools, StoreStats};
 
 use std::collections::BTreeMap;
 use std::fmt;

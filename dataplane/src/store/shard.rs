@@ -17,6 +17,32 @@ use super::mount::{self, MountError, MountOptions, ReplayInfo, ShardState};
 use super::stage::{Queued, Rmw, Staged};
 use super::{CollId, Query, StoreError, StoreEvent, Transaction};
 
+/// The DMA memory a shard does its I/O with: read buffers and the chunks batches are
+/// written from.
+#[derive(Debug, Clone)]
+pub struct StorePools {
+    pub read: DmaPool,
+    pub chunks: DmaPool,
+}
+
+impl StorePools {
+    pub fn new(cfg: &StoreConfig) -> std::io::Result<StorePools> {
+        let chunks = (cfg.max_batch_bytes as usize)
+            .max(sluice_vocab::limits::MAX_TXN_DATA_BYTES + (1 << 20))
+            .div_ceil(MAX_TRANSFER_BYTES)
+            + 1;
+        Ok(StorePools {
+            read: DmaPool::new(64 << 10, cfg.read_pool_bufs.max(1), Default::default())?,
+            chunks: DmaPool::new(MAX_TRANSFER_BYTES, chunks, Default::default())?,
+        })
+    }
+
+    /// Both pools, for `UringOptions::fixed_pools`.
+    pub fn all(&self) -> Vec<DmaPool> {
+        vec![self.read.clone(), self.chunks.clone()]
+    }
+}
+
 /// Tunables of a shard.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -96,10 +122,6 @@ impl<D> std::fmt::Display for OpenFailure<D> {
 impl<D> std::error::Error for OpenFailure<D> {}
 
 /// Device command tags: kind in the top byte.
-/// From this much data on, a record's crc is combined from the crc staging computed
-/// (a few microseconds) rather than computed again over the data (~0.1 ms per MiB).
-const RECORD_CRC_COMBINE_BYTES: usize = 64 << 10;
-
 pub(super) const K_BATCH_WRITE: u64 = 1 << 56;
 pub(super) const K_BATCH_FLUSH: u64 = 2 << 56;
 pub(super) const K_READ: u64 = 3 << 56;
@@ -120,24 +142,74 @@ pub(super) struct Pending {
     pub colls: HashMap<CollId, u32>,
     /// Staged transactions creating or removing collections.
     pub coll_set: u32,
-    pub blocks: HashMap<u64, PendingBlock>,
-    pub next_block: u64,
+    pub blocks: PendingBlocks,
 }
 
-/// A staged data block waiting for its batch to be durable.
+/// Staged data blocks waiting for their batch to be durable, as runs of consecutive ids:
+/// one run per write (its blocks are the write's buffer), so a 4 MiB write is one entry,
+/// not a thousand. Batches commit in staging order, so runs leave from the front.
+#[derive(Debug, Default)]
+pub(super) struct PendingBlocks {
+    runs: VecDeque<PendingRun>,
+    next_id: u64,
+}
+
 #[derive(Debug)]
-pub(super) struct PendingBlock {
-    /// The staged data this block is part of (shared by the blocks of one write).
+pub(super) struct PendingRun {
+    pub first_id: u64,
+    pub blocks: u64,
+    /// The staged data (block `k` of the run is at `off + k * BS`).
     pub data: Arc<Vec<u8>>,
     pub off: usize,
     pub coll: CollId,
     pub name: Arc<str>,
-    pub lblock: u64,
+    /// The object block of the run's first block.
+    pub first_lblock: u64,
 }
 
-impl PendingBlock {
-    pub fn bytes(&self) -> &[u8] {
-        &self.data[self.off..self.off + BS]
+impl PendingBlocks {
+    /// Adds `blocks` blocks of `data` from byte `off` as object blocks `first_lblock..`;
+    /// returns the first one's id (the others follow).
+    pub fn push(
+        &mut self,
+        coll: CollId,
+        name: Arc<str>,
+        first_lblock: u64,
+        data: Arc<Vec<u8>>,
+        off: usize,
+        blocks: u64,
+    ) -> u64 {
+        assert!(blocks > 0, "an empty run");
+        assert!(
+            off.is_multiple_of(BS) && off + blocks as usize * BS <= data.len(),
+            "run of {blocks} blocks at {off} outside its buffer of {}",
+            data.len()
+        );
+        let first_id = self.next_id;
+        self.next_id += blocks;
+        self.runs.push_back(PendingRun { first_id, blocks, data, off, coll, name, first_lblock });
+        first_id
+    }
+
+    pub fn run_of(&self, id: u64) -> &PendingRun {
+        let i = self.runs.partition_point(|r| r.first_id + r.blocks <= id);
+        let r = &self.runs[i];
+        assert!(r.first_id <= id, "pending block {id} is gone");
+        r
+    }
+
+    pub fn bytes(&self, id: u64) -> &[u8] {
+        let r = self.run_of(id);
+        let at = r.off + (id - r.first_id) as usize * BS;
+        &r.data[at..at + BS]
+    }
+
+    pub fn pop_front(&mut self) -> Option<PendingRun> {
+        self.runs.pop_front()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
     }
 }
 
@@ -258,7 +330,19 @@ impl<D: BlockDevice> Shard<D> {
     /// Mounts shard `shard` of the store on `dev` (retrying per `cfg.mount`), then
     /// writes a recovery checkpoint so the new session starts on a clean log. On failure
     /// the device comes back with the error.
-    pub fn open(mut dev: D, shard: u16, cfg: StoreConfig) -> Result<Shard<D>, OpenFailure<D>> {
+    pub fn open(dev: D, shard: u16, cfg: StoreConfig) -> Result<Shard<D>, OpenFailure<D>> {
+        Self::open_with(dev, shard, cfg, None)
+    }
+
+    /// [`Self::open`] with DMA pools made beforehand by [`StorePools::new`], so that the
+    /// device could register them (`UringOptions::fixed_pools`): the batch writes and
+    /// reads then need no page pinning per I/O.
+    pub fn open_with(
+        mut dev: D,
+        shard: u16,
+        cfg: StoreConfig,
+        pools: Option<StorePools>,
+    ) -> Result<Shard<D>, OpenFailure<D>> {
         let r = (|| {
             let dsb = mount::with_retries(&cfg.mount, || mount::read_device_superblock(&mut dev))?;
             let (mut st, replay) =
@@ -273,7 +357,7 @@ impl<D: BlockDevice> Shard<D> {
             Ok((st, replay))
         })();
         match r {
-            Ok((st, replay)) => Self::from_state(dev, st, cfg, replay),
+            Ok((st, replay)) => Self::from_state(dev, st, cfg, replay, pools),
             Err(error) => Err(OpenFailure { error, device: dev }),
         }
     }
@@ -283,6 +367,7 @@ impl<D: BlockDevice> Shard<D> {
         st: ShardState,
         cfg: StoreConfig,
         replay: ReplayInfo,
+        pools: Option<StorePools>,
     ) -> Result<Shard<D>, OpenFailure<D>> {
         let io = |e: std::io::Error| MountError {
             device: st.device.clone(),
@@ -293,13 +378,11 @@ impl<D: BlockDevice> Shard<D> {
             }),
             attempts: 1,
         };
-        let chunks = (cfg.max_batch_bytes as usize)
-            .max(sluice_vocab::limits::MAX_TXN_DATA_BYTES + (1 << 20))
-            .div_ceil(MAX_TRANSFER_BYTES)
-            + 1;
-        let pools = DmaPool::new(64 << 10, cfg.read_pool_bufs.max(1), Default::default())
-            .and_then(|r| Ok((r, DmaPool::new(MAX_TRANSFER_BYTES, chunks, Default::default())?)));
-        let (read_pool, chunk_pool) = match pools {
+        let pools = match pools {
+            Some(p) => Ok(p),
+            None => StorePools::new(&cfg),
+        };
+        let StorePools { read: read_pool, chunks: chunk_pool } = match pools {
             Ok(p) => p,
             Err(e) => return Err(OpenFailure { error: io(e), device: dev }),
         };
@@ -691,33 +774,28 @@ impl<D: BlockDevice> Shard<D> {
         let mut pieces = std::mem::take(&mut self.batch_pieces);
         pieces.clear();
         for t in &txns {
-            let data_bytes = t.data.len() * BS;
-            let crc = if data_bytes >= RECORD_CRC_COMBINE_BYTES {
-                // Staging computed the data's crc while the blocks were in cache.
-                crc32c::crc32c_combine(crc32c::crc32c(&t.deltas), t.data_crc, data_bytes)
-            } else {
-                let mut crc = crc32c::crc32c(&t.deltas);
-                for id in &t.data {
-                    crc = crc32c::crc32c_append(crc, self.pending.blocks[id].bytes());
-                }
-                crc
-            };
+            // Staging folded the blocks' crcs into the data's: no pass over the data.
+            let crc =
+                super::crc::append_blocks(crc32c::crc32c(&t.deltas), t.data_crc, t.data.len());
             debug_assert_eq!(
                 crc,
-                t.data.iter().fold(crc32c::crc32c(&t.deltas), |c, id| {
-                    crc32c::crc32c_append(c, self.pending.blocks[id].bytes())
+                t.data.iter().fold(crc32c::crc32c(&t.deltas), |c, &id| {
+                    crc32c::crc32c_append(c, self.pending.blocks.bytes(id))
                 }),
                 "record crc of transaction {}",
                 t.seq
             );
-            for id in &t.data {
-                let pb = &self.pending.blocks[id];
-                match pieces.last_mut() {
-                    Some((buf, range)) if Arc::ptr_eq(buf, &pb.data) && range.end == pb.off => {
-                        range.end += BS
-                    }
-                    _ => pieces.push((Arc::clone(&pb.data), pb.off..pb.off + BS)),
-                }
+            // A transaction's blocks are whole runs, in id order: one piece per run.
+            let mut i = 0;
+            while i < t.data.len() {
+                let r = self.pending.blocks.run_of(t.data[i]);
+                let n = r.blocks as usize;
+                debug_assert!(
+                    (0..n).all(|k| t.data[i + k] == r.first_id + k as u64),
+                    "transactions hold whole runs"
+                );
+                pieces.push((Arc::clone(&r.data), r.off..r.off + n * BS));
+                i += n;
             }
             recs.push(RecordDesc {
                 deltas_len: t.deltas.len() as u32,
@@ -828,18 +906,28 @@ impl<D: BlockDevice> Shard<D> {
         }
         let mut addr = b.start + b.meta_blocks;
         for t in b.txns {
-            for id in &t.data {
-                let pb = self.pending.blocks.remove(id).expect("pending block");
-                if let Some(o) =
-                    self.st.index.colls.get_mut(&pb.coll).and_then(|c| c.objects.get_mut(&pb.name))
-                    && let Some(r) = o.blocks.get_mut(&pb.lblock)
-                    && r.loc == Loc::Pending(*id)
-                {
-                    r.loc = Loc::Disk(addr);
-                    self.st.space.mapped(addr);
+            // Its blocks are the runs at the front, whole and in order.
+            let mut done = 0;
+            while done < t.data.len() {
+                let run = self.pending.blocks.pop_front().expect("pending run");
+                assert_eq!(run.first_id, t.data[done], "runs commit in staging order");
+                let st = &mut self.st;
+                let mut object =
+                    st.index.colls.get_mut(&run.coll).and_then(|c| c.objects.get_mut(&run.name));
+                for k in 0..run.blocks {
+                    // A block overwritten by a later staged write stays pending there.
+                    if let Some(o) = object.as_mut()
+                        && let Some(r) = o.blocks.get_mut(&(run.first_lblock + k))
+                        && r.loc == Loc::Pending(run.first_id + k)
+                    {
+                        r.loc = Loc::Disk(addr);
+                        st.space.mapped(addr);
+                    }
+                    addr += 1;
                 }
-                addr += 1;
+                done += run.blocks as usize;
             }
+            debug_assert_eq!(done, t.data.len());
             for &old in &t.freed {
                 self.st.space.unmapped(old);
             }

@@ -25,7 +25,7 @@ use sluice_vocab::{BlockCount, Lba};
 use super::delta::{self, Delta};
 use super::format::BS;
 use super::index::Loc;
-use super::shard::{K_RMW, PendingBlock, Shard};
+use super::shard::{K_RMW, Shard};
 use super::{CollId, Missing, StoreError, StoreEvent, Transaction, TxOp};
 
 const BSU: u64 = BS as u64;
@@ -486,30 +486,12 @@ impl<D: BlockDevice> Shard<D> {
         match self.st.index.object(coll, name).and_then(|o| o.blocks.get(&block)) {
             None => &ZERO,
             Some(r) => match r.loc {
-                Loc::Pending(id) => self.pending.blocks[&id].bytes(),
+                Loc::Pending(id) => self.pending.blocks.bytes(id),
                 Loc::Disk(addr) => {
                     self.rmw.fetched.get(&addr).expect("partial block fetched before staging")
                 }
             },
         }
-    }
-
-    fn new_pending(
-        &mut self,
-        coll: CollId,
-        name: &Arc<str>,
-        lblock: u64,
-        data: &Arc<Vec<u8>>,
-        off: usize,
-    ) -> u64 {
-        debug_assert!(off.is_multiple_of(BS) && off + BS <= data.len());
-        let id = self.pending.next_block;
-        self.pending.next_block += 1;
-        self.pending.blocks.insert(
-            id,
-            PendingBlock { data: Arc::clone(data), off, coll, name: Arc::clone(name), lblock },
-        );
-        id
     }
 
     /// Applies one delta now, with `ids` as its data blocks.
@@ -533,15 +515,14 @@ impl<D: BlockDevice> Shard<D> {
         }
         let mut crcs = Vec::with_capacity(data.len() / BS);
         for block in data.chunks_exact(BS) {
-            crcs.push(crc32c::crc32c(block));
-            // The block is in cache now: the record's running crc costs little here.
-            b.data_crc = crc32c::crc32c_append(b.data_crc, block);
+            let crc = crc32c::crc32c(block);
+            crcs.push(crc);
+            // The record's crc over the data, from the blocks' (no second pass).
+            b.data_crc = super::crc::append_block(b.data_crc, crc);
         }
-        let data = Arc::new(data);
-        let shared: Arc<str> = Arc::from(name);
-        let new: Vec<u64> = (0..crcs.len())
-            .map(|i| self.new_pending(coll, &shared, first + i as u64, &data, i * BS))
-            .collect();
+        let n = crcs.len() as u64;
+        let id = self.pending.blocks.push(coll, Arc::from(name), first, Arc::new(data), 0, n);
+        let new: Vec<u64> = (id..id + n).collect();
         self.push_delta(
             b,
             Delta::WriteBlocks { coll, name: name.to_string(), first_block: first, crcs },
@@ -807,13 +788,14 @@ impl<D: BlockDevice> Shard<D> {
             };
             let (coll, name, lblock) = (*coll, name.clone(), *lblock);
             assert_eq!(block.len(), BS, "relocations move single blocks");
-            b.data_crc = crc32c::crc32c_append(b.data_crc, &block);
-            let id = self.new_pending(
+            b.data_crc = super::crc::append_block(b.data_crc, crc32c::crc32c(&block));
+            let id = self.pending.blocks.push(
                 coll,
-                &Arc::from(name.as_str()),
+                Arc::from(name.as_str()),
                 lblock,
-                &Arc::new(block.into_vec()),
+                Arc::new(block.into_vec()),
                 0,
+                1,
             );
             self.push_delta(&mut b, d, &[id]);
             objects.push((coll, name));

@@ -205,6 +205,15 @@ impl From<ClientError> for Fail {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes away, as
+    // command-line tools do, instead of a panic at the next print.
+    // SAFETY: restoring the default action of one signal, before any other thread exists.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     sluice_control::init_logging("warn");
     let cli = Cli::parse();
     if let Cmd::Object(cmd) = &cli.cmd {
