@@ -11,7 +11,7 @@
 # figure: what loopback TCP alone carries on this machine, before any store.
 #
 #   usage: scripts/bench-objects-vs-device.sh [DIR] [RUNTIME_S]  (defaults: /var/tmp/sluice/objbench 10)
-#   env:   DEV_SIZE (default 4G)
+#   env:   DEV_SIZE (default 4G), ROUNDS (default 3)
 #   needs: python3; builds release binaries. DIR's content is destroyed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,34 +43,55 @@ dev() { # tag rw bs qd [flush-every]
   $B/sluice-bench device --path "$FILE" --dev-size "$DEV_SIZE" --rw "$2" --bs "$3" --qd "$4" \
     --flush-every "${5:-0}" --runtime "${RT}s" --quiet --json "$OUT/$1.json" >/dev/null
 }
-echo "== objects"
-obj w4k-qd1 write 4k 1 4096
-obj w4k-qd32 write 4k 32 4096
-obj rr4k-qd32 randread 4k 32 4096
-obj w4m-qd4 write 4M 4 64
-echo "== device"
-dev d-w4k-qd1-flush randwrite 4k 1 1
-dev d-w4k-qd32 randwrite 4k 32
-dev d-rr4k-qd32 randread 4k 32
-dev d-w1m-qd4 write 1M 4
+# Each pair (objects workload, its device baseline) runs back to back, ROUNDS times,
+# alternating which goes first: this disk's speed drifts by tens of percent within
+# minutes, so single runs mean little. The report gives each round's ratio and the
+# median.
+ROUNDS=${ROUNDS:-3}
+pair() { # round tag-suffix obj-args... -- dev-args...
+  local round=$1; shift
+  local oargs=() dargs=()
+  while [ "$1" != "--" ]; do oargs+=("$1"); shift; done; shift
+  dargs=("$@")
+  if [ $((round % 2)) -eq 1 ]; then obj "${oargs[@]}"; dev "${dargs[@]}"
+  else dev "${dargs[@]}"; obj "${oargs[@]}"; fi
+}
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== round $round of $ROUNDS"
+  pair "$round" "w4k-qd1-r$round" write 4k 1 4096 -- "d-w4k-qd1-flush-r$round" randwrite 4k 1 1
+  pair "$round" "w4k-qd32-r$round" write 4k 32 4096 -- "d-w4k-qd32-r$round" randwrite 4k 32
+  pair "$round" "rr4k-qd32-r$round" randread 4k 32 4096 -- "d-rr4k-qd32-r$round" randread 4k 32
+  pair "$round" "w4m-qd4-r$round" write 4M 4 64 -- "d-w1m-qd4-r$round" write 1M 4
+  $B/sluice-bench net --size 64 --qd 1 --runtime "${RT}s" --quiet --json "$OUT/n-rtt-r$round.json" >/dev/null
+done
 echo "== null network"
-$B/sluice-bench net --size 64 --qd 1 --runtime "${RT}s" --quiet --json "$OUT/n-rtt.json" >/dev/null
 $B/sluice-bench net --size 4M --qd 4 --runtime "${RT}s" --quiet --json "$OUT/n-4m-qd4.json" >/dev/null
 
-python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, sys, statistics
+out, rounds = sys.argv[1], int(sys.argv[2])
 r = lambda n: json.load(open(f"{out}/{n}.json"))["results"]
-rtt_ms = r("n-rtt")["p50_us"] / 1000
-rows = []
-qd1, dqd1 = r("w4k-qd1"), r("d-w4k-qd1-flush")
-base = dqd1["durable_write"]["p50_us"] if dqd1.get("durable_write") else dqd1["p50_us"]
-limit = 1.5 * (base + rtt_ms * 1000)
-print(f"4k write QD1: median {qd1['p50_us']:.1f} us; device write+flush median {base:.1f} us + loopback RTT {rtt_ms*1000:.1f} us; ratio {qd1['p50_us']/(base + rtt_ms*1000):.2f} (bar <= 1.5) OSD CPU {qd1.get('osd_cpu_us_per_io', float('nan')):.1f} us/io")
-for name, dev, bar, key in [("w4k-qd32", "d-w4k-qd32", 0.70, "iops"), ("rr4k-qd32", "d-rr4k-qd32", 0.70, "iops"), ("w4m-qd4", "d-w1m-qd4", 0.70, "bytes_per_sec")]:
-    a, b = r(name), r(dev)
-    print(f"{name}: {a[key]:.0f} vs device {b[key]:.0f} {key}: ratio {a[key]/b[key]:.2f} (bar >= {bar}); p50 {a['p50_us']:.0f} us p99 {a['p99_us']:.0f} us; OSD CPU {a.get('osd_cpu_us_per_io', float('nan')):.1f} us/io")
+med = statistics.median
+print(f"{rounds} rounds; per-round figures, then the median")
+qd1 = []
+for k in range(1, rounds + 1):
+    o, d = r(f"w4k-qd1-r{k}"), r(f"d-w4k-qd1-flush-r{k}")
+    base = d["durable_write"]["p50_us"] if d.get("durable_write") else d["p50_us"]
+    rtt = r(f"n-rtt-r{k}")["p50_us"]
+    qd1.append((o["p50_us"], base, rtt, o["p50_us"] / (base + rtt)))
+print("4k write QD1 median: " + ", ".join(f"{a:.0f} us vs {b:.0f}+{c:.0f} us ({x:.2f})" for a, b, c, x in qd1)
+      + f"; median ratio {med(x for *_, x in qd1):.2f} (bar <= 1.5)")
+for name, devn, key, unit in [("w4k-qd32", "d-w4k-qd32", "iops", "IOPS"), ("rr4k-qd32", "d-rr4k-qd32", "iops", "IOPS"),
+                              ("w4m-qd4", "d-w1m-qd4", "bytes_per_sec", "MB/s")]:
+    rows = []
+    for k in range(1, rounds + 1):
+        a, b = r(f"{name}-r{k}"), r(f"{devn}-r{k}")
+        sc = 1e6 if unit == "MB/s" else 1
+        rows.append((a[key] / sc, b[key] / sc, a[key] / b[key], a.get("osd_cpu_us_per_io", float("nan")), a["p50_us"], a["p99_us"]))
+    print(f"{name}: " + ", ".join(f"{a:.0f} vs {b:.0f} {unit} ({x:.2f})" for a, b, x, *_ in rows)
+          + f"; median ratio {med(x for _, _, x, *_ in rows):.2f} (bar >= 0.70); OSD CPU/IO median {med(c for *_, c, _, _ in rows):.1f} us"
+          + f"; p50 {med(p for *_, p, _ in rows):.0f} us p99 {med(p for *_, p in rows):.0f} us")
 n4m = r("n-4m-qd4")
-print(f"null network 4 MiB QD4: {n4m['bytes_per_sec']/1e6:.0f} MB/s at {n4m['cpu_us_per_io']:.0f} us CPU per 4 MiB (both ends); objects 4 MiB reach {r('w4m-qd4')['bytes_per_sec']/n4m['bytes_per_sec']:.2f} of it")
+print(f"null network 4 MiB QD4: {n4m['bytes_per_sec']/1e6:.0f} MB/s at {n4m['cpu_us_per_io']:.0f} us CPU per 4 MiB (both ends)")
 print(f"reports in {out}")
 PY

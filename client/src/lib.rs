@@ -747,6 +747,10 @@ impl Io {
     /// Sleeps until a socket is ready or `until`.
     fn wait(&mut self, until: Instant) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        // Acks held back for a request to carry them go out before we sleep.
+        for c in self.conns.values_mut() {
+            c.conn.flush_acks();
+        }
         let mut fds = Vec::new();
         for c in self.conns.values() {
             if let Some(fd) = c.conn.fd() {

@@ -418,6 +418,8 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
             self.new_view = Some(v);
             return false; // taken (and waiting requests retried) by the next poll
         }
+        // Acks held back for a reply to carry them go out now: nothing else will.
+        self.server.flush_acks();
         self.c.shard.prepare_park()
     }
 

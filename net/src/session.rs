@@ -242,6 +242,8 @@ pub struct Session {
     /// Last sequence number delivered to us.
     in_seq: u64,
     ack_pending: bool,
+    /// Messages delivered since the peer last heard our position.
+    acks_owed: u32,
     /// Server: never attached yet (a hello for it is a new client or a reset one).
     /// Client: has been open before (so a fresh server session means a reset).
     history: bool,
@@ -264,6 +266,7 @@ impl Session {
             unacked: VecDeque::new(),
             in_seq: 0,
             ack_pending: false,
+            acks_owed: 0,
             history: false,
         }
     }
@@ -395,6 +398,7 @@ impl Session {
         let (seq, _, _) = self.enqueue(msg_type, parts)?;
         if self.state == State::Open {
             self.ack_pending = false; // the header carries our ack
+            self.acks_owed = 0;
         }
         Ok(seq)
     }
@@ -462,7 +466,15 @@ impl Session {
         if self.ack_pending && self.state == State::Open {
             write_msg(out, tag::ACK, &self.limits, &[&self.in_seq.to_le_bytes()]);
             self.ack_pending = false;
+            self.acks_owed = 0;
         }
+    }
+
+    /// Messages delivered that the peer has not heard we have (0: nothing to ack). Every
+    /// message we send carries our position, so an owner may hold a separate ack back a
+    /// little in the hope that a reply carries it (see `tcp::ACK_DELAY`).
+    pub fn acks_owed(&self) -> u32 {
+        if self.ack_pending && self.state == State::Open { self.acks_owed } else { 0 }
     }
 
     pub fn keepalive(&mut self, now_ns: u64, out: &mut Vec<u8>) {
@@ -523,6 +535,7 @@ impl Session {
                     }
                     self.in_seq = seq;
                     self.ack_pending = true;
+                    self.acks_owed += 1;
                     on(Event::Message { seq, msg_type, frame: f });
                 }
                 (tag::ACK, State::Open) => {

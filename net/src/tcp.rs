@@ -20,6 +20,25 @@ use crate::session::{Event, Features, Handshake, Session, SessionError};
 /// Largest read per poll of one connection (bounds the work one poll does).
 const READ_CHUNK: usize = 256 << 10;
 
+/// How long a separate ack is held back: every message carries the sender's position,
+/// so the reply to a request usually acks it for free. A separate ack costs a send on
+/// this side and a receive on the other (on loopback each runs the other side's TCP
+/// receive path too).
+pub const ACK_DELAY: Duration = Duration::from_micros(500);
+/// ... but not past this many messages (the peer keeps them until acked).
+pub const ACK_AFTER: u32 = 64;
+
+/// Whether a separate ack is due: held since `since` (set here when one becomes owed).
+fn ack_due(session: &Session, since: &mut Option<Instant>, now: Instant) -> bool {
+    let owed = session.acks_owed();
+    if owed == 0 {
+        *since = None;
+        return false;
+    }
+    let t = *since.get_or_insert(now);
+    owed >= ACK_AFTER || now.duration_since(t) >= ACK_DELAY
+}
+
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
@@ -199,11 +218,18 @@ pub struct ClientConn {
     pub session: Session,
     addr: SocketAddr,
     conn: Option<Connection>,
+    /// Since when an ack is owed (see [`ACK_DELAY`]).
+    ack_since: Option<Instant>,
 }
 
 impl ClientConn {
     pub fn new(addr: SocketAddr, cookie: u64, features: Features, limits: Limits) -> ClientConn {
-        ClientConn { session: Session::client(cookie, features, limits), addr, conn: None }
+        ClientConn {
+            session: Session::client(cookie, features, limits),
+            addr,
+            conn: None,
+            ack_since: None,
+        }
     }
 
     pub fn connected(&self) -> bool {
@@ -257,7 +283,10 @@ impl ClientConn {
             let used = self.session.receive(c.input(), &mut out, &mut on);
             *c.out() = out;
             c.consume(used?);
-            self.session.flush_ack(c.out());
+            if ack_due(&self.session, &mut self.ack_since, Instant::now()) {
+                self.session.flush_ack(c.out());
+                self.ack_since = None;
+            }
             c.flush_with(&mut self.session)?;
             Ok(())
         })();
@@ -266,6 +295,23 @@ impl ClientConn {
             self.session.disconnected();
         }
         r
+    }
+
+    /// Whether an ack is being held back ([`ACK_DELAY`]): poll again within that time,
+    /// or [`Self::flush_acks`] before sleeping longer.
+    pub fn acks_owed(&self) -> bool {
+        self.conn.is_some() && self.session.acks_owed() > 0
+    }
+
+    /// Sends an ack held back now (before the owner sleeps).
+    pub fn flush_acks(&mut self) {
+        let Some(c) = &mut self.conn else { return };
+        if self.session.acks_owed() > 0 {
+            self.session.flush_ack(c.out());
+            self.ack_since = None;
+            // An error shows at the next poll.
+            let _ = c.flush_with(&mut self.session);
+        }
     }
 
     /// Breaks the current connection (for tests and failure injection).
@@ -290,6 +336,8 @@ struct Client {
     armed_out: bool,
     /// When the connection went away (for expiry).
     idle_since: Option<Instant>,
+    /// Since when an ack is owed (see [`ACK_DELAY`]).
+    ack_since: Option<Instant>,
 }
 
 /// A server: a listener and its connections; sessions by client cookie survive cuts.
@@ -312,6 +360,8 @@ pub struct Server {
     /// Scratch for `epoll_wait`, and the tokens it reported, sorted.
     events: Vec<EpollEvent>,
     ready: Vec<u64>,
+    /// Clients owed an ack that is being held back, oldest first.
+    owing: Vec<u64>,
 }
 
 /// The listener's epoll token.
@@ -367,6 +417,7 @@ impl Server {
             next_id: LISTENER + 1,
             events: vec![EpollEvent::empty(); 256],
             ready: Vec::new(),
+            owing: Vec::new(),
         })
     }
 
@@ -460,6 +511,10 @@ impl Server {
             match serve(cookie, &mut c.session, conn, &mut on) {
                 Ok(b) => {
                     busy |= b;
+                    if c.ack_since.is_none() && c.session.acks_owed() > 0 {
+                        c.ack_since = Some(now);
+                        self.owing.push(cookie);
+                    }
                     arm(&self.epoll, c);
                 }
                 Err(e) => {
@@ -470,7 +525,48 @@ impl Server {
                 }
             }
         }
+        busy |= self.send_due_acks(now, false);
         busy
+    }
+
+    /// Sends the acks held back longer than [`ACK_DELAY`] (all of them with `force`, e.g.
+    /// before the owner sleeps) unless a message carried them meanwhile. Returns whether
+    /// it wrote any.
+    fn send_due_acks(&mut self, now: Instant, force: bool) -> bool {
+        let mut wrote = false;
+        let clients = &mut self.clients;
+        let epoll = &self.epoll;
+        self.owing.retain(|cookie| {
+            let Some(c) = clients.get_mut(cookie) else { return false };
+            let Some(conn) = &mut c.conn else {
+                c.ack_since = None;
+                return false;
+            };
+            if !force && !ack_due(&c.session, &mut c.ack_since, now) {
+                return c.ack_since.is_some();
+            }
+            c.ack_since = None;
+            if c.session.acks_owed() > 0 {
+                c.session.flush_ack(conn.out());
+                wrote = true;
+                // An error shows again (and is reported) at the next read.
+                let _ = conn.flush_with(&mut c.session);
+                arm(epoll, c);
+            }
+            false
+        });
+        wrote
+    }
+
+    /// Whether acks are being held back: poll again within [`ACK_DELAY`], or
+    /// [`Self::flush_acks`] before sleeping.
+    pub fn acks_owed(&self) -> bool {
+        !self.owing.is_empty()
+    }
+
+    /// Sends every ack held back (before the owner sleeps).
+    pub fn flush_acks(&mut self) -> bool {
+        self.send_due_acks(Instant::now(), true)
     }
 
     /// Accepts every waiting connection; each starts its handshake (our banner).
@@ -548,6 +644,7 @@ impl Server {
             pending: false,
             armed_out: false,
             idle_since: None,
+            ack_since: None,
         });
         if let Some(old) = c.conn.take() {
             let e = io::Error::other("replaced by a newer connection of the same session");
@@ -624,7 +721,7 @@ fn serve(
     });
     *conn.out() = out;
     conn.consume(used?);
-    session.flush_ack(conn.out());
+    // The ack waits a little for a reply to carry it (`Server::send_due_acks`).
     conn.flush_with(session)?;
     Ok(n > 0)
 }

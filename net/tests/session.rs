@@ -248,3 +248,26 @@ fn keepalives_are_echoed_and_messages_before_the_handshake_refused() {
         Err(SessionError::Unexpected { .. })
     ));
 }
+
+/// A reply carries the ack of what came before it: the owner can hold a separate ack
+/// back (`tcp::ACK_DELAY`) and usually never send one.
+#[test]
+fn messages_carry_acks_so_a_separate_one_is_owed_only_until_a_reply() {
+    let mut w = World::new();
+    for _ in 0..4 {
+        w.pump(10_000).unwrap();
+    }
+    w.client.send(1, &[b"request"]).unwrap();
+    w.client.drain_into(&mut w.conn.to_server);
+    // Deliver to the server without letting it ack.
+    let moved: Vec<u8> = w.conn.to_server.drain(..).collect();
+    w.server.receive(&moved, &mut w.conn.to_client, |_| {}).unwrap();
+    assert_eq!(w.server.acks_owed(), 1);
+    w.server.send(2, &[b"reply"]).unwrap();
+    assert_eq!(w.server.acks_owed(), 0, "the reply carries the ack");
+    w.server.drain_into(&mut w.conn.to_client);
+    let moved: Vec<u8> = w.conn.to_client.drain(..).collect();
+    w.client.receive(&moved, &mut w.conn.to_server, |_| {}).unwrap();
+    assert_eq!(w.client.unacked(), 0, "acked by the reply alone");
+    assert_eq!(w.client.acks_owed(), 1, "and the client owes one for the reply");
+}
