@@ -449,21 +449,25 @@ fn create(dir: &Path, mons: usize, osds: usize, device_size: ByteSize) -> Result
             "--size".into(),
             device_size.0.to_string(),
         ])?;
-        daemons.push(Daemon {
-            name: format!("osd.{i}"),
-            argv: vec![
-                s(&osd_bin),
-                "run".into(),
-                "--dev".into(),
-                s(&dev),
-                "--conf".into(),
-                s(&dir.join("sluice.conf")),
-                "--rack".into(),
-                "rack0".into(),
-                "--host".into(),
-                format!("host{i}"),
-            ],
-        });
+        let mut argv = vec![
+            s(&osd_bin),
+            "run".into(),
+            "--dev".into(),
+            s(&dev),
+            "--conf".into(),
+            s(&dir.join("sluice.conf")),
+            "--rack".into(),
+            "rack0".into(),
+            "--host".into(),
+            format!("host{i}"),
+        ];
+        // One OSD pins its reactor to the CPU taking the disk's interrupts (`--cpus
+        // auto`); several on one machine would all pick that CPU, so they are left to
+        // the scheduler.
+        if osds > 1 {
+            argv.extend(["--cpus".into(), "none".into()]);
+        }
+        daemons.push(Daemon { name: format!("osd.{i}"), argv });
     }
     let st = DevState { fsid: format_fsid(&fsid), daemons };
     std::fs::write(dir.join("dev.json"), serde_json::to_vec_pretty(&st).expect("serializes"))
