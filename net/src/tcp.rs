@@ -150,14 +150,27 @@ impl Connection {
     /// takes them. A message frame the socket took part of is finished before any
     /// control byte. `Ok(true)`: everything queued is written.
     pub fn flush_with(&mut self, session: &mut Session) -> io::Result<bool> {
+        self.write_queued(Some(session))
+    }
+
+    /// Writes the control output only (a connection with no session yet). `Ok(true)`:
+    /// everything queued is written.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        self.write_queued(None)
+    }
+
+    fn write_queued(&mut self, mut session: Option<&mut Session>) -> io::Result<bool> {
         loop {
-            let rest = session.unsent_in_frame();
-            let unsent = session.unsent();
+            let (rest, unsent) = match session.as_deref() {
+                Some(s) => (s.unsent_in_frame(), s.unsent()),
+                None => (0, &[][..]),
+            };
             let (a, b): (&[u8], &[u8]) =
                 if rest > 0 { (&[], &unsent[..rest]) } else { (&self.out[self.out_pos..], unsent) };
             if a.is_empty() && b.is_empty() {
                 break;
             }
+            let a_len = a.len();
             let r = match (a.is_empty(), b.is_empty()) {
                 (false, true) => self.stream.write(a),
                 (true, false) => self.stream.write(b),
@@ -166,27 +179,12 @@ impl Connection {
             match r {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
                 Ok(n) => {
-                    let from_a = n.min(a.len());
+                    let from_a = n.min(a_len);
                     self.out_pos += from_a;
-                    session.mark_sent(n - from_a);
+                    if let Some(s) = session.as_deref_mut() {
+                        s.mark_sent(n - from_a);
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.out.clear();
-        self.out_pos = 0;
-        Ok(true)
-    }
-
-    /// Writes the control output only (a connection with no session yet). `Ok(true)`:
-    /// everything queued is written.
-    pub fn flush(&mut self) -> io::Result<bool> {
-        while self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
-                Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
