@@ -480,7 +480,6 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     /// Content of an object's block as staged so far (holes are zeroes).
-    /// The current content of one block of an object (zeroes where it has none).
     fn block_content(&self, coll: CollId, name: &str, block: u64) -> &[u8] {
         const ZERO: [u8; BS] = [0; BS];
         match self.st.index.object(coll, name).and_then(|o| o.blocks.get(&block)) {
