@@ -4,70 +4,31 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use sluice_dataplane::reactor::{PollArgs, PollMode};
+use sluice_dataplane::reactor::{CpuPlan, PollArgs, PollMode};
 use sluice_nvme::{BlockDevice, IoCommand, UringDevice, UringOptions};
 use sluice_vocab::limits::BLOCK_SIZE_BYTES;
 use sluice_vocab::{BlockCount, ByteSize, Lba};
-
-/// Where to pin a reactor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuChoice {
-    /// On the CPU that takes the device's interrupts, if that can be found.
-    Auto,
-    /// Nowhere: the kernel places the thread.
-    None,
-    Cpu(usize),
-}
-
-impl std::str::FromStr for CpuChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(CpuChoice::Auto),
-            "none" => Ok(CpuChoice::None),
-            n => n
-                .parse()
-                .map(CpuChoice::Cpu)
-                .map_err(|_| format!("expected auto, none or a CPU number, got {n:?}")),
-        }
-    }
-}
-
-impl CpuChoice {
-    /// Resolves `auto` against the device at `path`, saying what it chose.
-    pub fn resolve(self, path: &std::path::Path) -> Option<usize> {
-        match self {
-            CpuChoice::Cpu(n) => Some(n),
-            CpuChoice::None => None,
-            CpuChoice::Auto => {
-                let cpu = sluice_nvme::irq::interrupt_cpus(path).and_then(|c| c.first().copied());
-                match cpu {
-                    Some(c) => eprintln!(
-                        "reactor pinned to CPU {c}: it takes the interrupts of the device behind {}",
-                        path.display()
-                    ),
-                    None => eprintln!(
-                        "reactor not pinned: cannot tell which CPU takes the interrupts of {}",
-                        path.display()
-                    ),
-                }
-                cpu
-            }
-        }
-    }
-}
 
 /// Options shared by benchmarks that run reactors.
 #[derive(Debug, Clone, Args)]
 pub struct ReactorArgs {
     /// Pin the reactor: `auto` (the CPU taking the device's interrupts), `none`, or a CPU.
     #[arg(long, default_value = "auto")]
-    pub cpu: CpuChoice,
+    pub cpu: CpuPlan,
     #[command(flatten)]
     pub poll: PollArgs,
 }
 
 impl ReactorArgs {
+    /// The reactor's CPU for the device at `path`, saying what `auto` chose.
+    pub fn pin(&self, path: &Path) -> anyhow::Result<Option<usize>> {
+        let p = self.cpu.place(path, 1).map_err(|e| anyhow::anyhow!("--cpu: {e}"))?;
+        if let Some(why) = p.why {
+            eprintln!("{why}");
+        }
+        Ok(p.cpus[0])
+    }
+
     pub fn mode(&self) -> PollMode {
         self.poll.mode()
     }

@@ -124,7 +124,7 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if span == 0 {
         bail!("{} is smaller than one {}-byte I/O", args.path.display(), bs);
     }
-    let cpu = args.reactor.cpu.resolve(&args.path);
+    let cpu = args.reactor.pin(&args.path)?;
     let config = json!({
         "path": args.path,
         "dev_size_bytes": dev.info().size_bytes(),

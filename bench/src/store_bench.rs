@@ -91,7 +91,7 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
     drop(dev);
     let objects =
         args.objects.unwrap_or_else(|| (capacity / 2 / size.max(4096) as u64).clamp(1, 1_000_000));
-    let cpu = args.reactor.cpu.resolve(&args.path);
+    let cpu = args.reactor.pin(&args.path)?;
     let config = json!({
         "path": args.path, "dev_size_bytes": capacity, "rw": args.rw, "size_bytes": size, "qd": args.qd,
         "runtime_s": args.runtime.as_secs_f64(), "objects": objects, "rwmix_read": args.rwmix_read,

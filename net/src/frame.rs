@@ -222,14 +222,13 @@ pub fn encode(
     segments: &[&[u8]],
     limits: &Limits,
 ) -> Result<usize, FrameError> {
-    let mut parts: [&[&[u8]]; MAX_SEGMENTS] = [&[]; MAX_SEGMENTS];
-    if segments.len() > MAX_SEGMENTS {
-        return Err(FrameError::BadPreamble("more than 4 segments"));
-    }
+    // Each segment as one piece (`encode_parts` refuses more than MAX_SEGMENTS).
+    let mut parts: [&[&[u8]]; MAX_SEGMENTS + 1] = [&[]; MAX_SEGMENTS + 1];
+    let n = segments.len().min(MAX_SEGMENTS + 1);
     for (p, s) in parts.iter_mut().zip(segments) {
         *p = std::slice::from_ref(s);
     }
-    encode_parts(out, tag, flags, &parts[..segments.len()], limits)
+    encode_parts(out, tag, flags, &parts[..n], limits)
 }
 
 /// [`encode`] with each segment given as pieces laid back to back (a header and the

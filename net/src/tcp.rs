@@ -28,15 +28,31 @@ pub const ACK_DELAY: Duration = Duration::from_micros(500);
 /// ... but not past this many messages (the peer keeps them until acked).
 pub const ACK_AFTER: u32 = 64;
 
-/// Whether a separate ack is due: held since `since` (set here when one becomes owed).
-fn ack_due(session: &Session, since: &mut Option<Instant>, now: Instant) -> bool {
-    let owed = session.acks_owed();
-    if owed == 0 {
-        *since = None;
-        return false;
+/// A separate ack held back, per session: since when one is owed.
+#[derive(Debug, Default)]
+struct AckHold {
+    since: Option<Instant>,
+}
+
+impl AckHold {
+    /// Writes the ack into `out` if it is due (or now, with `force`); starts the wait
+    /// when one becomes owed. The clock is read only while an ack is owed. Returns
+    /// whether it is still held.
+    fn ack_if_due(&mut self, session: &mut Session, out: &mut Vec<u8>, force: bool) -> bool {
+        let owed = session.acks_owed();
+        if owed == 0 {
+            self.since = None;
+            return false;
+        }
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if force || owed >= ACK_AFTER || now.duration_since(since) >= ACK_DELAY {
+            session.flush_ack(out);
+            self.since = None;
+            return false;
+        }
+        true
     }
-    let t = *since.get_or_insert(now);
-    owed >= ACK_AFTER || now.duration_since(t) >= ACK_DELAY
 }
 
 #[derive(Debug)]
@@ -216,8 +232,7 @@ pub struct ClientConn {
     pub session: Session,
     addr: SocketAddr,
     conn: Option<Connection>,
-    /// Since when an ack is owed (see [`ACK_DELAY`]).
-    ack_since: Option<Instant>,
+    ack: AckHold,
 }
 
 impl ClientConn {
@@ -226,7 +241,7 @@ impl ClientConn {
             session: Session::client(cookie, features, limits),
             addr,
             conn: None,
-            ack_since: None,
+            ack: AckHold::default(),
         }
     }
 
@@ -281,10 +296,7 @@ impl ClientConn {
             let used = self.session.receive(c.input(), &mut out, &mut on);
             *c.out() = out;
             c.consume(used?);
-            if ack_due(&self.session, &mut self.ack_since, Instant::now()) {
-                self.session.flush_ack(c.out());
-                self.ack_since = None;
-            }
+            self.ack.ack_if_due(&mut self.session, c.out(), false);
             c.flush_with(&mut self.session)?;
             Ok(())
         })();
@@ -295,18 +307,11 @@ impl ClientConn {
         r
     }
 
-    /// Whether an ack is being held back ([`ACK_DELAY`]): poll again within that time,
-    /// or [`Self::flush_acks`] before sleeping longer.
-    pub fn acks_owed(&self) -> bool {
-        self.conn.is_some() && self.session.acks_owed() > 0
-    }
-
-    /// Sends an ack held back now (before the owner sleeps).
+    /// Sends an ack held back ([`ACK_DELAY`]) now: call it before sleeping longer.
     pub fn flush_acks(&mut self) {
         let Some(c) = &mut self.conn else { return };
         if self.session.acks_owed() > 0 {
-            self.session.flush_ack(c.out());
-            self.ack_since = None;
+            self.ack.ack_if_due(&mut self.session, c.out(), true);
             // An error shows at the next poll.
             let _ = c.flush_with(&mut self.session);
         }
@@ -334,8 +339,7 @@ struct Client {
     armed_out: bool,
     /// When the connection went away (for expiry).
     idle_since: Option<Instant>,
-    /// Since when an ack is owed (see [`ACK_DELAY`]).
-    ack_since: Option<Instant>,
+    ack: AckHold,
 }
 
 /// A server: a listener and its connections; sessions by client cookie survive cuts.
@@ -509,8 +513,9 @@ impl Server {
             match serve(cookie, &mut c.session, conn, &mut on) {
                 Ok(b) => {
                     busy |= b;
-                    if c.ack_since.is_none() && c.session.acks_owed() > 0 {
-                        c.ack_since = Some(now);
+                    // Held back for a reply to carry it (`send_due_acks`).
+                    if c.ack.since.is_none() && c.session.acks_owed() > 0 {
+                        c.ack.since = Some(now);
                         self.owing.push(cookie);
                     }
                     arm(&self.epoll, c);
@@ -523,48 +528,39 @@ impl Server {
                 }
             }
         }
-        busy |= self.send_due_acks(now, false);
+        busy |= self.send_due_acks(false);
         busy
     }
 
     /// Sends the acks held back longer than [`ACK_DELAY`] (all of them with `force`, e.g.
     /// before the owner sleeps) unless a message carried them meanwhile. Returns whether
     /// it wrote any.
-    fn send_due_acks(&mut self, now: Instant, force: bool) -> bool {
+    fn send_due_acks(&mut self, force: bool) -> bool {
         let mut wrote = false;
         let clients = &mut self.clients;
         let epoll = &self.epoll;
         self.owing.retain(|cookie| {
             let Some(c) = clients.get_mut(cookie) else { return false };
             let Some(conn) = &mut c.conn else {
-                c.ack_since = None;
+                c.ack = AckHold::default();
                 return false;
             };
-            if !force && !ack_due(&c.session, &mut c.ack_since, now) {
-                return c.ack_since.is_some();
-            }
-            c.ack_since = None;
-            if c.session.acks_owed() > 0 {
-                c.session.flush_ack(conn.out());
+            let before = conn.out().len();
+            let held = c.ack.ack_if_due(&mut c.session, conn.out(), force);
+            if conn.out().len() > before {
                 wrote = true;
                 // An error shows again (and is reported) at the next read.
                 let _ = conn.flush_with(&mut c.session);
                 arm(epoll, c);
             }
-            false
+            held
         });
         wrote
     }
 
-    /// Whether acks are being held back: poll again within [`ACK_DELAY`], or
-    /// [`Self::flush_acks`] before sleeping.
-    pub fn acks_owed(&self) -> bool {
-        !self.owing.is_empty()
-    }
-
     /// Sends every ack held back (before the owner sleeps).
     pub fn flush_acks(&mut self) -> bool {
-        self.send_due_acks(Instant::now(), true)
+        self.send_due_acks(true)
     }
 
     /// Accepts every waiting connection; each starts its handshake (our banner).
@@ -642,7 +638,7 @@ impl Server {
             pending: false,
             armed_out: false,
             idle_since: None,
-            ack_since: None,
+            ack: AckHold::default(),
         });
         if let Some(old) = c.conn.take() {
             let e = io::Error::other("replaced by a newer connection of the same session");

@@ -16,7 +16,7 @@ use sluice_control::maps::{OsdId, OsdMap};
 use sluice_control::osd_agent::MapSink;
 use sluice_dataplane::osd::{CoreMsg, MapView, OsdCore};
 use sluice_dataplane::park::ParkState;
-use sluice_dataplane::reactor::{self, PollArgs, PollMode, ReactorConfig};
+use sluice_dataplane::reactor::{self, CpuPlan, PollArgs, PollMode, ReactorConfig};
 use sluice_dataplane::store::{
     self, MkfsError, MkfsOptions, MountOptions, Shard, StoreConfig, StorePools,
 };
@@ -262,79 +262,6 @@ impl Poller for ShardPoller {
     }
 }
 
-/// `--cpus`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum CpuPlan {
-    Auto,
-    None,
-    List(Vec<usize>),
-}
-
-impl std::str::FromStr for CpuPlan {
-    type Err = String;
-    fn from_str(s: &str) -> Result<CpuPlan, String> {
-        match s {
-            "auto" => Ok(CpuPlan::Auto),
-            "none" => Ok(CpuPlan::None),
-            _ => s
-                .split(',')
-                .map(|c| c.trim().parse::<usize>().map_err(|_| format!("not a CPU number: {c:?}")))
-                .collect::<Result<Vec<_>, _>>()
-                .map(CpuPlan::List)
-                .map_err(|e| format!("{e} (expected auto, none or a list like 0,1)")),
-        }
-    }
-}
-
-/// The CPU of each shard's reactor (`None`: not pinned), saying what `auto` chose.
-fn place_reactors(
-    plan: &CpuPlan,
-    path: &Path,
-    shards: usize,
-) -> anyhow::Result<Vec<Option<usize>>> {
-    match plan {
-        CpuPlan::None => Ok(vec![None; shards]),
-        CpuPlan::List(cpus) => {
-            if cpus.len() != shards {
-                bail!(
-                    "the store has {shards} shard(s): give one CPU per shard (--cpus), or auto, or none"
-                );
-            }
-            Ok(cpus.iter().copied().map(Some).collect())
-        }
-        CpuPlan::Auto => {
-            let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-                .map(|set| {
-                    (0..nix::sched::CpuSet::count())
-                        .filter(|&c| set.is_set(c).unwrap_or(false))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default();
-            let irq = sluice_nvme::irq::interrupt_cpus(path).and_then(|c| c.first().copied());
-            let Some(first) = irq.filter(|c| allowed.contains(c)) else {
-                tracing::info!(
-                    "reactors not pinned: cannot tell which CPU takes the interrupts of {}",
-                    path.display()
-                );
-                return Ok(vec![None; shards]);
-            };
-            if shards > allowed.len() {
-                tracing::info!("reactors not pinned: {shards} shards, {} CPUs", allowed.len());
-                return Ok(vec![None; shards]);
-            }
-            let order: Vec<usize> = std::iter::once(first)
-                .chain(allowed.iter().copied().filter(|&c| c != first))
-                .collect();
-            tracing::info!(
-                "reactors pinned to CPUs {:?} (CPU {first} takes the interrupts of {})",
-                &order[..shards],
-                path.display()
-            );
-            Ok(order[..shards].iter().copied().map(Some).collect())
-        }
-    }
-}
-
 fn run(
     path: &Path,
     cpus: &CpuPlan,
@@ -370,7 +297,15 @@ fn run(
         Some(p) => Some(sluice_control::conf::Conf::load(p)?),
         None => None,
     };
-    let cpus = place_reactors(cpus, path, shards)?;
+    let placement = cpus.place(path, shards).map_err(|_| {
+        anyhow::anyhow!(
+            "the store has {shards} shard(s): give one CPU per shard (--cpus), or auto, or none"
+        )
+    })?;
+    if let Some(why) = &placement.why {
+        tracing::info!("{why}");
+    }
+    let cpus = placement.cpus;
     // One dataplane port per core, bound before the reactors start so they can be
     // published in the map; each core serves its own.
     let mut listeners = Vec::new();
@@ -542,29 +477,4 @@ fn start_agent(
         rt.block_on(sluice_control::osd_agent::run(cfg, stop_rx))
     })?;
     Ok((stop_tx, thread))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_plans_parse_and_place_one_cpu_per_shard() {
-        assert_eq!("auto".parse::<CpuPlan>(), Ok(CpuPlan::Auto));
-        assert_eq!("none".parse::<CpuPlan>(), Ok(CpuPlan::None));
-        assert_eq!("0, 1".parse::<CpuPlan>(), Ok(CpuPlan::List(vec![0, 1])));
-        assert!("x".parse::<CpuPlan>().unwrap_err().contains("expected auto, none or a list"));
-        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        assert_eq!(place_reactors(&CpuPlan::None, here, 2).unwrap(), vec![None, None]);
-        assert_eq!(place_reactors(&CpuPlan::List(vec![1]), here, 1).unwrap(), vec![Some(1)]);
-        assert!(place_reactors(&CpuPlan::List(vec![1]), here, 2).is_err());
-        // Auto: pinned to distinct CPUs, or not at all.
-        let auto = place_reactors(&CpuPlan::Auto, here, 1).unwrap();
-        assert_eq!(auto.len(), 1);
-        let two = place_reactors(&CpuPlan::Auto, here, 2).unwrap();
-        if let [Some(a), Some(b)] = two[..] {
-            assert_ne!(a, b, "auto pins shards to distinct CPUs");
-        }
-        assert_eq!(place_reactors(&CpuPlan::Auto, here, 4096).unwrap(), vec![None; 4096]);
-    }
 }

@@ -14,7 +14,7 @@ mod stats;
 mod thread;
 mod timer;
 
-pub use args::{PollArgs, PollKind};
+pub use args::{CpuPlan, Placement, PollArgs, PollKind};
 pub use stats::{ReactorStats, SharedStats};
 pub use thread::{PollMode, ReactorConfig, ReactorHandle, spawn};
 pub use timer::TimerId;

@@ -158,9 +158,8 @@ pub(super) struct PendingBlocks {
 pub(super) struct PendingRun {
     pub first_id: u64,
     pub blocks: u64,
-    /// The staged data (block `k` of the run is at `off + k * BS`).
+    /// The staged data: block `k` of the run is `data[k * BS..][..BS]`.
     pub data: Arc<Vec<u8>>,
-    pub off: usize,
     pub coll: CollId,
     pub name: Arc<str>,
     /// The object block of the run's first block.
@@ -168,39 +167,33 @@ pub(super) struct PendingRun {
 }
 
 impl PendingBlocks {
-    /// Adds `blocks` blocks of `data` from byte `off` as object blocks `first_lblock..`;
-    /// returns the first one's id (the others follow).
-    pub fn push(
-        &mut self,
-        coll: CollId,
-        name: Arc<str>,
-        first_lblock: u64,
-        data: Arc<Vec<u8>>,
-        off: usize,
-        blocks: u64,
-    ) -> u64 {
-        assert!(blocks > 0, "an empty run");
+    /// Adds `data` (whole blocks) as object blocks `first_lblock..`; returns the first
+    /// block's id (the others follow).
+    pub fn push(&mut self, coll: CollId, name: Arc<str>, first_lblock: u64, data: Vec<u8>) -> u64 {
         assert!(
-            off.is_multiple_of(BS) && off + blocks as usize * BS <= data.len(),
-            "run of {blocks} blocks at {off} outside its buffer of {}",
+            !data.is_empty() && data.len().is_multiple_of(BS),
+            "a run of {} bytes is not whole blocks",
             data.len()
         );
+        let blocks = (data.len() / BS) as u64;
         let first_id = self.next_id;
         self.next_id += blocks;
-        self.runs.push_back(PendingRun { first_id, blocks, data, off, coll, name, first_lblock });
+        let data = Arc::new(data);
+        self.runs.push_back(PendingRun { first_id, blocks, data, coll, name, first_lblock });
         first_id
     }
 
     pub fn run_of(&self, id: u64) -> &PendingRun {
         let i = self.runs.partition_point(|r| r.first_id + r.blocks <= id);
-        let r = &self.runs[i];
-        assert!(r.first_id <= id, "pending block {id} is gone");
-        r
+        match self.runs.get(i) {
+            Some(r) if r.first_id <= id => r,
+            _ => panic!("pending block {id} is not staged"),
+        }
     }
 
     pub fn bytes(&self, id: u64) -> &[u8] {
         let r = self.run_of(id);
-        let at = r.off + (id - r.first_id) as usize * BS;
+        let at = (id - r.first_id) as usize * BS;
         &r.data[at..at + BS]
     }
 
@@ -301,9 +294,8 @@ pub struct Shard<D: BlockDevice> {
     pub(super) space_wait: bool,
     /// A transaction or query arrived since the last `poll`: the reactor must not sleep.
     new_work: bool,
-    /// The data area of the last batch, kept for the next one.
     /// The data pieces of the batch being formed (kept for its capacity).
-    batch_pieces: Vec<(Arc<Vec<u8>>, std::ops::Range<usize>)>,
+    batch_pieces: Vec<Arc<Vec<u8>>>,
     /// Completions of the current poll (kept for its capacity).
     done_scratch: Vec<Completion>,
     /// Size of the last checkpoint's encoding: the next one reserves room for it.
@@ -769,8 +761,8 @@ impl<D: BlockDevice> Shard<D> {
             panic!("shard {}: no room for a reserved batch of {blocks} blocks", self.st.shard);
         };
         let mut recs = Vec::with_capacity(txns.len());
-        // The data goes from the staged buffers straight into the DMA chunks: runs of
-        // blocks that are contiguous in one staged buffer are one piece.
+        // The data goes from the staged buffers straight into the DMA chunks, one piece
+        // per run (a run is its whole buffer).
         let mut pieces = std::mem::take(&mut self.batch_pieces);
         pieces.clear();
         for t in &txns {
@@ -794,7 +786,7 @@ impl<D: BlockDevice> Shard<D> {
                     (0..n).all(|k| t.data[i + k] == r.first_id + k as u64),
                     "transactions hold whole runs"
                 );
-                pieces.push((Arc::clone(&r.data), r.off..r.off + n * BS));
+                pieces.push(Arc::clone(&r.data));
                 i += n;
             }
             recs.push(RecordDesc {
@@ -820,7 +812,7 @@ impl<D: BlockDevice> Shard<D> {
         self.stats.batch_records_max = self.stats.batch_records_max.max(txns.len() as u64);
         let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + pieces.len());
         parts.push(&meta_bytes);
-        parts.extend(pieces.iter().map(|(buf, range)| &buf[range.clone()]));
+        parts.extend(pieces.iter().map(|buf| buf.as_slice()));
         self.write_batch(&parts, start, meta_blocks, txns, None);
         drop(parts);
         pieces.clear();

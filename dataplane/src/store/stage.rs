@@ -520,7 +520,7 @@ impl<D: BlockDevice> Shard<D> {
             b.data_crc = super::crc::append_block(b.data_crc, crc);
         }
         let n = crcs.len() as u64;
-        let id = self.pending.blocks.push(coll, Arc::from(name), first, Arc::new(data), 0, n);
+        let id = self.pending.blocks.push(coll, Arc::from(name), first, data);
         let new: Vec<u64> = (id..id + n).collect();
         self.push_delta(
             b,
@@ -788,14 +788,8 @@ impl<D: BlockDevice> Shard<D> {
             let (coll, name, lblock) = (*coll, name.clone(), *lblock);
             assert_eq!(block.len(), BS, "relocations move single blocks");
             b.data_crc = super::crc::append_block(b.data_crc, crc32c::crc32c(&block));
-            let id = self.pending.blocks.push(
-                coll,
-                Arc::from(name.as_str()),
-                lblock,
-                Arc::new(block.into_vec()),
-                0,
-                1,
-            );
+            let id =
+                self.pending.blocks.push(coll, Arc::from(name.as_str()), lblock, block.into_vec());
             self.push_delta(&mut b, d, &[id]);
             objects.push((coll, name));
             colls.push(coll);
