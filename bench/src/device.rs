@@ -479,8 +479,8 @@ impl Poller for Load {
         self.dev.after_park()
     }
 
-    fn awaiting_device(&self) -> bool {
-        self.dev.in_flight() > 0
+    fn device_in_flight(&self) -> usize {
+        self.dev.in_flight()
     }
 
     fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

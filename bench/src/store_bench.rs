@@ -438,8 +438,8 @@ impl Poller for Load {
         self.shard.after_park()
     }
 
-    fn awaiting_device(&self) -> bool {
-        self.shard.awaiting_device()
+    fn device_in_flight(&self) -> usize {
+        self.shard.device_in_flight()
     }
 
     fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

@@ -432,8 +432,8 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         self.c.shard.after_park();
     }
 
-    fn awaiting_device(&self) -> bool {
-        self.c.shard.awaiting_device()
+    fn device_in_flight(&self) -> usize {
+        self.c.shard.device_in_flight()
     }
 
     fn park_fd(&self) -> Option<BorrowedFd<'_>> {

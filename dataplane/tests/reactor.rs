@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -435,9 +435,9 @@ fn pinning_to_an_existing_cpu_works_and_a_missing_one_is_an_error() {
     assert!(e.to_string().contains("1000"), "{e}");
 }
 
-/// Finds nothing to do, but says whether device I/O is in flight.
+/// Finds nothing to do, but says how many device commands are in flight.
 struct DeviceWaiter {
-    awaiting: Arc<std::sync::atomic::AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
     polls: Arc<AtomicU64>,
 }
 
@@ -451,45 +451,81 @@ impl Poller for DeviceWaiter {
         PollResult::Idle
     }
 
-    fn awaiting_device(&self) -> bool {
-        self.awaiting.load(Ordering::Relaxed)
+    fn device_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A reactor with one [`DeviceWaiter`]: no spin when idle, an hour while the device is
+/// busy, parking at once from `park_depth` commands in flight.
+fn device_waiter(
+    in_flight: usize,
+    park_depth: usize,
+) -> (reactor::ReactorHandle, Arc<AtomicUsize>, Arc<AtomicU64>) {
+    let in_flight = Arc::new(AtomicUsize::new(in_flight));
+    let polls = Arc::new(AtomicU64::new(0));
+    let (a2, p2) = (Arc::clone(&in_flight), Arc::clone(&polls));
+    let mode =
+        PollMode::Park { spin: Duration::ZERO, device_spin: Duration::from_secs(3600), park_depth };
+    let cfg = ReactorConfig { core: CoreId(0), cpu: None, mode };
+    let h = reactor::spawn(cfg, ParkState::new().unwrap(), move |r| {
+        r.add_poller(Box::new(DeviceWaiter { in_flight: a2, polls: p2 }))?;
+        Ok(())
+    })
+    .unwrap();
+    (h, in_flight, polls)
+}
+
+/// Waits until `polls` stops moving (the reactor parked: it counts the park only when
+/// it wakes, so watch the polls).
+fn wait_until_parked(polls: &AtomicU64, deadline: Instant) {
+    let mut last = polls.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = polls.load(Ordering::Relaxed);
+        if now == last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never parked");
+        last = now;
     }
 }
 
 #[test]
 fn a_reactor_keeps_polling_while_the_device_is_busy_and_parks_after() {
-    let awaiting = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let polls = Arc::new(AtomicU64::new(0));
-    let (a2, p2) = (Arc::clone(&awaiting), Arc::clone(&polls));
-    let park = ParkState::new().unwrap();
-    // No spin at all when idle, an hour while the device is busy.
-    let mode = PollMode::Park { spin: Duration::ZERO, device_spin: Duration::from_secs(3600) };
-    let h = reactor::spawn(ReactorConfig { core: CoreId(0), cpu: None, mode }, park, move |r| {
-        r.add_poller(Box::new(DeviceWaiter { awaiting: a2, polls: p2 }))?;
-        Ok(())
-    })
-    .unwrap();
-    // Nothing but the device spin can keep it polling: it has no fd and no timer, so a
-    // parked reactor would sleep until stopped.
+    // Below the park depth: nothing but the device spin can keep it polling (it has no
+    // fd and no timer, so a parked reactor would sleep until stopped).
+    let (h, in_flight, polls) = device_waiter(3, 4);
     let deadline = Instant::now() + Duration::from_secs(60);
     while polls.load(Ordering::Relaxed) < 200_000 {
         assert!(Instant::now() < deadline, "stopped polling with device I/O in flight");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(h.stats().parks, 0, "parked with device I/O in flight");
-    awaiting.store(false, Ordering::Relaxed);
-    // With no spin window it parks on its next idle pass and stops polling (it counts
-    // the park when it wakes, so watch the polls).
-    let mut last = polls.load(Ordering::Relaxed);
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = polls.load(Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never parked once the device was idle");
-        last = now;
-    }
+    in_flight.store(0, Ordering::Relaxed);
+    // With no spin window it parks on its next idle pass and stops polling.
+    wait_until_parked(&polls, deadline);
     let stats = h.stop().unwrap();
     assert_eq!(stats.parks, 1, "one park (woken only to stop): {stats:?}");
+}
+
+#[test]
+fn a_reactor_parks_at_once_when_the_device_queue_is_deep() {
+    // Four commands in flight with a park depth of four: it must sleep despite the
+    // hour-long device spin (a completion would wake it).
+    let (h, _in_flight, polls) = device_waiter(4, 4);
+    wait_until_parked(&polls, Instant::now() + Duration::from_secs(60));
+    let before = polls.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(polls.load(Ordering::Relaxed), before, "polled while parked");
+    let stats = h.stop().unwrap();
+    assert_eq!(stats.parks, 1, "one park (woken only to stop): {stats:?}");
+    // A depth of 0 turns the rule off: the same queue keeps it spinning.
+    let (h, _in_flight, polls) = device_waiter(4, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while polls.load(Ordering::Relaxed) < 200_000 {
+        assert!(Instant::now() < deadline, "stopped polling with park depth 0");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(h.stop().unwrap().parks, 0, "parked with park depth 0");
 }

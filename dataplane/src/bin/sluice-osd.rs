@@ -253,8 +253,8 @@ impl Poller for ShardPoller {
         self.shard.after_park()
     }
 
-    fn awaiting_device(&self) -> bool {
-        self.shard.awaiting_device()
+    fn device_in_flight(&self) -> usize {
+        self.shard.device_in_flight()
     }
 
     fn park_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

@@ -29,13 +29,23 @@ pub struct PollArgs {
     /// Never shorter than --spin.
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     pub device_spin: Duration,
+    /// With at least this many device commands in flight an idle reactor sleeps at once
+    /// instead of spinning (with --poll park): the device stays busy with the others and
+    /// a completion wakes the reactor, so the spin would only take CPU from clients and
+    /// the kernel. 0: always spin the windows above.
+    #[arg(long, default_value_t = PollMode::DEFAULT_PARK_DEPTH)]
+    pub park_depth: usize,
 }
 
 impl PollArgs {
     pub fn mode(&self) -> PollMode {
         match self.poll {
             PollKind::Park => {
-                PollMode::Park { spin: self.spin, device_spin: self.device_spin.max(self.spin) }
+                PollMode::Park {
+                    spin: self.spin,
+                    device_spin: self.device_spin.max(self.spin),
+                    park_depth: self.park_depth,
+                }
             }
             PollKind::Dedicated => PollMode::Dedicated,
         }

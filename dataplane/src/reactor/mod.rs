@@ -78,12 +78,13 @@ pub trait Poller {
     /// The reactor woke up: disarm notifications.
     fn after_park(&mut self) {}
 
-    /// Whether this poller waits for device completions. A parked reactor is woken
-    /// through the kernel (tens of microseconds here), usually later than a device
-    /// answers, so a reactor keeps polling for [`PollMode::Park`]'s `device_spin` while
-    /// any of its pollers awaits the device.
-    fn awaiting_device(&self) -> bool {
-        false
+    /// How many device commands this poller has in flight (completions will come). A
+    /// parked reactor is woken through the kernel (tens of microseconds here), usually
+    /// later than a device answers, so a reactor keeps polling for [`PollMode::Park`]'s
+    /// `device_spin` while any of its pollers awaits the device, unless the queue is at
+    /// least its `park_depth` deep.
+    fn device_in_flight(&self) -> usize {
+        0
     }
 
     /// An fd that becomes readable when this poller has work while the reactor sleeps.
@@ -223,13 +224,13 @@ impl Reactor {
         self.timers.len()
     }
 
-    /// Sleeps until a poller fd, the wake eventfd or the next timer fires, or `max_wait`
-    /// passes. Returns `false` without sleeping if some poller has pending work.
-    /// Whether any poller waits for device completions.
-    pub fn awaiting_device(&self) -> bool {
-        self.pollers.iter().any(|p| p.awaiting_device())
+    /// Device commands in flight over all pollers.
+    pub fn device_in_flight(&self) -> usize {
+        self.pollers.iter().map(|p| p.device_in_flight()).sum()
     }
 
+    /// Sleeps until a poller fd, the wake eventfd or the next timer fires, or `max_wait`
+    /// passes. Returns `false` without sleeping if some poller has pending work.
     pub fn park(&mut self, now: MonoTime, max_wait: Option<Duration>) -> bool {
         self.park.flag().announce();
         let mut prepared = 0;

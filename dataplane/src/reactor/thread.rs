@@ -16,7 +16,12 @@ pub enum PollMode {
     /// Keep polling for `spin` after the last useful pass (for `device_spin` while a
     /// poller waits for the device), then sleep until woken. The default: it gives the
     /// CPU back when idle and keeps latency low under load.
-    Park { spin: Duration, device_spin: Duration },
+    ///
+    /// With `park_depth` (> 0) or more device commands in flight an idle reactor sleeps
+    /// at once: the device stays busy with the others and the next completion wakes it,
+    /// so a spin buys no throughput and only takes the CPU from the clients and the
+    /// kernel work (interrupts, loopback TCP) that share the machine.
+    Park { spin: Duration, device_spin: Duration, park_depth: usize },
     /// Never sleep: for cores dedicated to Sluice (lowest latency, one CPU always busy).
     Dedicated,
 }
@@ -35,15 +40,27 @@ impl PollMode {
     /// Bounded, so a hung device does not keep a core busy.
     pub const DEFAULT_DEVICE_SPIN: Duration = Duration::from_millis(1);
 
+    /// The default device queue depth at which an idle reactor stops spinning. Measured
+    /// with `sluice-bench objects` against one OSD here (docs/benchmarks.md, session 5):
+    /// 4 KiB QD32 random reads keep ~32 reads at the device, and parking between them
+    /// instead of spinning cut OSD CPU per read from ~16 us to ~7 us at the same or
+    /// higher IOPS; writes are batched (a few device commands in flight) and QD1 has
+    /// one, so both still spin.
+    pub const DEFAULT_PARK_DEPTH: usize = 8;
+
     /// Parking with the same window whether or not the device is busy.
     pub fn park(spin: Duration) -> PollMode {
-        PollMode::Park { spin, device_spin: spin }
+        PollMode::Park { spin, device_spin: spin, park_depth: 0 }
     }
 }
 
 impl Default for PollMode {
     fn default() -> Self {
-        PollMode::Park { spin: PollMode::DEFAULT_SPIN, device_spin: PollMode::DEFAULT_DEVICE_SPIN }
+        PollMode::Park {
+            spin: PollMode::DEFAULT_SPIN,
+            device_spin: PollMode::DEFAULT_DEVICE_SPIN,
+            park_depth: PollMode::DEFAULT_PARK_DEPTH,
+        }
     }
 }
 
@@ -130,9 +147,11 @@ fn run(reactor: &mut Reactor, mode: PollMode, stop: &AtomicBool, shared: &Shared
         }
         match mode {
             PollMode::Dedicated => std::hint::spin_loop(),
-            PollMode::Park { spin, device_spin } => {
+            PollMode::Park { spin, device_spin, park_depth } => {
                 let idle = after.saturating_sub(last_busy);
-                if idle < spin || (idle < device_spin && reactor.awaiting_device()) {
+                let in_flight = reactor.device_in_flight();
+                let deep = park_depth > 0 && in_flight >= park_depth;
+                if !deep && (idle < spin || (idle < device_spin && in_flight > 0)) {
                     std::hint::spin_loop();
                     continue;
                 }

@@ -534,9 +534,9 @@ impl<D: BlockDevice> Shard<D> {
         self.dev.prepare_park()
     }
 
-    /// Whether device commands are in flight (a completion will come).
-    pub fn awaiting_device(&self) -> bool {
-        self.dev.in_flight() > 0
+    /// Device commands in flight (completions will come).
+    pub fn device_in_flight(&self) -> usize {
+        self.dev.in_flight()
     }
 
     /// Whether transactions, queries or internal jobs are still unfinished.
