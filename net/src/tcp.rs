@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::frame::Limits;
+use crate::secure::SecureChannel;
 use crate::session::{Event, Features, Handshake, Session, SessionError};
 
 /// Largest read per poll of one connection (bounds the work one poll does).
@@ -66,7 +67,27 @@ pub struct Connection {
     eof: bool,
     out: Vec<u8>,
     out_pos: usize,
+    /// Secure mode, once started: the stream is sealed records from then on.
+    secure: Option<Box<Secure>>,
 }
+
+/// A connection's secure-mode state ([`crate::secure`]).
+#[derive(Debug)]
+struct Secure {
+    chan: SecureChannel,
+    /// Received ciphertext not opened yet (a partial record).
+    raw: Vec<u8>,
+    /// Opened plaintext: `plain[plain_start..]` is the connection's input.
+    plain: Vec<u8>,
+    plain_start: usize,
+    /// Bytes for the socket: sealed records (and first, whatever plaintext was queued
+    /// before the switch).
+    sealed: Vec<u8>,
+    sealed_pos: usize,
+}
+
+/// How much sealed output a connection prepares ahead of the socket.
+const SEAL_AHEAD: usize = 1 << 20;
 
 impl Connection {
     pub fn new(stream: TcpStream) -> io::Result<Connection> {
@@ -80,7 +101,37 @@ impl Connection {
             eof: false,
             out: Vec::with_capacity(64 << 10),
             out_pos: 0,
+            secure: None,
         })
+    }
+
+    /// Switches to secure mode: every byte after this point, both ways, is sealed with
+    /// `chan`'s keys. Call it exactly where the peer switches (after the handshake frame
+    /// that agreed on the secret): bytes already received past that point are treated
+    /// as records, output queued before it goes out as it is.
+    pub fn start_secure(&mut self, chan: SecureChannel) -> io::Result<()> {
+        assert!(self.secure.is_none(), "secure mode started twice");
+        let raw = self.inbuf[self.in_start..self.in_end].to_vec();
+        self.in_start = 0;
+        self.in_end = 0;
+        let sealed = self.out[self.out_pos..].to_vec();
+        self.out.clear();
+        self.out_pos = 0;
+        let mut sec = Box::new(Secure {
+            chan,
+            raw,
+            plain: Vec::new(),
+            plain_start: 0,
+            sealed,
+            sealed_pos: 0,
+        });
+        sec.open_raw()?;
+        self.secure = Some(sec);
+        Ok(())
+    }
+
+    pub fn is_secure(&self) -> bool {
+        self.secure.is_some()
     }
 
     pub fn peer(&self) -> io::Result<SocketAddr> {
@@ -94,6 +145,7 @@ impl Connection {
     /// Control bytes are queued that the socket did not take yet.
     pub fn wants_write(&self) -> bool {
         self.out_pos < self.out.len()
+            || self.secure.as_ref().is_some_and(|s| s.sealed_pos < s.sealed.len())
     }
 
     /// Bytes are queued, control or `session`'s messages, that the socket did not take.
@@ -107,6 +159,9 @@ impl Connection {
     pub fn read_some(&mut self) -> io::Result<usize> {
         if self.eof {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+        }
+        if self.secure.is_some() {
+            return self.read_secure();
         }
         if self.in_start == self.in_end {
             self.in_start = 0;
@@ -146,14 +201,53 @@ impl Connection {
         Ok(total)
     }
 
+    /// Secure mode's read: ciphertext into `raw`, opened records into `plain`.
+    fn read_secure(&mut self) -> io::Result<usize> {
+        let sec = self.secure.as_mut().expect("secure mode");
+        let mut total = 0;
+        let mut chunk = [0u8; 64 << 10];
+        while total < READ_CHUNK {
+            match self.stream.read(&mut chunk) {
+                Ok(0) if total == 0 => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+                }
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    sec.raw.extend_from_slice(&chunk[..n]);
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sec.open_raw()?;
+        Ok(total)
+    }
+
     /// Bytes received and not yet consumed.
     pub fn input(&self) -> &[u8] {
-        &self.inbuf[self.in_start..self.in_end]
+        match &self.secure {
+            Some(s) => &s.plain[s.plain_start..],
+            None => &self.inbuf[self.in_start..self.in_end],
+        }
     }
 
     pub fn consume(&mut self, n: usize) {
-        assert!(n <= self.in_end - self.in_start, "consumed more than was read");
-        self.in_start += n;
+        assert!(n <= self.input().len(), "consumed more than was read");
+        match &mut self.secure {
+            Some(s) => {
+                s.plain_start += n;
+                if s.plain_start == s.plain.len() {
+                    s.plain.clear();
+                    s.plain_start = 0;
+                }
+            }
+            None => self.in_start += n,
+        }
     }
 
     /// Where to append bytes to send.
@@ -175,7 +269,53 @@ impl Connection {
         self.write_queued(None)
     }
 
-    fn write_queued(&mut self, mut session: Option<&mut Session>) -> io::Result<bool> {
+    fn write_queued(&mut self, session: Option<&mut Session>) -> io::Result<bool> {
+        if self.secure.is_some() {
+            return self.write_secure(session);
+        }
+        self.write_plain(session)
+    }
+
+    /// Secure mode's write: seals the control output and the session's messages (a
+    /// message frame cut by [`SEAL_AHEAD`] is finished before any control byte, as in
+    /// [`Self::write_plain`]), then writes the records.
+    fn write_secure(&mut self, mut session: Option<&mut Session>) -> io::Result<bool> {
+        let sec = self.secure.as_mut().expect("secure mode");
+        loop {
+            if sec.sealed_pos == sec.sealed.len() {
+                sec.sealed.clear();
+                sec.sealed_pos = 0;
+            }
+            if sec.sealed.len() - sec.sealed_pos < SEAL_AHEAD {
+                let rest = session.as_deref().map_or(0, |s| s.unsent_in_frame());
+                if rest == 0 && self.out_pos < self.out.len() {
+                    sec.chan.seal(&self.out[self.out_pos..], &mut sec.sealed)?;
+                    self.out.clear();
+                    self.out_pos = 0;
+                }
+                if let Some(s) = session.as_deref_mut() {
+                    let unsent = s.unsent();
+                    let n = if rest > 0 { rest } else { unsent.len().min(SEAL_AHEAD) };
+                    if n > 0 {
+                        sec.chan.seal(&unsent[..n], &mut sec.sealed)?;
+                        s.mark_sent(n);
+                    }
+                }
+            }
+            if sec.sealed_pos == sec.sealed.len() {
+                return Ok(true);
+            }
+            match self.stream.write(&sec.sealed[sec.sealed_pos..]) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
+                Ok(n) => sec.sealed_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn write_plain(&mut self, mut session: Option<&mut Session>) -> io::Result<bool> {
         loop {
             let (rest, unsent) = match session.as_deref() {
                 Some(s) => (s.unsent_in_frame(), s.unsent()),
@@ -214,6 +354,19 @@ impl Connection {
     /// Breaks the connection (both directions), as a failure would.
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Secure {
+    /// Opens the complete records in `raw` into `plain`.
+    fn open_raw(&mut self) -> io::Result<()> {
+        if self.plain_start > 0 && self.plain_start * 2 >= self.plain.len() {
+            self.plain.drain(..self.plain_start);
+            self.plain_start = 0;
+        }
+        let used = self.chan.open(&mut self.raw, &mut self.plain)?;
+        self.raw.drain(..used);
+        Ok(())
     }
 }
 

@@ -40,13 +40,11 @@ pub struct PollArgs {
 impl PollArgs {
     pub fn mode(&self) -> PollMode {
         match self.poll {
-            PollKind::Park => {
-                PollMode::Park {
-                    spin: self.spin,
-                    device_spin: self.device_spin.max(self.spin),
-                    park_depth: self.park_depth,
-                }
-            }
+            PollKind::Park => PollMode::Park {
+                spin: self.spin,
+                device_spin: self.device_spin.max(self.spin),
+                park_depth: self.park_depth,
+            },
             PollKind::Dedicated => PollMode::Dedicated,
         }
     }
