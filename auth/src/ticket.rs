@@ -182,7 +182,23 @@ impl RotatingSecrets {
     /// Returns the new current id.
     pub fn rotate(&mut self, now_ms: u64) -> u64 {
         let id = self.entries.last().expect("never empty").id + 1;
-        self.entries.push(RotatingSecret { id, secret: Secret::generate(), created_ms: now_ms });
+        self.advance(RotatingSecret { id, secret: Secret::generate(), created_ms: now_ms })
+            .expect("the id follows the last one")
+    }
+
+    /// [`Self::rotate`] with the new next secret given (replicated state applies the
+    /// secret the leader made, so every monitor holds the same). Returns the new
+    /// current id.
+    pub fn advance(&mut self, next: RotatingSecret) -> Result<u64, AuthError> {
+        let last = self.entries.last().expect("never empty").id;
+        if next.id != last + 1 {
+            return Err(malformed(
+                "rotating secret",
+                format!("id {} does not follow the last one ({last})", next.id),
+            ));
+        }
+        let now_ms = next.created_ms;
+        self.entries.push(next);
         if self.entries.len() > 3 {
             self.entries.remove(0);
         }
@@ -190,7 +206,7 @@ impl RotatingSecrets {
         let n = self.entries.len();
         self.entries[n - 2].created_ms = now_ms;
         debug_assert!(self.entries.windows(2).all(|w| w[1].id == w[0].id + 1));
-        self.current().id
+        Ok(self.current().id)
     }
 
     /// Whether the current secret has been current for at least `interval_ms`.
@@ -282,6 +298,8 @@ pub(crate) mod tests {
         assert!(s.rotation_due(2000, 1000));
         s.rotate(2000);
         assert!(!s.rotation_due(2500, 1000), "the new current secret's age starts now");
+        let bad = RotatingSecret { id: 9, secret: Secret::generate(), created_ms: 3000 };
+        assert!(s.clone().advance(bad).is_err(), "a gap in the ids");
         let copy = RotatingSecrets::from_entries(Service::Osd, s.entries().to_vec()).unwrap();
         assert_eq!(copy, s);
         assert!(RotatingSecrets::from_entries(Service::Osd, vec![]).is_err());

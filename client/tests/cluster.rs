@@ -225,6 +225,81 @@ fn cli_reads_writes_and_exit_codes() {
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
 }
 
+/// Logins against real monitors: `sluice dev up` founds the key database from the
+/// keyring its first monitor's mkfs writes; any monitor checks a challenge any other
+/// made; wrong keys, unknown entities and the monitors' own key are refused with the
+/// reason; renewal keeps the global id; the leader rotates the service secrets every
+/// ticket lifetime.
+#[test]
+fn logins_get_tickets_and_refuse_what_they_must() {
+    use sluice_auth::keyring::Keyring;
+    use sluice_auth::{EntityName, Secret, Service};
+    use sluice_control::client::{ClientError, MonClient};
+    use sluice_control::monclient::Policy;
+
+    let c = Cluster::up(3, 0);
+    let keyring = c.path().join("keyring");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&keyring).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "keyring mode");
+    let admin = EntityName::client("admin").unwrap();
+    let key = Keyring::load_key(&keyring, &admin).unwrap();
+    let (a, b) = (c.mon_addr("a"), c.mon_addr("b"));
+    let at = |addr: &str| {
+        MonClient::new(vec![addr.to_string()], Policy::Static, Duration::ZERO, 1, None)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let creds = at(&a).login(&admin, &key, None, &[Service::Osd]).await.unwrap();
+        let osd = creds.ticket(Service::Osd).unwrap();
+        assert!(osd.expires_ms > osd.renew_after_ms);
+        // The challenge from one monitor, the proof to another.
+        let ch: sluice_auth::kdc::ServerChallenge = at(&a).get("/v1/auth/challenge").await.unwrap();
+        let req = sluice_auth::kdc::request_session_key(&admin, &key, ch, None, &[Service::Osd]);
+        let reply: sluice_auth::kdc::SessionKeyReply =
+            at(&b).post("/v1/auth/session", &req).await.unwrap();
+        sluice_auth::kdc::open_reply(&key, &req, &reply).unwrap();
+        // Renewal keeps the global id, with a fresh session key.
+        let again = at(&b).login(&admin, &key, Some(creds.auth_ticket.clone()), &[]).await.unwrap();
+        assert_eq!(again.global_id, creds.global_id);
+        assert_ne!(again.session_key, creds.session_key);
+        for (who, secret, why) in [
+            (admin.clone(), Secret::generate(), "wrong key for client.admin"),
+            (EntityName::client("nobody").unwrap(), key.clone(), "unknown entity client.nobody"),
+            (
+                EntityName::mon(),
+                Keyring::load_key(&keyring, &EntityName::mon()).unwrap(),
+                "unknown entity mon.",
+            ),
+        ] {
+            match at(&a).login(&who, &secret, None, &[Service::Osd]).await {
+                Err(ClientError::Unauthenticated(m)) => assert!(m.contains(why), "{who}: {m}"),
+                other => panic!("{who}: {other:?}"),
+            }
+        }
+        // Any monitor keeps serving others after refusing.
+        at(&a).login(&admin, &key, None, &[]).await.unwrap();
+    });
+    // `sluice dev up` configures auth = "none" (nothing checks tickets yet): status warns.
+    let out = c.sluice(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("auth: WARNING: none"), "{}", text(&out));
+
+    // A two-second lifetime: the leader rotates both services' secrets.
+    let metric = |addr: &str, service: &str| -> Option<u64> {
+        let m = http_get(addr, "/metrics");
+        let needle = format!("sluice_auth_secret_id{{service=\"{service}\"}} ");
+        m.lines().find_map(|l| l.strip_prefix(needle.as_str())?.trim().parse().ok())
+    };
+    assert_eq!(metric(&a, "osd"), Some(1));
+    c.ok(&["config", "set", "auth_service_ticket_ttl", "2"]);
+    wait_for(60, "two rotations of the osd secret, seen by every monitor", || {
+        [&a, &b].iter().all(|m| metric(m, "osd").is_some_and(|id| id >= 3)).then_some(())
+    });
+    assert!(metric(&a, "mon").is_some_and(|id| id >= 2));
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -24,6 +24,9 @@ pub enum ErrorKind {
     Rejected,
     BadRequest,
     Internal,
+    /// Authentication failed (wrong key, unknown entity, stale challenge, ...), or this
+    /// cluster has no keys.
+    Unauthenticated,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

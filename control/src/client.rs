@@ -22,6 +22,8 @@ pub enum ClientError {
     WrongFsid(String),
     #[error("{0}")]
     Rejected(String),
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
     #[error("{0}")]
     Other(String),
 }
@@ -141,6 +143,25 @@ impl MonClient {
         serde_json::from_slice(&b).map_err(|e| ClientError::Other(format!("{path}: reply: {e}")))
     }
 
+    /// Logs in as `entity` with its `secret` (the challenge and the proof may go to
+    /// different monitors: any of them checks both), getting tickets for `want`. With
+    /// the auth ticket of an earlier login, the global id stays the same.
+    pub async fn login(
+        &self,
+        entity: &sluice_auth::EntityName,
+        secret: &sluice_auth::Secret,
+        old_ticket: Option<sluice_auth::TicketBlob>,
+        want: &[sluice_auth::Service],
+    ) -> Result<sluice_auth::kdc::Credentials, ClientError> {
+        use sluice_auth::kdc;
+        let c: kdc::ServerChallenge = self.get("/v1/auth/challenge").await?;
+        let req = kdc::request_session_key(entity, secret, c, old_ticket, want);
+        let reply: kdc::SessionKeyReply = self.post("/v1/auth/session", &req).await?;
+        kdc::open_reply(secret, &req, &reply).map_err(|e| {
+            ClientError::Unauthenticated(format!("the monitors' reply does not open: {e}"))
+        })
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -187,6 +208,9 @@ impl MonClient {
                                 }
                                 ErrorKind::Rejected | ErrorKind::BadRequest => {
                                     return Err(ClientError::Rejected(e.message));
+                                }
+                                ErrorKind::Unauthenticated => {
+                                    return Err(ClientError::Unauthenticated(e.message));
                                 }
                                 ErrorKind::Internal => {
                                     return Err(ClientError::Other(format!(

@@ -19,7 +19,10 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ServerState, raft::AppendEntriesRequest};
 use serde::Deserialize;
 
+use sluice_auth::kdc;
+
 use crate::api::{self, ApiError, ErrorKind, HealthStatus};
+use crate::auth;
 use crate::conf::format_fsid;
 use crate::maps::Maintenance;
 use crate::maps::envelope::{self, Kind};
@@ -41,6 +44,8 @@ struct Counters {
     forwarded: AtomicU64,
     rejected_fsid: AtomicU64,
     refused_raft: AtomicU64,
+    auth_logins: AtomicU64,
+    auth_failures: AtomicU64,
 }
 
 pub struct Monitor {
@@ -79,6 +84,7 @@ impl Failure {
             ErrorKind::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
         };
         Failure(status, ApiError { kind, message: message.into() })
     }
@@ -447,6 +453,18 @@ impl Monitor {
             g("sluice_osds_in", "OSDs in", map.osds.values().filter(|o| o.is_in).count() as f64);
             g("sluice_pools", "pools", map.pools.len() as f64);
         }
+        {
+            let st = self.sm.shared.read().expect("state lock");
+            let _ = writeln!(
+                s,
+                "# HELP sluice_auth_secret_id Current rotating secret of each service\n\
+                 # TYPE sluice_auth_secret_id gauge"
+            );
+            for (svc, r) in &st.cluster.auth.rotating {
+                let _ =
+                    writeln!(s, "sluice_auth_secret_id{{service=\"{svc}\"}} {}", r.current().id);
+            }
+        }
         let _ = writeln!(
             s,
             "# HELP sluice_health_check A raised health check (1)\n# TYPE sluice_health_check gauge"
@@ -487,10 +505,21 @@ impl Monitor {
             "Raft messages refused: undecodable, or of another cluster or founding set",
             &self.counters.refused_raft,
         );
+        c(
+            "sluice_mon_auth_logins_total",
+            "logins that got a session key",
+            &self.counters.auth_logins,
+        );
+        c(
+            "sluice_mon_auth_failures_total",
+            "logins refused (wrong key, unknown entity, stale challenge)",
+            &self.counters.auth_failures,
+        );
         s
     }
 
-    /// Background work: probing peers, and on the leader the failure detector.
+    /// Background work: probing peers, and on the leader secret rotation and the failure
+    /// detector.
     pub fn spawn_background(self: &Arc<Self>) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -517,6 +546,21 @@ impl Monitor {
         });
         let me = Arc::clone(self);
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1000));
+            loop {
+                tick.tick().await;
+                for cmd in me.rotations_due() {
+                    if let Command::AuthRotate { service, next } = &cmd {
+                        tracing::info!("rotating the {service} secret (next id {})", next.id);
+                    }
+                    if let Err(e) = me.submit(cmd, true).await {
+                        tracing::warn!("rotating a service secret: {}", e.1.message);
+                    }
+                }
+            }
+        });
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
@@ -529,6 +573,22 @@ impl Monitor {
                 }
             }
         });
+    }
+
+    /// On the leader: the service secrets whose lifetime is over, as commands carrying
+    /// their successors.
+    fn rotations_due(&self) -> Vec<Command> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let st = self.sm.shared.read().expect("state lock");
+        let ttl = auth::policy(&st.cluster.config).ticket_ttl_ms;
+        st.cluster
+            .auth
+            .rotations_due(auth::wall_ms(), ttl)
+            .into_iter()
+            .map(|(service, next)| Command::AuthRotate { service, next })
+            .collect()
     }
 
     fn detector_tick(&self) -> Vec<Command> {
@@ -605,6 +665,8 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/osd/boot", post(osd_boot))
         .route("/v1/osd/beacon", post(osd_beacon))
         .route("/v1/osd/failure", post(osd_failure))
+        .route("/v1/auth/challenge", get(auth_challenge))
+        .route("/v1/auth/session", post(auth_session))
         .layer(middleware::from_fn_with_state(Arc::clone(&m), check_fsid))
         .with_state(m)
 }
@@ -690,7 +752,65 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
 
 async fn command(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<Response>, Failure> {
     let cmd: Command = parse(&body)?;
+    if matches!(cmd, Command::AuthRotate { .. }) {
+        return Err(Failure::new(ErrorKind::Rejected, "the leader rotates secrets itself"));
+    }
     Ok(axum::Json(m.submit(cmd, forwarded(&h)).await?))
+}
+
+fn no_keys(m: &Monitor) -> Failure {
+    Failure::new(
+        ErrorKind::Unauthenticated,
+        format!(
+            "mon.{} holds no keys: this cluster was made without a keyring and runs only with \
+             auth = \"none\"",
+            m.name
+        ),
+    )
+}
+
+/// The first step of a login: a challenge only a monitor of this cluster could make.
+async fn auth_challenge(State(m): St) -> Result<axum::Json<kdc::ServerChallenge>, Failure> {
+    let st = m.sm.shared.read().expect("state lock");
+    let key = st.cluster.auth.mon_key().ok_or_else(|| no_keys(&m))?;
+    Ok(axum::Json(kdc::make_challenge(key, auth::wall_ms())))
+}
+
+/// The second: the proof checked against this monitor's replica of the keys, and the
+/// session key and tickets sealed for the caller. No Raft write.
+async fn auth_session(
+    State(m): St,
+    body: Bytes,
+) -> Result<axum::Json<kdc::SessionKeyReply>, Failure> {
+    let req: kdc::SessionKeyRequest = parse(&body)?;
+    let st = m.sm.shared.read().expect("state lock");
+    let a = &st.cluster.auth;
+    let key = a.mon_key().ok_or_else(|| no_keys(&m))?;
+    // The monitors' own key is not a login.
+    let lookup = |e: &sluice_auth::EntityName| {
+        (*e != sluice_auth::EntityName::mon()).then(|| a.entities.get(e).cloned()).flatten()
+    };
+    let new_gid = || sluice_auth::secret::random_u64() >> 1 | 1;
+    let r = kdc::issue(
+        &req,
+        key,
+        lookup,
+        &a.rotating,
+        new_gid,
+        auth::policy(&st.cluster.config),
+        auth::wall_ms(),
+    );
+    match r {
+        Ok(reply) => {
+            m.counters.auth_logins.fetch_add(1, Ordering::Relaxed);
+            Ok(axum::Json(reply))
+        }
+        Err(e) => {
+            m.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("login of {} refused: {e}", req.entity);
+            Err(Failure::new(ErrorKind::Unauthenticated, e.to_string()))
+        }
+    }
 }
 
 /// Runs `local` on the leader; elsewhere forwards the request to it.

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 
 use crate::maps::envelope::{self, Kind};
-use crate::state::{ClusterState, Command, CommandError, Response};
+use crate::state::{ClusterState, Command, CommandError, Response, STATE_VERSION};
 use crate::store::{self, Identity, MonStore};
 
 /// What a committed command returns to its proposer.
@@ -254,6 +254,26 @@ pub struct Applied {
     pub membership: StoredMembership<NodeId, MonNode>,
 }
 
+/// [`Applied`] as state format 1 wrote it (in snapshots).
+#[derive(Deserialize)]
+struct AppliedV1 {
+    cluster: crate::state::ClusterStateV1,
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, MonNode>,
+}
+
+fn decode_applied(version: u16, payload: &[u8]) -> Result<Applied, postcard::Error> {
+    if version < 2 {
+        let (v, _) = postcard::take_from_bytes::<AppliedV1>(payload)?;
+        return Ok(Applied {
+            cluster: v.cluster.into(),
+            last_applied: v.last_applied,
+            membership: v.membership,
+        });
+    }
+    postcard::take_from_bytes::<Applied>(payload).map(|(v, _)| v)
+}
+
 #[derive(Serialize, Deserialize)]
 struct Position {
     last_applied: Option<LogId<NodeId>>,
@@ -317,7 +337,7 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SE> {
         let a = self.shared.read().expect("state lock").clone();
-        let data = envelope::seal(Kind::MonSnapshot, VERSION, VERSION, &a);
+        let data = envelope::seal(Kind::MonSnapshot, STATE_VERSION, STATE_VERSION, &a);
         let n = self.snapshots_built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = match a.last_applied {
             Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
@@ -390,7 +410,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let bad = |e: AnyError| StorageIOError::read_snapshot(Some(meta.signature()), e);
         let a: Applied =
-            envelope::open(Kind::MonSnapshot, VERSION, &data).map_err(|e| bad(io(e)))?;
+            envelope::open_versioned(Kind::MonSnapshot, STATE_VERSION, &data, decode_applied)
+                .map_err(|e| bad(io(e)))?;
         if a.last_applied != meta.last_log_id || a.membership != meta.last_membership {
             return Err(bad(AnyError::error("snapshot contents disagree with its metadata")).into());
         }

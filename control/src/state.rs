@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthState;
+
 use crate::maps::{
     Change, FailureDomain, Flag, Incremental, Location, Maintenance, MapError, OsdAddrs, OsdId,
     OsdMap, PoolId,
@@ -85,6 +87,12 @@ pub enum Command {
     ConfigRm {
         key: String,
     },
+    /// The leader's rotation of a service's secret: `next` becomes the next secret (its
+    /// id follows the last one, so a retried proposal is refused, not applied twice).
+    AuthRotate {
+        service: sluice_auth::Service,
+        next: sluice_auth::ticket::RotatingSecret,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +143,42 @@ pub struct ClusterState {
     pub config: BTreeMap<String, String>,
     /// OSDs the failure detector marked out (not an operator): marked in at boot.
     pub auto_out: BTreeSet<OsdId>,
+    /// Keys, caps and the services' rotating secrets (state format 2 and later).
+    pub auth: AuthState,
+}
+
+/// The state format: 2 added [`ClusterState::auth`].
+pub const STATE_VERSION: u16 = 2;
+
+/// [`ClusterState`] as state format 1 wrote it (before auth).
+#[derive(Deserialize)]
+pub(crate) struct ClusterStateV1 {
+    osdmap: OsdMap,
+    history: VecDeque<Incremental>,
+    config: BTreeMap<String, String>,
+    auto_out: BTreeSet<OsdId>,
+}
+
+impl From<ClusterStateV1> for ClusterState {
+    fn from(v: ClusterStateV1) -> ClusterState {
+        // A cluster made before auth has no keys: it runs with auth = "none" until keys
+        // are imported.
+        ClusterState {
+            osdmap: v.osdmap,
+            history: v.history,
+            config: v.config,
+            auto_out: v.auto_out,
+            auth: AuthState::default(),
+        }
+    }
+}
+
+/// Decodes a state payload of format `version` (1 or 2).
+pub(crate) fn decode_state(version: u16, payload: &[u8]) -> Result<ClusterState, postcard::Error> {
+    if version < 2 {
+        return postcard::take_from_bytes::<ClusterStateV1>(payload).map(|(v, _)| v.into());
+    }
+    postcard::take_from_bytes::<ClusterState>(payload).map(|(v, _)| v)
 }
 
 /// What a subscriber at `have` must receive.
@@ -153,7 +197,13 @@ impl ClusterState {
             history: VecDeque::new(),
             config: BTreeMap::new(),
             auto_out: BTreeSet::new(),
+            auth: AuthState::default(),
         }
+    }
+
+    /// A new cluster's state with the key database founded at mkfs.
+    pub fn with_auth(fsid: [u8; 16], auth: AuthState) -> ClusterState {
+        ClusterState { auth, ..ClusterState::new(fsid) }
     }
 
     /// Everything after epoch `have`, in order.
@@ -350,6 +400,10 @@ impl ClusterState {
                 self.config.remove(key);
                 Ok(Response::Done { epoch: self.osdmap.epoch })
             }
+            Command::AuthRotate { service, next } => {
+                self.auth.rotate(*service, next.clone()).map_err(CommandError::Rejected)?;
+                Ok(Response::Done { epoch: self.osdmap.epoch })
+            }
         }
     }
 }
@@ -469,6 +523,48 @@ impl FailureDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store written before auth (state format 1) opens with an empty key database;
+    /// the current format keeps the keys. Format 1 is pinned as a struct here, field by
+    /// field, so a change to [`ClusterState`] cannot silently change what old stores mean.
+    #[test]
+    fn states_of_format_1_open_without_keys_and_format_2_keeps_them() {
+        use crate::maps::envelope::{self, Kind};
+        #[derive(Serialize)]
+        struct V1<'a> {
+            osdmap: &'a OsdMap,
+            history: &'a VecDeque<Incremental>,
+            config: &'a BTreeMap<String, String>,
+            auto_out: &'a BTreeSet<OsdId>,
+        }
+        let mut st = cluster(2);
+        st.config.insert("k".into(), "v".into());
+        let v1 = V1 {
+            osdmap: &st.osdmap,
+            history: &st.history,
+            config: &st.config,
+            auto_out: &st.auto_out,
+        };
+        let old = envelope::seal(Kind::MonState, 1, 1, &v1);
+        let back =
+            envelope::open_versioned(Kind::MonState, STATE_VERSION, &old, decode_state).unwrap();
+        assert_eq!(back, st, "format 1 decodes to the same state, no keys");
+        assert!(back.auth.mon_key().is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let (k, _) = crate::auth::bootstrap_keyring(&dir.path().join("k")).unwrap();
+        let mut st =
+            ClusterState::with_auth([1; 16], crate::auth::AuthState::bootstrap(&k, 0).unwrap());
+        let next = st.auth.rotations_due(10_000, 1000).remove(0);
+        st.apply(&Command::AuthRotate { service: next.0, next: next.1.clone() }).unwrap();
+        // A retried proposal changes nothing.
+        assert!(st.apply(&Command::AuthRotate { service: next.0, next: next.1 }).is_err());
+        let new = envelope::seal(Kind::MonState, STATE_VERSION, STATE_VERSION, &st);
+        let back =
+            envelope::open_versioned(Kind::MonState, STATE_VERSION, &new, decode_state).unwrap();
+        assert_eq!(back, st);
+        assert_eq!(back.auth.rotating[&next.0].current().id, 2);
+    }
 
     const S: u64 = 1_000_000_000;
 

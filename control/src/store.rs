@@ -21,7 +21,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::maps::envelope::{self, Kind};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, STATE_VERSION};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -39,6 +39,12 @@ pub(crate) const SNAPSHOT: &str = "snapshot";
 pub const VERSION: u16 = 1;
 
 pub const FILE_NAME: &str = "mon.redb";
+
+/// The state, sealed in its current format (readers of format 1 cannot read it: its
+/// layout inside snapshots is not a prefix of theirs).
+fn seal_state(state: &ClusterState) -> Vec<u8> {
+    envelope::seal(Kind::MonState, STATE_VERSION, STATE_VERSION, state)
+}
 
 /// Who this monitor is; written once by mkfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,7 +129,7 @@ impl MonStore {
                 envelope::seal(Kind::MonIdentity, VERSION, VERSION, identity).as_slice(),
             )
             .map_err(|e| failed("writing the identity", &e))?;
-            meta.insert(STATE, envelope::seal(Kind::MonState, VERSION, VERSION, state).as_slice())
+            meta.insert(STATE, seal_state(state).as_slice())
                 .map_err(|e| failed("writing the initial state", &e))?;
             tx.open_table(LOG).map_err(|e| failed("creating tables", &e))?;
         }
@@ -198,13 +204,13 @@ impl MonStore {
         let v = self
             .get_meta(STATE, "reading the state")?
             .ok_or_else(|| self.failed("reading the state", "missing"))?;
-        envelope::open(Kind::MonState, VERSION, &v)
+        envelope::open_versioned(Kind::MonState, STATE_VERSION, &v, crate::state::decode_state)
             .map_err(|e| self.failed("decoding the state", e))
     }
 
     /// Saves `state` together with the Raft log position it reflects, durably.
     pub fn save_state(&self, state: &ClusterState) -> Result<(), StoreError> {
-        let sealed = envelope::seal(Kind::MonState, VERSION, VERSION, state);
+        let sealed = seal_state(state);
         self.write(|tx| {
             tx.open_table(META)?.insert(STATE, sealed.as_slice())?;
             Ok(())
@@ -219,7 +225,7 @@ impl MonStore {
         applied: &[u8],
         snapshot: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let sealed = envelope::seal(Kind::MonState, VERSION, VERSION, state);
+        let sealed = seal_state(state);
         let applied = envelope::seal(Kind::MonLog, VERSION, VERSION, &applied.to_vec());
         let snapshot =
             snapshot.map(|b| envelope::seal(Kind::MonLog, VERSION, VERSION, &b.to_vec()));

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sluice_control::auth::AuthState;
 use sluice_control::conf::{format_fsid, parse_fsid};
 use sluice_control::state::ClusterState;
 use sluice_control::store::{Identity, MonStore, OpenOptions};
@@ -36,6 +37,13 @@ enum Cmd {
         /// Directory for the store (created if missing).
         #[arg(long)]
         data: PathBuf,
+        /// The bootstrap keyring: the monitors' own key (`mon.`) and the first entities
+        /// (`client.admin`, ...) with their caps. Created with mode 0600 if missing (a
+        /// new `mon.` key and `client.admin` with all caps), so the first monitor's mkfs
+        /// makes it: give the same file to every monitor of the cluster. Without it the
+        /// cluster holds no keys and runs only with auth = "none".
+        #[arg(long)]
+        keyring: Option<PathBuf>,
     },
     /// Run the monitor: join the quorum and serve the management API (HTTP+JSON) and
     /// the Raft messages on this monitor's address. Stops cleanly on SIGTERM or Ctrl-C.
@@ -102,14 +110,31 @@ fn members(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Mkfs { id, fsid, initial_members, data } => {
+        Cmd::Mkfs { id, fsid, initial_members, data, keyring } => {
             let fsid = parse_fsid(&fsid).map_err(anyhow::Error::msg)?;
             let initial_members = members(&initial_members)?;
             if !initial_members.iter().any(|(n, _)| *n == id) {
                 anyhow::bail!("--id {id} is not one of --initial-members");
             }
             let identity = Identity { fsid, name: id, initial_members };
-            let store = MonStore::create(&data, &identity, &ClusterState::new(fsid))?;
+            let state = match &keyring {
+                Some(path) => {
+                    let (k, created) = sluice_control::auth::bootstrap_keyring(path)?;
+                    if created {
+                        println!("created keyring {} (mon. and client.admin)", path.display());
+                    }
+                    let auth = AuthState::bootstrap(&k, sluice_control::auth::wall_ms())
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    ClusterState::with_auth(fsid, auth)
+                }
+                None => {
+                    println!(
+                        "no --keyring: this cluster holds no keys and runs only with auth = \"none\""
+                    );
+                    ClusterState::new(fsid)
+                }
+            };
+            let store = MonStore::create(&data, &identity, &state)?;
             println!(
                 "created monitor {} of cluster {} in {}",
                 identity.name,
@@ -179,6 +204,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for (k, v) in &st.config {
                 println!("  config {k} = {v}");
+            }
+            println!(
+                "auth: {} entities{}",
+                st.auth.entities.len(),
+                if st.auth.mon_key().is_none() { " (no keys: auth = \"none\" only)" } else { "" }
+            );
+            for (e, r) in &st.auth.entities {
+                let caps: Vec<String> = r.caps.iter().map(|(s, c)| format!("{s} '{c}'")).collect();
+                println!("  {e} {}", caps.join(" "));
+            }
+            for (s, r) in &st.auth.rotating {
+                println!(
+                    "  {s} secret {} (ids {:?})",
+                    r.current().id,
+                    r.entries().iter().map(|e| e.id).collect::<Vec<_>>()
+                );
             }
             Ok(())
         }

@@ -80,6 +80,20 @@ pub fn open<T: DeserializeOwned>(
     supported: u16,
     bytes: &[u8],
 ) -> Result<T, EnvelopeError> {
+    open_versioned(kind, supported, bytes, |_, payload| {
+        // A newer writer appends fields: decode the prefix this build knows.
+        postcard::take_from_bytes::<T>(payload).map(|(v, _rest)| v)
+    })
+}
+
+/// [`open`] for readers that still read older layouts: `decode` gets the payload's
+/// version (at most `supported`, or newer but compatible) and its bytes.
+pub fn open_versioned<T>(
+    kind: Kind,
+    supported: u16,
+    bytes: &[u8],
+    decode: impl FnOnce(u16, &[u8]) -> Result<T, postcard::Error>,
+) -> Result<T, EnvelopeError> {
     let mut d = Dec::new(bytes);
     let t = |_| EnvelopeError::Truncated;
     let magic = d.u32().map_err(t)?;
@@ -106,10 +120,7 @@ pub fn open<T: DeserializeOwned>(
     if version > supported && oldest > supported {
         return Err(EnvelopeError::TooNew { found: version, oldest, supported });
     }
-    // A newer writer appends fields: decode the prefix this build knows.
-    postcard::take_from_bytes::<T>(payload)
-        .map(|(v, _rest)| v)
-        .map_err(|e| EnvelopeError::Payload(e.to_string()))
+    decode(version, payload).map_err(|e| EnvelopeError::Payload(e.to_string()))
 }
 
 #[cfg(test)]

@@ -426,6 +426,9 @@ fn create(dir: &Path, mons: usize, osds: usize, device_size: ByteSize) -> Result
             list.join(","),
             "--data".into(),
             s(&data),
+            // The first monitor's mkfs creates it; the others get the same keys.
+            "--keyring".into(),
+            s(&dir.join("keyring")),
         ])?;
         daemons.push(Daemon {
             name: format!("mon.{n}"),
