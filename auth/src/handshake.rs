@@ -61,6 +61,8 @@ struct Authorizer {
 struct DoneBody {
     nonce_reply: u64,
     connection_secret: Secret,
+    /// The connection continues in secure mode (the service decides).
+    secure: bool,
 }
 
 const AAD_AUTHORIZER: &[u8] = b"sluice-authorizer-1";
@@ -134,9 +136,11 @@ pub struct ClientHandshake {
 #[derive(Debug)]
 pub enum ClientStep {
     Send(AuthFrame),
-    /// The service proved itself; secure mode keys derive from the secret.
+    /// The service proved itself; with `secure`, every byte after its reply is sealed
+    /// with keys from the secret.
     Done {
         connection_secret: Secret,
+        secure: bool,
     },
 }
 
@@ -189,7 +193,10 @@ impl ClientHandshake {
                     return Err(AuthError::ServerNotAuthentic);
                 }
                 self.state = ClientState::Done;
-                Ok(ClientStep::Done { connection_secret: body.connection_secret })
+                Ok(ClientStep::Done {
+                    connection_secret: body.connection_secret,
+                    secure: body.secure,
+                })
             }
             (s, f) => {
                 Err(AuthError::Unexpected { what: frame_name(f), state: client_state_name(s) })
@@ -225,6 +232,7 @@ enum ServerState {
 #[derive(Debug)]
 pub struct ServerHandshake {
     service: Service,
+    secure: bool,
     state: ServerState,
 }
 
@@ -248,7 +256,12 @@ pub enum ServerStep {
 
 impl ServerHandshake {
     pub fn new(service: Service) -> ServerHandshake {
-        ServerHandshake { service, state: ServerState::AwaitRequest }
+        ServerHandshake::with_mode(service, false)
+    }
+
+    /// A handshake whose connection continues in secure mode when `secure`.
+    pub fn with_mode(service: Service, secure: bool) -> ServerHandshake {
+        ServerHandshake { service, secure, state: ServerState::AwaitRequest }
     }
 
     /// Handles a frame from the client, checking its ticket against `secrets` (this
@@ -285,6 +298,7 @@ impl ServerHandshake {
                 let body = DoneBody {
                     nonce_reply: a.nonce.wrapping_add(1),
                     connection_secret: connection_secret.clone(),
+                    secure: self.secure,
                 };
                 let plain =
                     zeroize::Zeroizing::new(postcard::to_allocvec(&body).expect("serializes"));
@@ -331,7 +345,7 @@ mod tests {
         else {
             panic!("not done")
         };
-        let ClientStep::Done { connection_secret } = c.on_frame(&wire(&reply))? else {
+        let ClientStep::Done { connection_secret, .. } = c.on_frame(&wire(&reply))? else {
             panic!("client not done")
         };
         Ok((*peer, connection_secret))
@@ -348,6 +362,25 @@ mod tests {
         assert_eq!(peer.ticket.entity, alice);
         assert_eq!(peer.connection_secret, secret);
         assert!(peer.ticket.caps.check(crate::Perms::W, Some("a")).is_err());
+    }
+
+    #[test]
+    fn the_service_decides_the_mode() {
+        let mut kdc = Kdc::new();
+        let (alice, key) = kdc.add("client.alice", "allow r");
+        let creds = kdc.login(&alice, &key, 0);
+        let osd = kdc.rotating[&Service::Osd].clone();
+        for secure in [false, true] {
+            let (mut c, first) = ClientHandshake::start(creds.ticket(Service::Osd).unwrap());
+            let mut s = ServerHandshake::with_mode(Service::Osd, secure);
+            let ServerStep::Send(ch) = s.on_frame(&first, &osd, 1).unwrap() else { panic!() };
+            let ClientStep::Send(a) = c.on_frame(&ch).unwrap() else { panic!() };
+            let ServerStep::Done { reply, .. } = s.on_frame(&a, &osd, 1).unwrap() else { panic!() };
+            let ClientStep::Done { secure: got, .. } = c.on_frame(&reply).unwrap() else {
+                panic!()
+            };
+            assert_eq!(got, secure);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth_phase;
 pub mod frame;
 pub mod message;
 pub mod ops;

@@ -283,6 +283,10 @@ impl Session {
         self.state == State::Open
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Messages sent and not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.unacked.len()

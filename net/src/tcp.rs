@@ -14,9 +14,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::auth_phase::{ClientAuthPhase, PhaseError, ServerAuthPhase};
 use crate::frame::Limits;
-use crate::secure::SecureChannel;
+use crate::secure::{Role, SecureChannel};
 use crate::session::{Event, Features, Handshake, Session, SessionError};
+use sluice_auth::handshake::Verified;
+use sluice_auth::kdc::ServiceTicket;
+use sluice_auth::{AuthTicket, RotatingSecrets, Service};
 
 /// Largest read per poll of one connection (bounds the work one poll does).
 const READ_CHUNK: usize = 256 << 10;
@@ -377,6 +381,8 @@ pub enum ConnError {
     Io(#[from] io::Error),
     #[error("protocol: {0}")]
     Protocol(#[from] SessionError),
+    #[error("{0}")]
+    Auth(#[from] PhaseError),
 }
 
 /// A client's session over a connection it re-establishes after a cut.
@@ -386,6 +392,10 @@ pub struct ClientConn {
     addr: SocketAddr,
     conn: Option<Connection>,
     ack: AckHold,
+    /// The ticket each new connection authenticates with (`None`: no authentication).
+    ticket: Option<ServiceTicket>,
+    /// The current connection's authentication, until the server proved itself.
+    phase: Option<ClientAuthPhase>,
 }
 
 impl ClientConn {
@@ -395,7 +405,20 @@ impl ClientConn {
             addr,
             conn: None,
             ack: AckHold::default(),
+            ticket: None,
+            phase: None,
         }
+    }
+
+    /// Authenticate every new connection with `ticket` (a renewed ticket replaces the
+    /// old one; the current connection keeps going).
+    pub fn set_ticket(&mut self, ticket: Option<ServiceTicket>) {
+        self.ticket = ticket;
+    }
+
+    /// Whether the current connection is authenticated and in secure mode.
+    pub fn is_secure(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.is_secure())
     }
 
     pub fn connected(&self) -> bool {
@@ -423,7 +446,13 @@ impl ClientConn {
 
     pub fn connect_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         let mut c = Connection::new(TcpStream::connect_timeout(&self.addr, timeout)?)?;
-        self.session.connect(c.out());
+        match &self.ticket {
+            // The session handshake follows once the server proved itself.
+            Some(t) => {
+                self.phase = Some(ClientAuthPhase::start(t, c.out(), &self.session_limits()))
+            }
+            None => self.session.connect(c.out()),
+        }
         self.conn = Some(c);
         Ok(())
     }
@@ -443,8 +472,25 @@ impl ClientConn {
     /// (the session keeps what must be resent) and the error returned.
     pub fn poll(&mut self, mut on: impl FnMut(Event<'_>)) -> Result<(), ConnError> {
         let Some(c) = &mut self.conn else { return Ok(()) };
+        let limits = self.session.limits();
         let r = (|| -> Result<(), ConnError> {
             c.read_some()?;
+            if let Some(p) = &mut self.phase {
+                let mut out = std::mem::take(c.out());
+                let r = p.receive(c.input(), &mut out, &limits);
+                *c.out() = out;
+                let (used, done) = r?;
+                c.consume(used);
+                let Some((secret, secure)) = done else {
+                    c.flush()?;
+                    return Ok(());
+                };
+                self.phase = None;
+                if secure {
+                    c.start_secure(SecureChannel::new(secret.as_bytes(), Role::Client))?;
+                }
+                self.session.connect(c.out());
+            }
             let mut out = std::mem::take(c.out());
             let used = self.session.receive(c.input(), &mut out, &mut on);
             *c.out() = out;
@@ -455,9 +501,14 @@ impl ClientConn {
         })();
         if r.is_err() {
             self.conn = None;
+            self.phase = None;
             self.session.disconnected();
         }
         r
+    }
+
+    fn session_limits(&self) -> Limits {
+        self.session.limits()
     }
 
     /// Sends an ack held back ([`ACK_DELAY`]) now: call it before sleeping longer.
@@ -475,6 +526,7 @@ impl ClientConn {
         if let Some(c) = self.conn.take() {
             c.shutdown();
         }
+        self.phase = None;
         self.session.disconnected();
     }
 }
@@ -493,6 +545,35 @@ struct Client {
     /// When the connection went away (for expiry).
     idle_since: Option<Instant>,
     ack: AckHold,
+    /// Who authenticated the session (with authentication on): every later connection
+    /// of the session must be the same entity.
+    peer: Option<Box<Verified>>,
+}
+
+/// A connection whose client has not said which session it is yet.
+struct Pending {
+    stage: Stage,
+    conn: Connection,
+    /// Its epoll token.
+    id: u64,
+}
+
+enum Stage {
+    /// Proving who the client is (a server with authentication on).
+    Auth(ServerAuthPhase),
+    /// Banner and hello; `peer` is who authenticated, if anyone.
+    Session { hs: Handshake, peer: Option<Box<Verified>> },
+}
+
+/// Authentication a server requires of every connection.
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    /// The service its tickets must be for.
+    pub service: Service,
+    /// The service's rotating secrets (updated with [`Server::update_secrets`]).
+    pub secrets: RotatingSecrets,
+    /// Connections continue in secure mode.
+    pub secure: bool,
 }
 
 /// A server: a listener and its connections; sessions by client cookie survive cuts.
@@ -507,8 +588,9 @@ pub struct Server {
     epoll: Epoll,
     features: Features,
     limits: Limits,
-    /// Connections whose client has not said who it is yet, with their epoll tokens.
-    handshaking: Vec<(Handshake, Connection, u64)>,
+    /// Connections whose client has not said who it is yet.
+    handshaking: Vec<Pending>,
+    auth: Option<ServerAuth>,
     clients: HashMap<u64, Client>,
     /// The next connection token (the listener's is [`LISTENER`]).
     next_id: u64,
@@ -573,7 +655,27 @@ impl Server {
             events: vec![EpollEvent::empty(); 256],
             ready: Vec::new(),
             owing: Vec::new(),
+            auth: None,
         })
+    }
+
+    /// Requires authentication of every new connection (`None`: none). Connections
+    /// already attached keep going.
+    pub fn set_auth(&mut self, auth: Option<ServerAuth>) {
+        self.auth = auth;
+    }
+
+    /// New rotating secrets fetched from the monitors.
+    pub fn update_secrets(&mut self, secrets: RotatingSecrets) {
+        if let Some(a) = &mut self.auth {
+            a.secrets = secrets;
+        }
+    }
+
+    /// The verified ticket of a session's client (with authentication on): its identity
+    /// and its caps at this service, to check every op against.
+    pub fn peer(&self, cookie: u64) -> Option<&AuthTicket> {
+        self.clients.get(&cookie)?.peer.as_ref().map(|p| &p.ticket)
     }
 
     /// Readable when a socket of this server has something to do (for parking).
@@ -633,26 +735,29 @@ impl Server {
         }
         let mut i = 0;
         while i < self.handshaking.len() {
-            let (hs, conn, id) = &mut self.handshaking[i];
+            let p = &mut self.handshaking[i];
             // New connections are handled at once: the banner goes out.
-            if !ready(&self.ready, *id) && *id < first_new {
+            if !ready(&self.ready, p.id) && p.id < first_new {
                 i += 1;
                 continue;
             }
-            match handshake(hs, conn) {
+            match handshake(p, self.auth.as_ref(), self.features, self.limits) {
                 Ok((b, None)) => {
                     busy |= b;
                     i += 1;
                 }
                 Ok((_, Some(hello))) => {
                     busy = true;
-                    let (_, conn, id) = self.handshaking.swap_remove(i);
-                    self.attach(hello, conn, id, &mut on);
+                    let p = self.handshaking.swap_remove(i);
+                    let Stage::Session { peer, .. } = p.stage else {
+                        unreachable!("a hello comes in the session stage")
+                    };
+                    self.attach(hello, peer, p.conn, p.id, &mut on);
                 }
                 Err(e) => {
                     busy = true;
-                    let (_, conn, _) = self.handshaking.swap_remove(i);
-                    close(conn, e, &mut on);
+                    let p = self.handshaking.swap_remove(i);
+                    close(p.conn, e, &mut on);
                 }
             }
         }
@@ -723,7 +828,15 @@ impl Server {
             match self.listener.accept() {
                 Ok((s, _)) => match Connection::new(s) {
                     Ok(mut conn) => {
-                        let hs = Handshake::new(self.features, self.limits, conn.out());
+                        // With authentication the banner waits until the client proved
+                        // itself (and goes out sealed in secure mode).
+                        let stage = match &self.auth {
+                            Some(a) => Stage::Auth(ServerAuthPhase::new(a.service, a.secure)),
+                            None => Stage::Session {
+                                hs: Handshake::new(self.features, self.limits, conn.out()),
+                                peer: None,
+                            },
+                        };
                         let id = self.next_id;
                         self.next_id += 1;
                         let ev = EpollEvent::new(EpollFlags::EPOLLIN, id);
@@ -731,7 +844,7 @@ impl Server {
                             close(conn, ConnError::Io(e.into()), on);
                             continue;
                         }
-                        self.handshaking.push((hs, conn, id));
+                        self.handshaking.push(Pending { stage, conn, id });
                         busy = true;
                     }
                     Err(e) => on(ServerEvent::Closed { peer: None, reason: e.to_string() }),
@@ -779,11 +892,27 @@ impl Server {
     fn attach(
         &mut self,
         hello: crate::session::Hello,
+        peer: Option<Box<Verified>>,
         mut conn: Connection,
         conn_id: u64,
         on: &mut impl FnMut(ServerEvent<'_>),
     ) {
         let (features, limits) = (self.features, self.limits);
+        if let (Some(c), Some(new)) = (self.clients.get(&hello.cookie), &peer)
+            && let Some(old) = &c.peer
+            && old.ticket.entity != new.ticket.entity
+        {
+            // A session is its entity's: another one cannot take it over by its cookie.
+            let e = io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} tried to attach to a session of {}",
+                    new.ticket.entity, old.ticket.entity
+                ),
+            );
+            close(conn, ConnError::Io(e), on);
+            return;
+        }
         let c = self.clients.entry(hello.cookie).or_insert_with(|| Client {
             session: Session::server(hello.cookie, features, limits),
             conn: None,
@@ -792,7 +921,12 @@ impl Server {
             armed_out: false,
             idle_since: None,
             ack: AckHold::default(),
+            peer: None,
         });
+        if peer.is_some() {
+            // The latest verification (a renewed ticket may carry changed caps).
+            c.peer = peer;
+        }
         if let Some(old) = c.conn.take() {
             let e = io::Error::other("replaced by a newer connection of the same session");
             close(old, ConnError::Io(e), on);
@@ -837,10 +971,38 @@ fn close(conn: Connection, e: ConnError, on: &mut impl FnMut(ServerEvent<'_>)) {
 /// Reads and handles a connection's handshake; returns whether bytes arrived and the
 /// client's hello once it is in (bytes after it stay for the session).
 fn handshake(
-    hs: &mut Handshake,
-    conn: &mut Connection,
+    p: &mut Pending,
+    auth: Option<&ServerAuth>,
+    features: Features,
+    limits: Limits,
 ) -> Result<(bool, Option<crate::session::Hello>), ConnError> {
+    let conn = &mut p.conn;
     let n = conn.read_some()?;
+    if let Stage::Auth(phase) = &mut p.stage {
+        let a = auth.expect("connections authenticate only while auth is on");
+        let mut out = std::mem::take(conn.out());
+        let r = phase.receive(
+            conn.input(),
+            &mut out,
+            &a.secrets,
+            crate::auth_phase::wall_ms(),
+            &limits,
+        );
+        *conn.out() = out;
+        let (used, done) = r?;
+        conn.consume(used);
+        let Some(peer) = done else {
+            conn.flush()?;
+            return Ok((n > 0, None));
+        };
+        // The reply that ends the phase goes out as it is; what follows is sealed.
+        if a.secure {
+            conn.start_secure(SecureChannel::new(peer.connection_secret.as_bytes(), Role::Server))?;
+        }
+        let hs = Handshake::new(features, limits, conn.out());
+        p.stage = Stage::Session { hs, peer: Some(peer) };
+    }
+    let Stage::Session { hs, .. } = &mut p.stage else { unreachable!("set above") };
     let (used, hello) = hs.receive(conn.input())?;
     conn.consume(used);
     conn.flush()?;
