@@ -75,6 +75,15 @@ pub enum AuthError {
     NoTicket(Service),
 }
 
+/// Wall-clock milliseconds since the Unix epoch: the clock tickets expire by (so the
+/// cluster's clocks must agree).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub(crate) fn malformed(what: &'static str, why: impl std::fmt::Display) -> AuthError {
     AuthError::Malformed { what, why: why.to_string() }
 }

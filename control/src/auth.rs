@@ -99,13 +99,7 @@ pub fn bootstrap_keyring(path: &Path) -> Result<(Keyring, bool), KeyringError> {
     Ok((k, true))
 }
 
-/// Wall-clock milliseconds (tickets expire by wall time).
-pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use sluice_auth::wall_ms;
 
 #[cfg(test)]
 mod tests {

@@ -79,9 +79,8 @@ pub struct Connection {
 #[derive(Debug)]
 struct Secure {
     chan: SecureChannel,
-    /// Received ciphertext not opened yet (a partial record).
-    raw: Vec<u8>,
-    /// Opened plaintext: `plain[plain_start..]` is the connection's input.
+    /// Opened plaintext: `plain[plain_start..]` is the connection's input (the
+    /// connection's `inbuf` holds the ciphertext not opened yet, a partial record).
     plain: Vec<u8>,
     plain_start: usize,
     /// Bytes for the socket: sealed records (and first, whatever plaintext was queued
@@ -115,22 +114,18 @@ impl Connection {
     /// as records, output queued before it goes out as it is.
     pub fn start_secure(&mut self, chan: SecureChannel) -> io::Result<()> {
         assert!(self.secure.is_none(), "secure mode started twice");
-        let raw = self.inbuf[self.in_start..self.in_end].to_vec();
-        self.in_start = 0;
-        self.in_end = 0;
         let sealed = self.out[self.out_pos..].to_vec();
         self.out.clear();
         self.out_pos = 0;
-        let mut sec = Box::new(Secure {
+        self.secure = Some(Box::new(Secure {
             chan,
-            raw,
             plain: Vec::new(),
             plain_start: 0,
             sealed,
             sealed_pos: 0,
-        });
-        sec.open_raw()?;
-        self.secure = Some(sec);
+        }));
+        // What arrived past the switch is records.
+        self.open_records()?;
         Ok(())
     }
 
@@ -164,9 +159,26 @@ impl Connection {
         if self.eof {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
         }
-        if self.secure.is_some() {
-            return self.read_secure();
+        let n = self.fill()?;
+        self.open_records()?;
+        Ok(n)
+    }
+
+    /// In secure mode, opens the complete records received into the plaintext input.
+    fn open_records(&mut self) -> io::Result<()> {
+        let Some(sec) = self.secure.as_mut() else { return Ok(()) };
+        if sec.plain_start > 0 && sec.plain_start * 2 >= sec.plain.len() {
+            sec.plain.drain(..sec.plain_start);
+            sec.plain_start = 0;
         }
+        let used = sec.chan.open(&mut self.inbuf[self.in_start..self.in_end], &mut sec.plain)?;
+        self.in_start += used;
+        Ok(())
+    }
+
+    /// Reads what the socket has into `inbuf` (the input in crc mode, the records in
+    /// secure mode).
+    fn fill(&mut self) -> io::Result<usize> {
         if self.in_start == self.in_end {
             self.in_start = 0;
             self.in_end = 0;
@@ -202,33 +214,6 @@ impl Connection {
                 Err(e) => return Err(e),
             }
         }
-        Ok(total)
-    }
-
-    /// Secure mode's read: ciphertext into `raw`, opened records into `plain`.
-    fn read_secure(&mut self) -> io::Result<usize> {
-        let sec = self.secure.as_mut().expect("secure mode");
-        let mut total = 0;
-        let mut chunk = [0u8; 64 << 10];
-        while total < READ_CHUNK {
-            match self.stream.read(&mut chunk) {
-                Ok(0) if total == 0 => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
-                }
-                Ok(0) => {
-                    self.eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    sec.raw.extend_from_slice(&chunk[..n]);
-                    total += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        sec.open_raw()?;
         Ok(total)
     }
 
@@ -358,19 +343,6 @@ impl Connection {
     /// Breaks the connection (both directions), as a failure would.
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl Secure {
-    /// Opens the complete records in `raw` into `plain`.
-    fn open_raw(&mut self) -> io::Result<()> {
-        if self.plain_start > 0 && self.plain_start * 2 >= self.plain.len() {
-            self.plain.drain(..self.plain_start);
-            self.plain_start = 0;
-        }
-        let used = self.chan.open(&mut self.raw, &mut self.plain)?;
-        self.raw.drain(..used);
-        Ok(())
     }
 }
 
