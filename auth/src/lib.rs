@@ -15,6 +15,8 @@
 //!   accepted).
 //! * [`kdc`]: the monitor's side and the client's side of getting a session key and
 //!   service tickets (challenge, proof, sealed replies).
+//! * [`request`]: management API requests signed with an auth ticket (method, path and
+//!   body bound, a time window and a replay cache).
 //! * [`handshake`]: a client proving itself to a service (an OSD) with a ticket, the
 //!   service's challenge (+1 against replay) and the service proving itself back.
 //!
@@ -30,6 +32,7 @@ pub mod entity;
 pub mod handshake;
 pub mod kdc;
 pub mod keyring;
+pub mod request;
 pub mod secret;
 pub mod ticket;
 
@@ -65,6 +68,8 @@ pub enum AuthError {
     BadChallenge,
     #[error("replayed or forged authorizer (the challenge response does not match)")]
     Replay,
+    #[error("request signed {skew_ms} ms away from this monitor's clock (check the clocks)")]
+    StaleRequest { skew_ms: i64 },
     #[error("the server failed to prove itself (its reply does not answer our nonce)")]
     ServerNotAuthentic,
     #[error("malformed {what}: {why}")]

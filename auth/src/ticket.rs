@@ -155,6 +155,22 @@ impl RotatingSecrets {
         RotatingSecrets { service, entries: vec![mk(1), mk(2)] }
     }
 
+    /// The first secrets of `service` derived from `key` (the monitors' own): every
+    /// monitor's mkfs founds its replica alone, and they must all hold the same secrets.
+    /// Later secrets are random, made by the leader and replicated.
+    pub fn derived(service: Service, key: &Secret, now_ms: u64) -> RotatingSecrets {
+        let mk = |id: u64| RotatingSecret {
+            id,
+            secret: crate::crypto::derive(
+                key,
+                b"sluice-first-rotating-secrets",
+                &[&[service as u8][..], &id.to_le_bytes()].concat(),
+            ),
+            created_ms: now_ms,
+        };
+        RotatingSecrets { service, entries: vec![mk(1), mk(2)] }
+    }
+
     /// Rebuilds from entries a monitor sent (oldest first, consecutive ids).
     pub fn from_entries(
         service: Service,
@@ -289,6 +305,26 @@ pub(crate) mod tests {
             open_ticket(&newer, Service::Osd, &osd, 10),
             Err(AuthError::FutureSecret { secret_id: 5, current: 3, .. })
         ));
+    }
+
+    #[test]
+    fn first_secrets_derived_from_one_key_agree() {
+        let k = Secret::generate();
+        let (a, b) = (
+            RotatingSecrets::derived(Service::Osd, &k, 1),
+            RotatingSecrets::derived(Service::Osd, &k, 2),
+        );
+        assert_eq!(a.entries()[0].secret, b.entries()[0].secret);
+        assert_eq!(a.entries()[1].secret, b.entries()[1].secret);
+        assert_ne!(a.entries()[0].secret, a.entries()[1].secret);
+        assert_ne!(
+            a.entries()[0].secret,
+            RotatingSecrets::derived(Service::Mon, &k, 1).entries()[0].secret
+        );
+        assert_ne!(
+            a.entries()[0].secret,
+            RotatingSecrets::derived(Service::Osd, &Secret::generate(), 1).entries()[0].secret
+        );
     }
 
     #[test]

@@ -237,7 +237,16 @@ fn logins_get_tickets_and_refuse_what_they_must() {
     use sluice_control::client::{ClientError, MonClient};
     use sluice_control::monclient::Policy;
 
-    let c = Cluster::up(3, 0);
+    // The bootstrap keyring, made beforehand with one more entity: a reader.
+    let reader = EntityName::client("reader").unwrap();
+    let reader_key = Secret::generate();
+    let c = Cluster::up_prepared(3, 0, "64M", |dir| {
+        let (mut k, _) = sluice_control::auth::bootstrap_keyring(&dir.join("keyring")).unwrap();
+        let mut e = sluice_auth::keyring::KeyringEntry::new(reader_key.clone());
+        e.caps.insert(Service::Mon, sluice_auth::Caps::parse(Service::Mon, "allow r").unwrap());
+        k.insert(reader.clone(), e);
+        k.save(&dir.join("keyring")).unwrap();
+    });
     let keyring = c.path().join("keyring");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&keyring).unwrap().permissions(),
@@ -280,6 +289,33 @@ fn logins_get_tickets_and_refuse_what_they_must() {
         }
         // Any monitor keeps serving others after refusing.
         at(&a).login(&admin, &key, None, &[]).await.unwrap();
+
+        // Rotating secrets go only to signed requests with mon cap x, sealed for the
+        // caller; the OSD secrets fetched open the OSD tickets the monitors issue.
+        let secrets = at(&b).fetch_rotating(&creds, Service::Osd).await.unwrap();
+        let (t, sk) = sluice_auth::ticket::open_ticket(
+            &osd.blob,
+            Service::Osd,
+            &secrets,
+            sluice_auth::wall_ms(),
+        )
+        .unwrap();
+        assert_eq!((t.entity, sk), (admin.clone(), osd.session_key.clone()));
+        let rc = at(&a).login(&reader, &reader_key, None, &[]).await.unwrap();
+        match at(&a).fetch_rotating(&rc, Service::Osd).await {
+            Err(ClientError::PermissionDenied(m)) => {
+                assert!(m.contains("client.reader") && m.contains("needs mon 'allow x'"), "{m}")
+            }
+            other => panic!("a reader got rotating secrets: {other:?}"),
+        }
+        let unsigned: Result<Vec<u8>, _> =
+            at(&a).post("/v1/auth/rotating", &serde_json::json!({"service": "Osd"})).await;
+        match unsigned {
+            Err(ClientError::Unauthenticated(m)) => {
+                assert!(m.contains("needs a signed request"), "{m}")
+            }
+            other => panic!("unsigned: {other:?}"),
+        }
     });
     // `sluice dev up` configures auth = "none" (nothing checks tickets yet): status warns.
     let out = c.sluice(&["status"]);

@@ -27,6 +27,8 @@ pub enum ErrorKind {
     /// Authentication failed (wrong key, unknown entity, stale challenge, ...), or this
     /// cluster has no keys.
     Unauthenticated,
+    /// Authenticated, but the caps do not allow it (the message names the missing cap).
+    PermissionDenied,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,15 +39,18 @@ pub struct AuthState {
 impl AuthState {
     /// The database founded by a bootstrap keyring, which must hold `mon.`.
     pub fn bootstrap(keyring: &Keyring, now_ms: u64) -> Result<AuthState, String> {
-        if keyring.get(&EntityName::mon()).is_none() {
+        let Some(mon) = keyring.get(&EntityName::mon()) else {
             return Err("the bootstrap keyring has no key for mon. (the monitors' own)".into());
-        }
+        };
         let entities = keyring
             .iter()
             .map(|(n, e)| (n.clone(), EntityRecord { key: e.key.clone(), caps: e.caps.clone() }))
             .collect();
-        let rotating =
-            Service::ALL.into_iter().map(|s| (s, RotatingSecrets::new(s, now_ms))).collect();
+        // Every monitor's mkfs runs alone: the first secrets come from the shared key.
+        let rotating = Service::ALL
+            .into_iter()
+            .map(|s| (s, RotatingSecrets::derived(s, &mon.key, now_ms)))
+            .collect();
         Ok(AuthState { entities, rotating })
     }
 
@@ -114,6 +117,15 @@ mod tests {
         let (again, created) = bootstrap_keyring(&path).unwrap();
         assert!(!created);
         assert_eq!(again, k, "the second monitor gets the same keys");
+        // ... and, founding its replica alone, the same rotating secrets.
+        let (one, two) =
+            (AuthState::bootstrap(&k, 1).unwrap(), AuthState::bootstrap(&again, 2).unwrap());
+        for s in Service::ALL {
+            let ids = |st: &AuthState| {
+                st.rotating[&s].entries().iter().map(|e| e.secret.clone()).collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&one), ids(&two), "{s}");
+        }
         let st = AuthState::bootstrap(&k, 1000).unwrap();
         assert_eq!(st.mon_key(), Some(&k.get(&EntityName::mon()).unwrap().key));
         let admin = &st.entities[&EntityName::client("admin").unwrap()];

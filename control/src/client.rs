@@ -25,6 +25,8 @@ pub enum ClientError {
     #[error("authentication failed: {0}")]
     Unauthenticated(String),
     #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -162,12 +164,45 @@ impl MonClient {
         })
     }
 
+    /// A daemon's fetch of its service's rotating secrets, signed with `creds` (needs
+    /// mon cap `x`).
+    pub async fn fetch_rotating(
+        &self,
+        creds: &sluice_auth::kdc::Credentials,
+        service: sluice_auth::Service,
+    ) -> Result<sluice_auth::RotatingSecrets, ClientError> {
+        let path = "/v1/auth/rotating";
+        let body =
+            serde_json::to_vec(&crate::mon::RotatingRequest { service }).expect("serializes");
+        let b = self
+            .call_with(Method::POST, path, Some(body), self.attempt_timeout, Some(creds))
+            .await?;
+        let sealed: Vec<u8> = serde_json::from_slice(&b)
+            .map_err(|e| ClientError::Other(format!("{path}: reply: {e}")))?;
+        sluice_auth::request::open_reply(&creds.session_key, b"rotating", &sealed).map_err(|e| {
+            ClientError::Unauthenticated(format!("the monitors' reply does not open: {e}"))
+        })
+    }
+
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
         attempt_timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        self.call_with(method, path, body, attempt_timeout, None).await
+    }
+
+    /// [`Self::call`] with every attempt signed with `creds` (`sluice_auth::request`: a
+    /// signature is good for one attempt, so a retry is signed anew).
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        attempt_timeout: Duration,
+        creds: Option<&sluice_auth::kdc::Credentials>,
     ) -> Result<Vec<u8>, ClientError> {
         let end = Instant::now() + self.deadline;
         let n = self.sel.lock().expect("lock").order().len();
@@ -186,6 +221,12 @@ impl MonClient {
                 .timeout(attempt_timeout);
             if let Some(f) = &self.fsid {
                 req = req.header(api::FSID_HEADER, f);
+            }
+            if let Some(c) = creds {
+                let b = body.as_deref().unwrap_or(&[]);
+                let sig =
+                    sluice_auth::request::sign(c, method.as_str(), path, b, crate::auth::wall_ms());
+                req = req.header(sluice_auth::request::HEADER, sig);
             }
             if let Some(b) = &body {
                 req = req.header("content-type", "application/json").body(b.clone());
@@ -211,6 +252,9 @@ impl MonClient {
                                 }
                                 ErrorKind::Unauthenticated => {
                                     return Err(ClientError::Unauthenticated(e.message));
+                                }
+                                ErrorKind::PermissionDenied => {
+                                    return Err(ClientError::PermissionDenied(e.message));
                                 }
                                 ErrorKind::Internal => {
                                     return Err(ClientError::Other(format!(

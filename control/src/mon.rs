@@ -64,6 +64,8 @@ pub struct Monitor {
     /// Present while this monitor is the leader.
     detector: Mutex<Option<FailureDetector>>,
     counters: Counters,
+    /// Signed requests seen within their window (refused a second time).
+    replays: Mutex<sluice_auth::request::ReplayCache>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -85,6 +87,7 @@ impl Failure {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         };
         Failure(status, ApiError { kind, message: message.into() })
     }
@@ -145,6 +148,7 @@ impl Monitor {
             peer_seen: Mutex::new(BTreeMap::new()),
             detector: Mutex::new(None),
             counters: Counters::default(),
+            replays: Mutex::new(Default::default()),
         }))
     }
 
@@ -667,6 +671,7 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/osd/failure", post(osd_failure))
         .route("/v1/auth/challenge", get(auth_challenge))
         .route("/v1/auth/session", post(auth_session))
+        .route("/v1/auth/rotating", post(auth_rotating))
         .layer(middleware::from_fn_with_state(Arc::clone(&m), check_fsid))
         .with_state(m)
 }
@@ -811,6 +816,66 @@ async fn auth_session(
             Err(Failure::new(ErrorKind::Unauthenticated, e.to_string()))
         }
     }
+}
+
+/// Checks the request's signature (`sluice_auth::request`): who asks, with which caps at
+/// the monitors, and the session key to seal a reply with.
+fn signed_by(
+    m: &Monitor,
+    h: &HeaderMap,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(sluice_auth::AuthTicket, sluice_auth::Secret), Failure> {
+    let Some(v) = h.get(sluice_auth::request::HEADER) else {
+        return Err(Failure::new(
+            ErrorKind::Unauthenticated,
+            format!(
+                "{method} {path} needs a signed request ({} header)",
+                sluice_auth::request::HEADER
+            ),
+        ));
+    };
+    let v =
+        v.to_str().map_err(|_| Failure::new(ErrorKind::Unauthenticated, "unreadable signature"))?;
+    let key =
+        m.sm.shared
+            .read()
+            .expect("state lock")
+            .cluster
+            .auth
+            .mon_key()
+            .cloned()
+            .ok_or_else(|| no_keys(m))?;
+    let mut replays = m.replays.lock().expect("lock");
+    sluice_auth::request::verify(v, &key, method, path, body, auth::wall_ms(), &mut replays)
+        .map_err(|e| {
+            m.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            Failure::new(ErrorKind::Unauthenticated, e.to_string())
+        })
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RotatingRequest {
+    pub service: sluice_auth::Service,
+}
+
+/// A daemon fetching its service's rotating secrets (mon cap `x`, e.g. `profile osd`),
+/// sealed under its session key.
+async fn auth_rotating(
+    State(m): St,
+    h: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Vec<u8>>, Failure> {
+    let (ticket, sk) = signed_by(&m, &h, "POST", "/v1/auth/rotating", &body)?;
+    let req: RotatingRequest = parse(&body)?;
+    ticket.caps.check(sluice_auth::Perms::X, None).map_err(|e| {
+        tracing::warn!("{} may not fetch {} secrets: {e}", ticket.entity, req.service);
+        Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
+    })?;
+    let st = m.sm.shared.read().expect("state lock");
+    let secrets = st.cluster.auth.rotating.get(&req.service).ok_or_else(|| no_keys(&m))?;
+    Ok(axum::Json(sluice_auth::request::seal_reply(&sk, b"rotating", secrets)))
 }
 
 /// Runs `local` on the leader; elsewhere forwards the request to it.

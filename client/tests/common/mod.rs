@@ -30,8 +30,20 @@ impl Cluster {
     }
 
     pub fn up_with(mons: usize, osds: usize, device_size: &str) -> Cluster {
+        Cluster::up_prepared(mons, osds, device_size, |_| {})
+    }
+
+    /// [`Self::up_with`] after `prepare` ran on the empty cluster directory (e.g. to put
+    /// a bootstrap keyring there, which the monitors' mkfs then uses).
+    pub fn up_prepared(
+        mons: usize,
+        osds: usize,
+        device_size: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Cluster {
         bin_dir();
         let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path());
         let c = Cluster { dir };
         let out = c.sluice(&[
             "dev",

@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 done; 1 the cluster refused the command (or a local `dev` operation
 //! failed); 2 usage error; 3 no monitor reachable or no quorum; 4 configuration problem
-//! (no or bad sluice.conf, wrong fsid); 5 authentication failed.
+//! (no or bad sluice.conf, wrong fsid); 5 authentication failed or permission denied.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +27,7 @@ mod objects;
     about = "Operate a Sluice cluster: status, OSDs, pools, config, objects; and local dev clusters.",
     after_help = "Exit codes: 0 done; 1 refused by the cluster (or a dev operation failed); \
                   2 usage; 3 no monitor reachable or no quorum; 4 configuration problem \
-                  (no sluice.conf, wrong fsid); 5 authentication failed.\n\
+                  (no sluice.conf, wrong fsid); 5 authentication failed or permission denied.\n\
                   The configuration is found via -c, then $SLUICE_CONF, then ./sluice.conf."
 )]
 struct Cli {
@@ -195,7 +195,7 @@ impl From<ClientError> for Fail {
             ClientError::Rejected(_) | ClientError::Other(_) => 1,
             ClientError::Unreachable { .. } | ClientError::NoQuorum(_) => 3,
             ClientError::WrongFsid(_) => 4,
-            ClientError::Unauthenticated(_) => 5,
+            ClientError::Unauthenticated(_) | ClientError::PermissionDenied(_) => 5,
         };
         let msg = match e {
             ClientError::NoQuorum(m) => format!("no quorum: {m}"),
