@@ -336,6 +336,105 @@ fn logins_get_tickets_and_refuse_what_they_must() {
     assert!(metric(&a, "mon").is_some_and(|id| id >= 2));
 }
 
+/// `sluice auth ...` against three monitors: keys made, kept, refused, sealed for the
+/// caller; caps checked (and malformed ones refused before they are stored); a follower
+/// forwards changes to the leader with the caller's signature.
+#[test]
+fn auth_commands_manage_keys_through_signed_requests() {
+    let c = Cluster::up(3, 0);
+    let code = |o: &std::process::Output| o.status.code();
+    let out = c.ok(&["auth", "ls"]);
+    assert!(out.contains("client.admin") && out.contains("caps osd = \"allow *\""), "{out}");
+    assert!(!out.contains("mon.") && !out.contains("key"), "ls shows no keys and not mon.: {out}");
+    // Through a follower: forwarded to the leader.
+    let leader = c.json(&["mon", "stat"])["leader"].as_str().unwrap().to_string();
+    let follower = ["a", "b", "c"].into_iter().find(|n| *n != leader).unwrap();
+    let kr = c.path().join("backup.keyring");
+    let kr_s = kr.to_str().unwrap();
+    let f = c.mon_addr(follower);
+    c.ok(&[
+        "-m",
+        &f,
+        "auth",
+        "get-or-create",
+        "client.backup",
+        "mon",
+        "allow r",
+        "osd",
+        "allow rw pool=backups",
+        "-o",
+        kr_s,
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&kr).unwrap().permissions().mode() & 0o777, 0o600);
+    let key1 = c.ok(&["auth", "print-key", "client.backup"]);
+    let again = c.ok(&["auth", "get-or-create", "client.backup", "osd", "allow *"]);
+    let key2 = c.ok(&["auth", "print-key", "client.backup"]);
+    assert_eq!(key1, key2, "get-or-create keeps the existing key");
+    assert!(again.contains("caps osd = \"allow rw pool=backups\""), "and its caps: {again}");
+    let o = c.sluice(&["auth", "add", "client.backup"]);
+    assert_eq!(code(&o), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists already"), "{}", text(&o));
+    // Malformed caps: refused by the CLI (usage) and by the monitors.
+    let o = c.sluice(&["auth", "add", "client.bad", "osd", "allow q"]);
+    assert_eq!(code(&o), Some(2), "{}", text(&o));
+    // The new entity logs in with its keyring, and lacks mon cap '*'.
+    let as_backup = |args: &[&str]| {
+        let mut a = vec!["--name", "client.backup", "--keyring", kr_s];
+        a.extend_from_slice(args);
+        c.sluice(&a)
+    };
+    let o = as_backup(&["auth", "ls"]);
+    assert_eq!(code(&o), Some(5), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("client.backup: permission denied: needs mon 'allow *'"),
+        "{}",
+        text(&o)
+    );
+    // New caps count at the next login (every CLI run logs in).
+    c.ok(&["auth", "caps", "client.backup", "mon", "allow *"]);
+    let o = as_backup(&["auth", "ls"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Removed: it cannot log in any more. mon. cannot be removed.
+    c.ok(&["auth", "rm", "client.backup"]);
+    let o = as_backup(&["status"]);
+    let o2 = as_backup(&["auth", "ls"]);
+    assert!(o.status.success(), "status does not need a login yet: {}", text(&o));
+    assert_eq!(code(&o2), Some(5), "{}", text(&o2));
+    assert!(
+        String::from_utf8_lossy(&o2.stderr).contains("unknown entity client.backup"),
+        "{}",
+        text(&o2)
+    );
+    let o = c.sluice(&["auth", "rm", "mon."]);
+    assert_eq!(code(&o), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("monitors' own key"), "{}", text(&o));
+    // The monitors check caps themselves: a request a CLI would refuse.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use sluice_control::client::{ClientError, MonClient};
+        let admin = sluice_auth::EntityName::client("admin").unwrap();
+        let key =
+            sluice_auth::keyring::Keyring::load_key(&c.path().join("keyring"), &admin).unwrap();
+        let mc = MonClient::new(
+            vec![c.mon_addr("a")],
+            sluice_control::monclient::Policy::Static,
+            Duration::ZERO,
+            1,
+            None,
+        );
+        let creds = mc.login(&admin, &key, None, &[]).await.unwrap();
+        let caps =
+            std::collections::BTreeMap::from([(sluice_auth::Service::Osd, "allow q".to_string())]);
+        let op = sluice_control::auth::AuthOp::Add { entity: "client.bad".parse().unwrap(), caps };
+        match mc.auth_command(&creds, &op).await {
+            Err(ClientError::Rejected(m)) => assert!(m.contains("not a permission"), "{m}"),
+            other => panic!("malformed caps stored: {other:?}"),
+        }
+    });
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

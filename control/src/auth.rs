@@ -79,6 +79,60 @@ impl AuthState {
     }
 }
 
+/// A request to the key database (`POST /v1/auth/command`, signed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthOp {
+    /// A new entity with a new key; refused if it exists.
+    Add {
+        entity: EntityName,
+        caps: BTreeMap<Service, String>,
+    },
+    /// The entity as it is, or a new one like `Add`.
+    GetOrCreate {
+        entity: EntityName,
+        caps: BTreeMap<Service, String>,
+    },
+    Get {
+        entity: EntityName,
+    },
+    /// Entities and caps, no keys.
+    Ls,
+    Rm {
+        entity: EntityName,
+    },
+    /// Replaces the caps (in effect at the entity's next ticket renewal).
+    Caps {
+        entity: EntityName,
+        caps: BTreeMap<Service, String>,
+    },
+}
+
+/// The answer, sealed under the caller's session key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthAnswer {
+    Entity { entity: EntityName, key: Secret, caps: BTreeMap<Service, String>, created: bool },
+    List(Vec<(EntityName, BTreeMap<Service, String>)>),
+    Done,
+}
+
+impl AuthAnswer {
+    pub fn entity(entity: EntityName, r: &EntityRecord, created: bool) -> AuthAnswer {
+        AuthAnswer::Entity { entity, key: r.key.clone(), caps: caps_text(&r.caps), created }
+    }
+}
+
+/// Caps as text, per service.
+pub fn caps_text(caps: &BTreeMap<Service, Caps>) -> BTreeMap<Service, String> {
+    caps.iter().map(|(s, c)| (*s, c.to_string())).collect()
+}
+
+/// Parses caps given as text; a malformed one is refused (before anything is stored).
+pub fn parse_caps(caps: &BTreeMap<Service, String>) -> Result<BTreeMap<Service, Caps>, String> {
+    caps.iter()
+        .map(|(s, t)| Caps::parse(*s, t).map(|c| (*s, c)).map_err(|e| e.to_string()))
+        .collect()
+}
+
 /// The ticket lifetime from the central config.
 pub fn policy(config: &BTreeMap<String, String>) -> IssuePolicy {
     let s = crate::api::config_secs(config, TTL_KEY, DEFAULT_TTL_S).max(MIN_TTL_S);

@@ -184,6 +184,25 @@ impl MonClient {
         })
     }
 
+    /// A request to the key database (`sluice auth ...`), signed with `creds` (needs mon
+    /// cap `*`); the answer comes sealed under the session key.
+    pub async fn auth_command(
+        &self,
+        creds: &sluice_auth::kdc::Credentials,
+        op: &crate::auth::AuthOp,
+    ) -> Result<crate::auth::AuthAnswer, ClientError> {
+        let path = "/v1/auth/command";
+        let body = serde_json::to_vec(op).expect("serializes");
+        let b = self
+            .call_with(Method::POST, path, Some(body), self.attempt_timeout, Some(creds))
+            .await?;
+        let sealed: Vec<u8> = serde_json::from_slice(&b)
+            .map_err(|e| ClientError::Other(format!("{path}: reply: {e}")))?;
+        sluice_auth::request::open_reply(&creds.session_key, b"auth", &sealed).map_err(|e| {
+            ClientError::Unauthenticated(format!("the monitors' reply does not open: {e}"))
+        })
+    }
+
     async fn call(
         &self,
         method: Method,

@@ -11,6 +11,8 @@
 //! mon_selection = "static"        # static | roundrobin | shuffle
 //! mon_check_interval_s = 30       # re-check the preferred monitor (0: never)
 //! auth = "cephx"                  # or "none"
+//! name = "client.admin"           # who this program is (the -n/--name default)
+//! keyring = "/etc/sluice/keyring" # its keys (default: `keyring` beside this file)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -31,6 +33,10 @@ pub struct Conf {
     pub mon_selection: Policy,
     pub mon_check_interval: Duration,
     pub auth: Auth,
+    /// Who programs using this file are, unless told otherwise.
+    pub name: Option<String>,
+    /// Where their keys are, unless told otherwise.
+    pub keyring: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +63,8 @@ struct Raw {
     mon_selection: Option<String>,
     mon_check_interval_s: Option<u64>,
     auth: Option<String>,
+    name: Option<String>,
+    keyring: Option<PathBuf>,
 }
 
 /// Parses a UUID written as 32 hex digits with optional dashes.
@@ -133,7 +141,19 @@ impl Conf {
             mon_selection,
             mon_check_interval: Duration::from_secs(raw.mon_check_interval_s.unwrap_or(30)),
             auth,
+            name: raw.name,
+            keyring: raw.keyring,
         })
+    }
+
+    /// The keyring programs using this file read: `keyring` if set (relative to this
+    /// file's folder), else `keyring` beside this file.
+    pub fn keyring_path(&self) -> PathBuf {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        match &self.keyring {
+            Some(k) => dir.join(k),
+            None => dir.join("keyring"),
+        }
     }
 }
 

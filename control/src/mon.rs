@@ -233,14 +233,27 @@ impl Monitor {
 
     /// Sends a JSON request on to the leader and returns its successful reply body.
     async fn forward(&self, leader: NodeId, path: &str, body: Vec<u8>) -> Result<Bytes, Failure> {
+        self.forward_with(leader, path, body, None).await
+    }
+
+    /// [`Self::forward`] carrying the caller's request signature (the leader checks it).
+    async fn forward_with(
+        &self,
+        leader: NodeId,
+        path: &str,
+        body: Vec<u8>,
+        signature: Option<&HeaderValue>,
+    ) -> Result<Bytes, Failure> {
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let nodes = self.nodes();
         let Some(node) = nodes.get(&leader) else {
             return Err(Failure::new(ErrorKind::NoQuorum, "the leader is not a known member"));
         };
-        let r = self
-            .http
-            .post(format!("http://{}{path}", node.addr))
+        let mut req = self.http.post(format!("http://{}{path}", node.addr));
+        if let Some(sig) = signature {
+            req = req.header(sluice_auth::request::HEADER, sig);
+        }
+        let r = req
             .header(api::FSID_HEADER, format_fsid(&self.fsid))
             .header(api::FORWARDED_HEADER, "1")
             .header(header::CONTENT_TYPE, "application/json")
@@ -672,6 +685,7 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/auth/challenge", get(auth_challenge))
         .route("/v1/auth/session", post(auth_session))
         .route("/v1/auth/rotating", post(auth_rotating))
+        .route("/v1/auth/command", post(auth_command))
         .layer(middleware::from_fn_with_state(Arc::clone(&m), check_fsid))
         .with_state(m)
 }
@@ -757,8 +771,17 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
 
 async fn command(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<Response>, Failure> {
     let cmd: Command = parse(&body)?;
-    if matches!(cmd, Command::AuthRotate { .. }) {
-        return Err(Failure::new(ErrorKind::Rejected, "the leader rotates secrets itself"));
+    if matches!(
+        cmd,
+        Command::AuthRotate { .. }
+            | Command::AuthPut { .. }
+            | Command::AuthRm { .. }
+            | Command::AuthCaps { .. }
+    ) {
+        return Err(Failure::new(
+            ErrorKind::Rejected,
+            "the key database changes only through signed requests (POST /v1/auth/command)",
+        ));
     }
     Ok(axum::Json(m.submit(cmd, forwarded(&h)).await?))
 }
@@ -878,6 +901,94 @@ async fn auth_rotating(
     Ok(axum::Json(sluice_auth::request::seal_reply(&sk, b"rotating", secrets)))
 }
 
+/// The key database (`sluice auth ...`): signed requests from an entity with mon cap
+/// `*`, answers sealed under its session key (keys never travel in the clear). Changes
+/// go to the leader, which checks the signature itself; reads come from this replica.
+async fn auth_command(
+    State(m): St,
+    h: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Vec<u8>>, Failure> {
+    use auth::{AuthAnswer, AuthOp};
+    const PATH: &str = "/v1/auth/command";
+    let op: AuthOp = parse(&body)?;
+    let changes = !matches!(op, AuthOp::Get { .. } | AuthOp::Ls);
+    if changes && !m.is_leader() {
+        return match m.leader() {
+            Some(l) if !forwarded(&h) && l != m.me => {
+                let sig = h.get(sluice_auth::request::HEADER);
+                let bytes = m.forward_with(l, PATH, body.to_vec(), sig).await?;
+                Ok(axum::Json(parse(&bytes)?))
+            }
+            _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),
+        };
+    }
+    let (ticket, sk) = signed_by(&m, &h, "POST", PATH, &body)?;
+    ticket.caps.check(sluice_auth::Perms::ADMIN, None).map_err(|e| {
+        Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
+    })?;
+    let caps_of = |c: &std::collections::BTreeMap<sluice_auth::Service, String>| {
+        auth::parse_caps(c).map_err(|e| Failure::new(ErrorKind::Rejected, e))
+    };
+    let entity_answer = |entity, r: Response| match r {
+        Response::AuthEntity { record, created } => {
+            Ok(AuthAnswer::entity(entity, &record, created))
+        }
+        other => Err(Failure::new(ErrorKind::Internal, format!("answered {other:?}"))),
+    };
+    let put = match &op {
+        AuthOp::Add { entity, caps } => Some((entity.clone(), caps.clone(), false)),
+        AuthOp::GetOrCreate { entity, caps } => Some((entity.clone(), caps.clone(), true)),
+        _ => None,
+    };
+    let answer = match op {
+        AuthOp::Add { .. } | AuthOp::GetOrCreate { .. } => {
+            let (entity, caps, keep_existing) = put.expect("an add");
+            let record = sluice_auth::kdc::EntityRecord {
+                key: sluice_auth::Secret::generate(),
+                caps: caps_of(&caps)?,
+            };
+            let cmd = Command::AuthPut { entity: entity.clone(), record, keep_existing };
+            entity_answer(entity, m.submit(cmd, true).await?)?
+        }
+        AuthOp::Caps { entity, caps } => {
+            let cmd = Command::AuthCaps { entity: entity.clone(), caps: caps_of(&caps)? };
+            entity_answer(entity, m.submit(cmd, true).await?)?
+        }
+        AuthOp::Rm { entity } => {
+            m.submit(Command::AuthRm { entity }, true).await?;
+            AuthAnswer::Done
+        }
+        AuthOp::Get { entity } => {
+            let st = m.sm.shared.read().expect("state lock");
+            let r = st
+                .cluster
+                .auth
+                .entities
+                .get(&entity)
+                .filter(|_| entity != sluice_auth::EntityName::mon())
+                .ok_or_else(|| {
+                    Failure::new(ErrorKind::Rejected, format!("{entity} does not exist"))
+                })?;
+            AuthAnswer::entity(entity, r, false)
+        }
+        AuthOp::Ls => {
+            let st = m.sm.shared.read().expect("state lock");
+            AuthAnswer::List(
+                st.cluster
+                    .auth
+                    .entities
+                    .iter()
+                    .filter(|(e, _)| **e != sluice_auth::EntityName::mon())
+                    .map(|(e, r)| (e.clone(), auth::caps_text(&r.caps)))
+                    .collect(),
+            )
+        }
+    };
+    tracing::info!("{} ran an auth command", ticket.entity);
+    Ok(axum::Json(sluice_auth::request::seal_reply(&sk, b"auth", &answer)))
+}
+
 /// Runs `local` on the leader; elsewhere forwards the request to it.
 async fn on_leader<T: serde::Serialize + serde::de::DeserializeOwned>(
     m: &Monitor,
@@ -926,6 +1037,9 @@ async fn osd_boot(
             Response::Done { epoch } | Response::Registered { epoch, .. } => {
                 tracing::info!("{id} booted at epoch {epoch}");
                 api::BootReply { id, epoch, deferred: false }
+            }
+            Response::AuthEntity { .. } => {
+                return Err(Failure::new(ErrorKind::Internal, "boot answered with an entity"));
             }
         })
     })

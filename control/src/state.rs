@@ -93,6 +93,22 @@ pub enum Command {
         service: sluice_auth::Service,
         next: sluice_auth::ticket::RotatingSecret,
     },
+    /// Adds an entity (its key made by the monitor that took the request). With
+    /// `keep_existing`, an existing entity is kept as it is and returned (get-or-create);
+    /// without, an existing one is refused.
+    AuthPut {
+        entity: sluice_auth::EntityName,
+        record: sluice_auth::kdc::EntityRecord,
+        keep_existing: bool,
+    },
+    AuthRm {
+        entity: sluice_auth::EntityName,
+    },
+    /// Replaces an entity's caps (in effect at its next ticket renewal).
+    AuthCaps {
+        entity: sluice_auth::EntityName,
+        caps: BTreeMap<sluice_auth::Service, sluice_auth::Caps>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +124,11 @@ pub enum Response {
     /// `noup` is set: the OSD stays down until it is cleared.
     BootDeferred {
         epoch: u64,
+    },
+    /// An entity of the key database, as it now is.
+    AuthEntity {
+        record: sluice_auth::kdc::EntityRecord,
+        created: bool,
     },
 }
 
@@ -404,8 +425,44 @@ impl ClusterState {
                 self.auth.rotate(*service, next.clone()).map_err(CommandError::Rejected)?;
                 Ok(Response::Done { epoch: self.osdmap.epoch })
             }
+            Command::AuthPut { entity, record, keep_existing } => {
+                not_mon(entity)?;
+                if let Some(r) = self.auth.entities.get(entity) {
+                    if *keep_existing {
+                        return Ok(Response::AuthEntity { record: r.clone(), created: false });
+                    }
+                    return Err(CommandError::Rejected(format!("{entity} exists already")));
+                }
+                self.auth.entities.insert(entity.clone(), record.clone());
+                Ok(Response::AuthEntity { record: record.clone(), created: true })
+            }
+            Command::AuthRm { entity } => {
+                not_mon(entity)?;
+                self.auth
+                    .entities
+                    .remove(entity)
+                    .ok_or_else(|| CommandError::Rejected(format!("{entity} does not exist")))?;
+                Ok(Response::Done { epoch: self.osdmap.epoch })
+            }
+            Command::AuthCaps { entity, caps } => {
+                not_mon(entity)?;
+                let r =
+                    self.auth.entities.get_mut(entity).ok_or_else(|| {
+                        CommandError::Rejected(format!("{entity} does not exist"))
+                    })?;
+                r.caps = caps.clone();
+                Ok(Response::AuthEntity { record: r.clone(), created: false })
+            }
         }
     }
+}
+
+/// The monitors' own key is not managed by commands.
+fn not_mon(e: &sluice_auth::EntityName) -> Result<(), CommandError> {
+    if *e == sluice_auth::EntityName::mon() {
+        return Err(CommandError::Rejected("mon. is the monitors' own key".into()));
+    }
+    Ok(())
 }
 
 fn check_key(k: &str) -> Result<(), CommandError> {

@@ -17,6 +17,7 @@ use sluice_control::maps::{Flag, Location, OsdId, osdmap::ONE};
 use sluice_control::monclient::Policy;
 use sluice_control::state::{Command, Response};
 
+mod auth_cmd;
 mod dev;
 mod objects;
 
@@ -43,6 +44,13 @@ struct Cli {
     /// Give up after this many seconds without an answer from a monitor with quorum.
     #[arg(long, global = true, default_value_t = 15)]
     timeout: u64,
+    /// Who to authenticate as (default: the configuration's `name`, else client.admin).
+    #[arg(short = 'n', long = "name", global = true)]
+    name: Option<String>,
+    /// The keyring holding that entity's key (default: the configuration's `keyring`,
+    /// else `keyring` beside sluice.conf).
+    #[arg(long = "keyring", global = true)]
+    keyring: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -76,6 +84,11 @@ enum Cmd {
     Pool {
         #[command(subcommand)]
         cmd: PoolCmd,
+    },
+    /// Keys and caps (the monitors' key database; needs mon cap '*').
+    Auth {
+        #[command(subcommand)]
+        cmd: auth_cmd::AuthCmd,
     },
     /// Central configuration (key/value, replicated by the monitors).
     Config {
@@ -187,7 +200,7 @@ enum ConfigCmd {
 }
 
 /// A failure with its exit code.
-struct Fail(u8, String);
+pub(crate) struct Fail(pub(crate) u8, pub(crate) String);
 
 impl From<ClientError> for Fail {
     fn from(e: ClientError) -> Fail {
@@ -283,6 +296,7 @@ fn done(r: &Response, what: &str) {
         Response::Done { epoch } => println!("{what} (osdmap epoch {epoch})"),
         Response::Registered { id, epoch } => println!("{what}: {id} (osdmap epoch {epoch})"),
         Response::BootDeferred { epoch } => println!("{what}: deferred (epoch {epoch})"),
+        Response::AuthEntity { .. } => println!("{what}"),
     }
 }
 
@@ -384,6 +398,17 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::Osd { cmd } => osd(&cli, cmd, json).await?,
         Cmd::Pool { cmd } => pool(&cli, cmd, json).await?,
+        Cmd::Auth { cmd } => {
+            let mc = client(&cli)?;
+            let conf = match &cli.conf {
+                Some(p) => Conf::load(p).ok(),
+                None => Conf::find(None).ok(),
+            };
+            let creds =
+                auth_cmd::login(&mc, cli.name.as_deref(), cli.keyring.as_deref(), conf.as_ref())
+                    .await?;
+            auth_cmd::run(cmd, &mc, &creds, json).await?;
+        }
         Cmd::Config { cmd } => {
             let c = client(&cli)?;
             match cmd {
