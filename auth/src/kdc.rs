@@ -58,8 +58,8 @@ fn check_challenge(mon_key: &Secret, c: &ServerChallenge, now_ms: u64) -> Result
         &c.mac,
     );
     // A little slack for monitors whose clocks differ slightly (any monitor may answer).
-    let fresh =
-        c.issued_ms <= now_ms + 5_000 && now_ms.saturating_sub(c.issued_ms) <= CHALLENGE_TTL_MS;
+    let fresh = c.issued_ms <= now_ms.saturating_add(5_000)
+        && now_ms.saturating_sub(c.issued_ms) <= CHALLENGE_TTL_MS;
     if ours && fresh { Ok(()) } else { Err(AuthError::BadChallenge) }
 }
 
@@ -158,7 +158,7 @@ impl IssuePolicy {
     /// Holders renew at half the lifetime: a monitor outage of up to half a lifetime
     /// costs nothing.
     pub fn renew_after(&self, now_ms: u64) -> u64 {
-        now_ms + self.ticket_ttl_ms / 2
+        now_ms.saturating_add(self.ticket_ttl_ms / 2)
     }
 }
 
@@ -220,7 +220,7 @@ pub fn issue(
         (t.entity == req.entity).then_some(t.global_id)
     });
     let global_id = renewed.unwrap_or_else(new_global_id);
-    let expires_ms = now_ms + policy.ticket_ttl_ms;
+    let expires_ms = now_ms.saturating_add(policy.ticket_ttl_ms);
     let renew_after_ms = policy.renew_after(now_ms);
     let ticket_for = |service| AuthTicket {
         entity: req.entity.clone(),

@@ -106,9 +106,10 @@ impl Keyring {
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
+                // The line is not echoed: it may be a key pasted on its own.
                 return Err(err(
                     n,
-                    format!("expected [ENTITY], key = ... or caps SERVICE = \"...\", not {line:?}"),
+                    "expected [ENTITY], key = ... or caps SERVICE = \"...\"".into(),
                 ));
             };
             let (k, v) = (k.trim(), v.trim());
@@ -134,7 +135,11 @@ impl Keyring {
                     }
                 }
                 _ => {
-                    return Err(err(n, format!("unknown setting {k:?} (key, caps mon, caps osd)")));
+                    // Named only if it looks like a setting name, not like a pasted key.
+                    let plain = k.len() <= 16
+                        && k.chars().all(|c| c.is_ascii_alphanumeric() || " _-".contains(c));
+                    let name = if plain { format!(" {k:?}") } else { String::new() };
+                    return Err(err(n, format!("unknown setting{name} (key, caps mon, caps osd)")));
                 }
             }
         }
@@ -280,13 +285,15 @@ mod tests {
             (format!("[client.a]\nkey = {key}\ncaps osd = \"allow q\""), 3, "not a permission"),
             (format!("[client.a]\nkey = {key}\ncaps osd = \"allow r"), 3, "unbalanced"),
             (format!("[client.a]\nkey = {key}\nuser = x"), 3, "unknown setting"),
-            (format!("[client.a]\nkey = {key}\njunk"), 3, "expected"),
+            (format!("[client.a]\nkey = {key}\n{key}"), 3, "unknown setting (key"),
+            (format!("[client.a]\nkey = {key}\njunk"), 3, "expected [ENTITY]"),
             (format!("[client.a]\nkey = {key}\n[client.a]\nkey = {key}"), 3, "twice"),
         ] {
             match Keyring::parse(&text, p) {
                 Err(KeyringError::Parse { line: l, why: w, .. }) => {
                     assert_eq!(l, line, "{text:?}: {w}");
                     assert!(w.contains(why), "{text:?}: {w}");
+                    assert!(!w.contains(&key[..20]), "a key in an error: {w}");
                 }
                 other => panic!("{text:?}: {other:?}"),
             }

@@ -70,6 +70,8 @@ pub enum AuthError {
     Replay,
     #[error("request signed {skew_ms} ms away from this monitor's clock (check the clocks)")]
     StaleRequest { skew_ms: i64 },
+    #[error("too many signed requests within the replay window; retry in a minute")]
+    Busy,
     #[error("the server failed to prove itself (its reply does not answer our nonce)")]
     ServerNotAuthentic,
     #[error("malformed {what}: {why}")]

@@ -104,17 +104,21 @@ pub fn verify(
         return Err(AuthError::Replay);
     }
     if now_ms.abs_diff(stamp.at_ms) > WINDOW_MS {
-        return Err(AuthError::StaleRequest { skew_ms: now_ms as i64 - stamp.at_ms as i64 });
+        return Err(AuthError::StaleRequest {
+            skew_ms: (i128::from(now_ms) - i128::from(stamp.at_ms))
+                .clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+        });
     }
-    if !replays.first_sight(stamp.global_id, stamp.nonce, stamp.at_ms + WINDOW_MS, now_ms) {
+    if !replays.first_sight(stamp.global_id, stamp.nonce, stamp.at_ms + WINDOW_MS, now_ms)? {
         return Err(AuthError::Replay);
     }
     Ok((ticket, sk))
 }
 
-/// The stamps seen within the window, to refuse a replayed request. Bounded: when full,
-/// the oldest half is dropped early, so a flood costs memory only up to the bound (a
-/// stamp forgotten early could be replayed until its window ends).
+/// The stamps seen within their window, to refuse a replayed request. Bounded, and
+/// failing closed: when it is full of live stamps, new requests are refused (retry
+/// later) rather than live stamps forgotten (which would let a flood reopen the door to
+/// replays).
 #[derive(Debug, Default)]
 pub struct ReplayCache {
     seen: HashMap<(u64, u64), u64>,
@@ -124,18 +128,24 @@ pub struct ReplayCache {
 pub const REPLAY_CACHE_ENTRIES: usize = 1 << 16;
 
 impl ReplayCache {
-    /// Records (global id, nonce) until `until_ms`; `false` if it was seen already.
-    pub fn first_sight(&mut self, global_id: u64, nonce: u64, until_ms: u64, now_ms: u64) -> bool {
+    /// Records (global id, nonce) until `until_ms`: `Ok(false)` if it was seen already,
+    /// an error if the cache is full of live stamps.
+    pub fn first_sight(
+        &mut self,
+        global_id: u64,
+        nonce: u64,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, AuthError> {
         if self.seen.len() >= REPLAY_CACHE_ENTRIES {
             self.seen.retain(|_, until| *until > now_ms);
-            if self.seen.len() >= REPLAY_CACHE_ENTRIES / 2 {
-                let mut untils: Vec<u64> = self.seen.values().copied().collect();
-                untils.sort_unstable();
-                let cut = untils[untils.len() / 2];
-                self.seen.retain(|_, until| *until > cut);
+            if self.seen.len() >= REPLAY_CACHE_ENTRIES
+                && !self.seen.contains_key(&(global_id, nonce))
+            {
+                return Err(AuthError::Busy);
             }
         }
-        self.seen.insert((global_id, nonce), until_ms).is_none()
+        Ok(self.seen.insert((global_id, nonce), until_ms).is_none())
     }
 
     pub fn len(&self) -> usize {
@@ -232,13 +242,17 @@ mod tests {
     }
 
     #[test]
-    fn the_replay_cache_stays_bounded() {
+    fn the_replay_cache_stays_bounded_and_fails_closed() {
         let mut c = ReplayCache::default();
-        for i in 0..(REPLAY_CACHE_ENTRIES as u64 + 10) {
-            assert!(c.first_sight(1, i, 1_000 + i, 0));
+        for i in 0..REPLAY_CACHE_ENTRIES as u64 {
+            assert_eq!(c.first_sight(1, i, 1_000 + i, 0), Ok(true));
         }
-        assert!(c.len() <= REPLAY_CACHE_ENTRIES / 2 + 11, "{}", c.len());
-        assert!(!c.first_sight(1, REPLAY_CACHE_ENTRIES as u64 + 9, 0, 0), "the newest are kept");
+        // Full of live stamps: refused, and nothing live forgotten.
+        assert_eq!(c.first_sight(1, u64::MAX, 5_000, 0), Err(AuthError::Busy));
+        assert_eq!(c.first_sight(1, 7, 5_000, 0), Ok(false), "still remembered");
+        // Once some expire there is room again.
+        assert_eq!(c.first_sight(1, u64::MAX, 5_000, 1_500), Ok(true));
+        assert!(c.len() <= REPLAY_CACHE_ENTRIES);
     }
 
     #[test]

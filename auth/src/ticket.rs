@@ -141,11 +141,27 @@ pub struct RotatingSecret {
 /// becomes current; a service accepts every secret it holds, so it accepts the
 /// previous, current and next secret of its own view, and rejects anything older.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawRotatingSecrets")]
 pub struct RotatingSecrets {
     pub service: Service,
     /// Consecutive ids, oldest first; the last is the next secret, the one before it
     /// the current one. Two or three entries.
     entries: Vec<RotatingSecret>,
+}
+
+/// What a [`RotatingSecrets`] decodes from, checked before use (a decoded value must
+/// hold the invariants `current()` relies on).
+#[derive(Deserialize)]
+struct RawRotatingSecrets {
+    service: Service,
+    entries: Vec<RotatingSecret>,
+}
+
+impl TryFrom<RawRotatingSecrets> for RotatingSecrets {
+    type Error = AuthError;
+    fn try_from(r: RawRotatingSecrets) -> Result<RotatingSecrets, AuthError> {
+        RotatingSecrets::from_entries(r.service, r.entries)
+    }
 }
 
 impl RotatingSecrets {
@@ -339,6 +355,20 @@ pub(crate) mod tests {
         let copy = RotatingSecrets::from_entries(Service::Osd, s.entries().to_vec()).unwrap();
         assert_eq!(copy, s);
         assert!(RotatingSecrets::from_entries(Service::Osd, vec![]).is_err());
+        // Decoding checks the same (a bad value cannot reach `current()`).
+        let bin = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(postcard::from_bytes::<RotatingSecrets>(&bin).unwrap(), s);
+        #[derive(serde::Serialize)]
+        struct Raw {
+            service: Service,
+            entries: Vec<RotatingSecret>,
+        }
+        let one = postcard::to_allocvec(&Raw {
+            service: Service::Osd,
+            entries: s.entries()[..1].to_vec(),
+        })
+        .unwrap();
+        assert!(postcard::from_bytes::<RotatingSecrets>(&one).is_err());
         assert!(RotatingSecrets::from_entries(Service::Osd, s.entries()[..1].to_vec()).is_err());
         let mut gap = s.entries().to_vec();
         gap[1].id += 1;

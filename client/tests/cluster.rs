@@ -292,7 +292,22 @@ fn logins_get_tickets_and_refuse_what_they_must() {
 
         // Rotating secrets go only to signed requests with mon cap x, sealed for the
         // caller; the OSD secrets fetched open the OSD tickets the monitors issue.
-        let secrets = at(&b).fetch_rotating(&creds, Service::Osd).await.unwrap();
+        match at(&b).fetch_rotating(&creds, Service::Osd).await {
+            Err(ClientError::PermissionDenied(m)) => {
+                assert!(m.contains("only the osd daemons"), "{m}")
+            }
+            other => panic!("an admin got the OSD secrets: {other:?}"),
+        }
+        let osd0: EntityName = "osd.0".parse().unwrap();
+        let caps = std::collections::BTreeMap::from([(Service::Mon, "profile osd".to_string())]);
+        let op = sluice_control::auth::AuthOp::Add { entity: osd0.clone(), caps };
+        let sluice_control::auth::AuthAnswer::Entity { key: osd_key, .. } =
+            at(&a).auth_command(&creds, &op).await.unwrap()
+        else {
+            panic!("no entity")
+        };
+        let oc = at(&a).login(&osd0, &osd_key, None, &[]).await.unwrap();
+        let secrets = at(&b).fetch_rotating(&oc, Service::Osd).await.unwrap();
         let (t, sk) = sluice_auth::ticket::open_ticket(
             &osd.blob,
             Service::Osd,
@@ -341,6 +356,7 @@ fn logins_get_tickets_and_refuse_what_they_must() {
 /// forwards changes to the leader with the caller's signature.
 #[test]
 fn auth_commands_manage_keys_through_signed_requests() {
+    use sluice_auth::EntityName;
     let c = Cluster::up(3, 0);
     let code = |o: &std::process::Output| o.status.code();
     let out = c.ok(&["auth", "ls"]);
@@ -431,6 +447,33 @@ fn auth_commands_manage_keys_through_signed_requests() {
         match mc.auth_command(&creds, &op).await {
             Err(ClientError::Rejected(m)) => assert!(m.contains("not a permission"), "{m}"),
             other => panic!("malformed caps stored: {other:?}"),
+        }
+        // The database decides, not the ticket: a demoted or removed admin loses the
+        // key database at once, with its ticket still valid.
+        use sluice_control::auth::{AuthAnswer, AuthOp};
+        let all =
+            std::collections::BTreeMap::from([(sluice_auth::Service::Mon, "allow *".to_string())]);
+        let ops: EntityName = "client.ops".parse().unwrap();
+        let AuthAnswer::Entity { key: ops_key, .. } =
+            mc.auth_command(&creds, &AuthOp::Add { entity: ops.clone(), caps: all }).await.unwrap()
+        else {
+            panic!("no entity")
+        };
+        let oc = mc.login(&ops, &ops_key, None, &[]).await.unwrap();
+        mc.auth_command(&oc, &AuthOp::Ls).await.unwrap();
+        let read =
+            std::collections::BTreeMap::from([(sluice_auth::Service::Mon, "allow r".to_string())]);
+        mc.auth_command(&creds, &AuthOp::Caps { entity: ops.clone(), caps: read }).await.unwrap();
+        assert!(matches!(
+            mc.auth_command(&oc, &AuthOp::Ls).await,
+            Err(ClientError::PermissionDenied(_))
+        ));
+        mc.auth_command(&creds, &AuthOp::Rm { entity: ops.clone() }).await.unwrap();
+        match mc.auth_command(&oc, &AuthOp::Ls).await {
+            Err(ClientError::Unauthenticated(m)) => {
+                assert!(m.contains("no longer in the key database"), "{m}")
+            }
+            other => panic!("a removed entity kept the API: {other:?}"),
         }
     });
 }

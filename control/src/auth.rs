@@ -28,6 +28,8 @@ pub const TTL_KEY: &str = "auth_service_ticket_ttl";
 pub const DEFAULT_TTL_S: f64 = 3600.0;
 /// The shortest lifetime accepted (tests use a few seconds; production, hours).
 pub const MIN_TTL_S: f64 = 2.0;
+/// The longest (a leaked secret works up to two lifetimes).
+pub const MAX_TTL_S: f64 = 30.0 * 86400.0;
 
 /// The replicated key database.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -135,7 +137,7 @@ pub fn parse_caps(caps: &BTreeMap<Service, String>) -> Result<BTreeMap<Service, 
 
 /// The ticket lifetime from the central config.
 pub fn policy(config: &BTreeMap<String, String>) -> IssuePolicy {
-    let s = crate::api::config_secs(config, TTL_KEY, DEFAULT_TTL_S).max(MIN_TTL_S);
+    let s = crate::api::config_secs(config, TTL_KEY, DEFAULT_TTL_S).clamp(MIN_TTL_S, MAX_TTL_S);
     IssuePolicy { ticket_ttl_ms: (s * 1000.0) as u64 }
 }
 
@@ -206,5 +208,7 @@ mod tests {
         assert!(st.rotate(s, next).is_err());
         let p = policy(&BTreeMap::from([(TTL_KEY.to_string(), "0.1".to_string())]));
         assert_eq!(p.ticket_ttl_ms, 2000, "lifetimes are clamped to the minimum");
+        let p = policy(&BTreeMap::from([(TTL_KEY.to_string(), "1e300".to_string())]));
+        assert_eq!(p.ticket_ttl_ms, (MAX_TTL_S * 1000.0) as u64, "and to the maximum");
     }
 }

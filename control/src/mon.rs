@@ -870,12 +870,25 @@ fn signed_by(
             .mon_key()
             .cloned()
             .ok_or_else(|| no_keys(m))?;
-    let mut replays = m.replays.lock().expect("lock");
-    sluice_auth::request::verify(v, &key, method, path, body, auth::wall_ms(), &mut replays)
-        .map_err(|e| {
-            m.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-            Failure::new(ErrorKind::Unauthenticated, e.to_string())
-        })
+    let (mut ticket, sk) = {
+        let mut replays = m.replays.lock().expect("lock");
+        sluice_auth::request::verify(v, &key, method, path, body, auth::wall_ms(), &mut replays)
+            .map_err(|e| {
+                m.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                Failure::new(ErrorKind::Unauthenticated, e.to_string())
+            })?
+    };
+    // The database as it is now decides, not the ticket: a removed or demoted entity
+    // loses the management API at once, not when its ticket expires.
+    let st = m.sm.shared.read().expect("state lock");
+    let Some(rec) = st.cluster.auth.entities.get(&ticket.entity) else {
+        return Err(Failure::new(
+            ErrorKind::Unauthenticated,
+            format!("{} is no longer in the key database", ticket.entity),
+        ));
+    };
+    ticket.caps = rec.caps_at(sluice_auth::Service::Mon);
+    Ok((ticket, sk))
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -896,6 +909,21 @@ async fn auth_rotating(
         tracing::warn!("{} may not fetch {} secrets: {e}", ticket.entity, req.service);
         Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
     })?;
+    // A service's secrets let their holder mint its tickets: only its own daemons get
+    // them (the monitors hold theirs already).
+    let own = match req.service {
+        sluice_auth::Service::Osd => ticket.entity.kind() == sluice_auth::EntityKind::Osd,
+        sluice_auth::Service::Mon => false,
+    };
+    if !own {
+        return Err(Failure::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{}: only the {} daemons get the {} secrets",
+                ticket.entity, req.service, req.service
+            ),
+        ));
+    }
     let st = m.sm.shared.read().expect("state lock");
     let secrets = st.cluster.auth.rotating.get(&req.service).ok_or_else(|| no_keys(&m))?;
     Ok(axum::Json(sluice_auth::request::seal_reply(&sk, b"rotating", secrets)))
@@ -918,6 +946,25 @@ async fn auth_command(
             Some(l) if !forwarded(&h) && l != m.me => {
                 let sig = h.get(sluice_auth::request::HEADER);
                 let bytes = m.forward_with(l, PATH, body.to_vec(), sig).await?;
+                // Read your writes here: the caller's next request (a login with the new
+                // key, say) may come to this monitor before it applied the change.
+                let done = |a: &auth::AuthState| match &op {
+                    AuthOp::Add { entity, .. } | AuthOp::GetOrCreate { entity, .. } => {
+                        a.entities.contains_key(entity)
+                    }
+                    AuthOp::Rm { entity } => !a.entities.contains_key(entity),
+                    AuthOp::Caps { entity, caps } => a
+                        .entities
+                        .get(entity)
+                        .is_some_and(|r| auth::parse_caps(caps).is_ok_and(|c| c == r.caps)),
+                    AuthOp::Get { .. } | AuthOp::Ls => true,
+                };
+                let until = Instant::now() + COMMIT_TIMEOUT;
+                while !done(&m.sm.shared.read().expect("state lock").cluster.auth)
+                    && Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Ok(axum::Json(parse(&bytes)?))
             }
             _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),

@@ -22,9 +22,16 @@ fn write(out: &mut Vec<u8>, f: &AuthFrame, limits: &Limits) {
         .expect("handshake frames are small");
 }
 
+/// Limits while nobody is authenticated: one handshake message per frame, so an
+/// unauthenticated peer cannot make the server buffer a large frame.
+const AUTH_LIMITS: Limits = Limits {
+    max_segment_bytes: handshake::MAX_FRAME_BYTES as u32,
+    max_frame_bytes: handshake::MAX_FRAME_BYTES as u32,
+};
+
 /// The next auth frame in `input`: `Ok(None)` if it has not all arrived.
-fn next(input: &[u8], limits: &Limits) -> Result<Option<(AuthFrame, usize)>, PhaseError> {
-    match frame::decode(input, limits).map_err(|e| PhaseError::Frame(e.to_string()))? {
+fn next(input: &[u8], _limits: &Limits) -> Result<Option<(AuthFrame, usize)>, PhaseError> {
+    match frame::decode(input, &AUTH_LIMITS).map_err(|e| PhaseError::Frame(e.to_string()))? {
         Decoded::NeedMore { .. } => Ok(None),
         Decoded::Frame { frame, len } => {
             if frame.tag != TAG_AUTH {

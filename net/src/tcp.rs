@@ -645,9 +645,11 @@ impl Server {
     }
 
     /// The verified ticket of a session's client (with authentication on): its identity
-    /// and its caps at this service, to check every op against.
-    pub fn peer(&self, cookie: u64) -> Option<&AuthTicket> {
-        self.clients.get(&cookie)?.peer.as_ref().map(|p| &p.ticket)
+    /// and its caps at this service, to check every op against. `None` once the ticket
+    /// expired at `now_ms` (the client must reconnect with a renewed one).
+    pub fn peer(&self, cookie: u64, now_ms: u64) -> Option<&AuthTicket> {
+        let t = &self.clients.get(&cookie)?.peer.as_ref()?.ticket;
+        (now_ms < t.expires_ms).then_some(t)
     }
 
     /// Readable when a socket of this server has something to do (for parking).
@@ -870,20 +872,28 @@ impl Server {
         on: &mut impl FnMut(ServerEvent<'_>),
     ) {
         let (features, limits) = (self.features, self.limits);
-        if let (Some(c), Some(new)) = (self.clients.get(&hello.cookie), &peer)
-            && let Some(old) = &c.peer
-            && old.ticket.entity != new.ticket.entity
-        {
-            // A session is its entity's: another one cannot take it over by its cookie.
-            let e = io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} tried to attach to a session of {}",
-                    new.ticket.entity, old.ticket.entity
-                ),
-            );
-            close(conn, ConnError::Io(e), on);
-            return;
+        if let Some(c) = self.clients.get(&hello.cookie) {
+            // A session is its entity's: another one (or an unauthenticated connection,
+            // or an authenticated one for a session made without authentication) cannot
+            // take it over by its cookie.
+            let name = |p: &Option<Box<Verified>>| {
+                p.as_ref().map_or("an unauthenticated client".to_string(), |v| {
+                    v.ticket.entity.to_string()
+                })
+            };
+            let same = match (&c.peer, &peer) {
+                (None, None) => true,
+                (Some(old), Some(new)) => old.ticket.entity == new.ticket.entity,
+                _ => false,
+            };
+            if !same {
+                let e = io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{} tried to attach to a session of {}", name(&peer), name(&c.peer)),
+                );
+                close(conn, ConnError::Io(e), on);
+                return;
+            }
         }
         let c = self.clients.entry(hello.cookie).or_insert_with(|| Client {
             session: Session::server(hello.cookie, features, limits),
@@ -895,10 +905,8 @@ impl Server {
             ack: AckHold::default(),
             peer: None,
         });
-        if peer.is_some() {
-            // The latest verification (a renewed ticket may carry changed caps).
-            c.peer = peer;
-        }
+        // The latest verification (a renewed ticket may carry changed caps).
+        c.peer = peer;
         if let Some(old) = c.conn.take() {
             let e = io::Error::other("replaced by a newer connection of the same session");
             close(old, ConnError::Io(e), on);
@@ -951,7 +959,11 @@ fn handshake(
     let conn = &mut p.conn;
     let n = conn.read_some()?;
     if let Stage::Auth(phase) = &mut p.stage {
-        let a = auth.expect("connections authenticate only while auth is on");
+        let Some(a) = auth else {
+            // Authentication was turned off while this connection was proving itself.
+            let e = io::Error::other("authentication was turned off during the handshake");
+            return Err(ConnError::Io(e));
+        };
         let mut out = std::mem::take(conn.out());
         let r = phase.receive(
             conn.input(),

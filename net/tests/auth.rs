@@ -119,7 +119,8 @@ fn authenticated_clients_are_served_in_both_modes_across_cuts() {
         pump(&mut s, &mut [&mut c], &mut got, &mut closed, |g, _| g.len() == 3);
         assert!(closed.is_empty(), "{closed:?}");
         assert_eq!(c.is_secure(), secure);
-        let peer = s.peer(11).expect("verified peer");
+        let peer = s.peer(11, now_ms()).expect("verified peer");
+        assert!(s.peer(11, peer.expires_ms).is_none(), "an expired ticket is no peer");
         assert_eq!(peer.entity.to_string(), "client.alice");
         assert_eq!(peer.caps.to_string(), "allow r pool=a");
         // A cut: the next connection authenticates again and the session replays.
@@ -198,6 +199,28 @@ fn refused_tickets_close_only_their_connection() {
         raw.write_all(&[0xab; 40]).unwrap();
         pump(&mut s, &mut [&mut a], &mut seen.got, &mut seen.closed, |_, c| c.len() > before);
     }
+    // A large frame before anyone is authenticated: refused from its preamble.
+    {
+        use std::io::Write;
+        let before = seen.closed.len();
+        let mut big = Vec::new();
+        sluice_net::frame::encode(
+            &mut big,
+            sluice_net::auth_phase::TAG_AUTH,
+            0,
+            &[&vec![0u8; 64 << 10]],
+            &Limits::default(),
+        )
+        .unwrap();
+        let mut raw = std::net::TcpStream::connect(s.local_addr().unwrap()).unwrap();
+        raw.write_all(&big[..64]).unwrap();
+        pump(&mut s, &mut [&mut a], &mut seen.got, &mut seen.closed, |_, c| c.len() > before);
+        assert!(
+            seen.closed[before..].iter().any(|r| r.contains("exceeds the limit")),
+            "{:?}",
+            seen.closed
+        );
+    }
     // The good client was served all along.
     a.send(1, b"still here").unwrap();
     let n = seen.sent + 1;
@@ -227,6 +250,6 @@ fn another_entity_cannot_take_over_a_session_by_its_cookie() {
         "{closed:?}"
     );
     m.cut();
-    assert_eq!(s.peer(42).unwrap().entity.to_string(), "client.alice");
+    assert_eq!(s.peer(42, now_ms()).unwrap().entity.to_string(), "client.alice");
     assert_eq!(got.len(), 1, "nothing of mallory's was delivered: {got:?}");
 }
