@@ -171,17 +171,8 @@ impl MonClient {
         creds: &sluice_auth::kdc::Credentials,
         service: sluice_auth::Service,
     ) -> Result<sluice_auth::RotatingSecrets, ClientError> {
-        let path = "/v1/auth/rotating";
-        let body =
-            serde_json::to_vec(&crate::mon::RotatingRequest { service }).expect("serializes");
-        let b = self
-            .call_with(Method::POST, path, Some(body), self.attempt_timeout, Some(creds))
-            .await?;
-        let sealed: Vec<u8> = serde_json::from_slice(&b)
-            .map_err(|e| ClientError::Other(format!("{path}: reply: {e}")))?;
-        sluice_auth::request::open_reply(&creds.session_key, b"rotating", &sealed).map_err(|e| {
-            ClientError::Unauthenticated(format!("the monitors' reply does not open: {e}"))
-        })
+        let body = crate::mon::RotatingRequest { service };
+        self.signed_sealed(creds, "/v1/auth/rotating", &body, b"rotating").await
     }
 
     /// A request to the key database (`sluice auth ...`), signed with `creds` (needs mon
@@ -191,14 +182,25 @@ impl MonClient {
         creds: &sluice_auth::kdc::Credentials,
         op: &crate::auth::AuthOp,
     ) -> Result<crate::auth::AuthAnswer, ClientError> {
-        let path = "/v1/auth/command";
-        let body = serde_json::to_vec(op).expect("serializes");
+        self.signed_sealed(creds, "/v1/auth/command", op, b"auth").await
+    }
+
+    /// A POST signed with `creds` whose answer comes sealed under its session key,
+    /// labelled `what` (`sluice_auth::request::seal_reply`).
+    async fn signed_sealed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        creds: &sluice_auth::kdc::Credentials,
+        path: &str,
+        body: &B,
+        what: &[u8],
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).expect("requests serialize");
         let b = self
             .call_with(Method::POST, path, Some(body), self.attempt_timeout, Some(creds))
             .await?;
         let sealed: Vec<u8> = serde_json::from_slice(&b)
             .map_err(|e| ClientError::Other(format!("{path}: reply: {e}")))?;
-        sluice_auth::request::open_reply(&creds.session_key, b"auth", &sealed).map_err(|e| {
+        sluice_auth::request::open_reply(&creds.session_key, what, &sealed).map_err(|e| {
             ClientError::Unauthenticated(format!("the monitors' reply does not open: {e}"))
         })
     }

@@ -30,7 +30,7 @@ const AUTH_LIMITS: Limits = Limits {
 };
 
 /// The next auth frame in `input`: `Ok(None)` if it has not all arrived.
-fn next(input: &[u8], _limits: &Limits) -> Result<Option<(AuthFrame, usize)>, PhaseError> {
+fn next(input: &[u8]) -> Result<Option<(AuthFrame, usize)>, PhaseError> {
     match frame::decode(input, &AUTH_LIMITS).map_err(|e| PhaseError::Frame(e.to_string()))? {
         Decoded::NeedMore { .. } => Ok(None),
         Decoded::Frame { frame, len } => {
@@ -77,7 +77,7 @@ impl ClientAuthPhase {
         limits: &Limits,
     ) -> Result<(usize, Option<(Secret, bool)>), PhaseError> {
         let mut at = 0;
-        while let Some((f, len)) = next(&input[at..], limits)? {
+        while let Some((f, len)) = next(&input[at..])? {
             at += len;
             match self.hs.on_frame(&f)? {
                 ClientStep::Send(reply) => write(out, &reply, limits),
@@ -113,7 +113,7 @@ impl ServerAuthPhase {
         limits: &Limits,
     ) -> Result<(usize, Option<Box<Verified>>), PhaseError> {
         let mut at = 0;
-        while let Some((f, len)) = next(&input[at..], limits)? {
+        while let Some((f, len)) = next(&input[at..])? {
             at += len;
             match self.hs.on_frame(&f, secrets, now_ms)? {
                 ServerStep::Send(reply) => write(out, &reply, limits),

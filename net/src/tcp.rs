@@ -421,7 +421,7 @@ impl ClientConn {
         match &self.ticket {
             // The session handshake follows once the server proved itself.
             Some(t) => {
-                self.phase = Some(ClientAuthPhase::start(t, c.out(), &self.session_limits()))
+                self.phase = Some(ClientAuthPhase::start(t, c.out(), &self.session.limits()))
             }
             None => self.session.connect(c.out()),
         }
@@ -477,10 +477,6 @@ impl ClientConn {
             self.session.disconnected();
         }
         r
-    }
-
-    fn session_limits(&self) -> Limits {
-        self.session.limits()
     }
 
     /// Sends an ack held back ([`ACK_DELAY`]) now: call it before sleeping longer.
