@@ -157,3 +157,50 @@ fn a_full_store_says_no_space_and_deletes_still_succeed() {
         assert!(d.data().iter().all(|&b| b == i as u8));
     }
 }
+
+/// A store filled with small objects (a large index, so a large checkpoint) until it says
+/// "no space" must not retry a checkpoint that cannot fit on every poll: that spun a
+/// reactor and flooded the log. Attempts stay bounded while nothing changes, and once
+/// deletes free room, checkpoints and writes work again.
+#[test]
+fn a_store_full_of_small_objects_does_not_retry_checkpoints_in_a_loop() {
+    let mut dev = RamDevice::new(16 << 20, 64);
+    mkfs(&mut dev, &MkfsOptions::default()).unwrap();
+    let mut s = Shard::open(dev, 0, StoreConfig::default()).unwrap();
+    run_txn(&mut s, Transaction { ops: vec![TxOp::CreateCollection { coll: C }] }).unwrap();
+    let mut n = 0;
+    loop {
+        let name = format!("small-object-with-a-longish-name-{n:08}");
+        match run_txn(
+            &mut s,
+            Transaction { ops: vec![TxOp::WriteFull { coll: C, name, data: vec![n as u8; 4096] }] },
+        ) {
+            Ok(_) => n += 1,
+            Err(e) => {
+                assert_eq!(e, sluice_dataplane::store::StoreError::NoSpace);
+                break;
+            }
+        }
+        assert!(n < 10_000, "a 16 MiB store accepted more than 40 MiB of live data");
+    }
+    let before = s.stats();
+    let mut busy_polls = 0;
+    for _ in 0..200_000 {
+        if s.poll(&mut |_| {}) {
+            busy_polls += 1;
+        }
+    }
+    let after = s.stats();
+    eprintln!(
+        "{n} objects; checkpoints {} -> {}, failures {} -> {}, busy polls {busy_polls}",
+        before.checkpoints,
+        after.checkpoints,
+        before.checkpoint_failures,
+        after.checkpoint_failures
+    );
+    assert!(
+        after.checkpoint_failures - before.checkpoint_failures <= 2,
+        "an idle full store kept retrying checkpoints"
+    );
+    assert!(busy_polls < 10_000, "an idle full store stayed busy: {busy_polls} busy polls");
+}

@@ -101,14 +101,19 @@ const ID_DATA: u64 = 2;
 impl<D: BlockDevice> Shard<D> {
     /// Whether cleaning (and the checkpoints it may need) could ever free `need` blocks.
     pub(super) fn cleaner_can_free(&self, need: u64) -> bool {
+        // The same segments the cleaner would take (see `Space::cleaning_victim`), less
+        // those that wait for a checkpoint when there is no room to write one.
         let sp = &self.st.space;
+        let cp_blocked = self.checkpoint_blocked();
         let reclaimable: u64 = (0..sp.geo.seg_count)
             .filter(|&s| {
-                sp.segs[s as usize].state == SegState::Sealed
-                    && !sp.pinned[s as usize]
+                let i = s as usize;
+                sp.segs[i].state == SegState::Sealed
+                    && !sp.pinned[i]
                     && !sp.reusable(s)
+                    && (!cp_blocked || sp.segs[i].max_record_seq <= sp.cp_last_seq)
             })
-            .map(|s| sp.geo.seg_blocks - u64::from(sp.live[s as usize]))
+            .map(|s| sp.clean_gain(sp.live[s as usize]))
             .sum();
         sp.available() + reclaimable >= need
     }

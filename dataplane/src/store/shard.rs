@@ -288,6 +288,9 @@ pub struct Shard<D: BlockDevice> {
     chunk_pool: DmaPool,
     journal_bytes_since_cp: u64,
     last_cp_blocks: u64,
+    /// Blocks the last checkpoint attempt needed when it found no room; none since the
+    /// last checkpoint that completed.
+    cp_no_room: Option<u64>,
     /// Internal (cleaner) transactions committed, for the cleaner to count.
     pub(super) internal_committed: u64,
     /// A user transaction waits for space: the cleaner is urgent.
@@ -403,6 +406,7 @@ impl<D: BlockDevice> Shard<D> {
             chunk_pool,
             journal_bytes_since_cp: 0,
             last_cp_blocks,
+            cp_no_room: None,
             internal_committed: 0,
             space_wait: false,
             new_work: false,
@@ -975,10 +979,42 @@ impl<D: BlockDevice> Shard<D> {
     }
 
     /// Starts a checkpoint unless one is running.
+    /// Starts a checkpoint unless one is running, or the last one found no room and
+    /// no more room has been made since (retrying then would only fail again, on
+    /// every poll).
     pub(super) fn request_checkpoint(&mut self) {
-        if self.cp_job.is_none() && self.failed.is_none() {
+        if self.cp_job.is_none() && self.failed.is_none() && !self.checkpoint_blocked() {
             self.cp_job = Some(CpJob::Quiescing);
         }
+    }
+
+    /// Whether the last checkpoint attempt ran out of room and the log still has less
+    /// than it needed.
+    pub(super) fn checkpoint_blocked(&self) -> bool {
+        self.cp_no_room.is_some_and(|need| self.st.space.available() < need)
+    }
+
+    /// A checkpoint attempt found no room for its next part: give it up, and retry only
+    /// once the log has room for the whole checkpoint (`need` blocks). Warns once per
+    /// run of such failures.
+    fn checkpoint_out_of_room(&mut self, part: usize, need: u64) {
+        if self.cp_no_room.is_none() {
+            log::warn!(
+                "{}: shard {}: no room for checkpoint part {part} (needs about {need} blocks, \
+                 {} available); checkpoint abandoned until the cleaner or deletes free space",
+                self.st.device,
+                self.st.shard,
+                self.st.space.available()
+            );
+        } else {
+            log::debug!(
+                "{}: shard {}: still no room for checkpoint part {part}",
+                self.st.device,
+                self.st.shard
+            );
+        }
+        self.cp_no_room = Some(need.max(self.cp_no_room.unwrap_or(0)));
+        self.abandon_checkpoint();
     }
 
     fn advance_checkpoint(&mut self) -> bool {
@@ -1011,7 +1047,6 @@ impl<D: BlockDevice> Shard<D> {
                 .encode();
                 let first_seq = self.st.next_seq;
                 if !self.push_part(0, header) {
-                    self.abandon_checkpoint();
                     return true;
                 }
                 let cap = checkpoint::part_capacity(self.st.space.geo.seg_blocks);
@@ -1058,14 +1093,12 @@ impl<D: BlockDevice> Shard<D> {
                     let n = walk.out.len().min(cap);
                     let blocks = part_blocks(n);
                     if self.st.space.available() < blocks {
-                        log::warn!(
-                            "{}: shard {}: no room for checkpoint part {}; checkpoint abandoned",
-                            self.st.device,
-                            self.st.shard,
-                            parts.len()
-                        );
-                        self.stats.checkpoint_failures += 1;
-                        self.cp_job = None;
+                        // Room for at least what was cut so far and this part, and for
+                        // the last checkpoint's size (a retry that fails again raises it).
+                        let done = parts.len() as u64 + (*total_bytes).div_ceil(BS as u64);
+                        let need = (done + blocks).max(self.last_cp_blocks);
+                        let part = parts.len();
+                        self.checkpoint_out_of_room(part, need);
                         return true;
                     }
                     self.st.space.reserved += blocks;
@@ -1180,11 +1213,8 @@ impl<D: BlockDevice> Shard<D> {
     fn push_part(&mut self, index: u32, bytes: Vec<u8>) -> bool {
         let blocks = part_blocks(bytes.len());
         if self.st.space.available() < blocks {
-            log::warn!(
-                "{}: shard {}: no room for checkpoint part {index}; checkpoint abandoned",
-                self.st.device,
-                self.st.shard
-            );
+            let need = blocks.max(self.last_cp_blocks);
+            self.checkpoint_out_of_room(index as usize, need);
             return false;
         }
         self.st.space.reserved += blocks;
@@ -1213,6 +1243,7 @@ impl<D: BlockDevice> Shard<D> {
             sp.pinned[seg as usize] = true;
         }
         sp.cp_last_seq = cp.state_seq();
+        self.cp_no_room = None;
         self.last_cp_blocks = cp.parts.iter().map(|p| u64::from(p.blocks)).sum();
         self.st.sb_generation = generation;
         self.st.cp = Some(cp);
@@ -1223,4 +1254,54 @@ impl<D: BlockDevice> Shard<D> {
 /// Blocks a checkpoint part of `bytes` bytes takes in the log (one metadata block).
 fn part_blocks(bytes: usize) -> u64 {
     1 + bytes.div_ceil(BS) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_nvme::RamDevice;
+
+    use super::*;
+    use crate::store::blocking::{run_txn, settle};
+    use crate::store::{MkfsOptions, TxOp, mkfs};
+
+    fn shard() -> Shard<RamDevice> {
+        let mut dev = RamDevice::new(16 << 20, 64);
+        mkfs(&mut dev, &MkfsOptions::default()).unwrap();
+        let mut s = Shard::open(dev, 0, StoreConfig::default()).unwrap();
+        run_txn(&mut s, Transaction { ops: vec![TxOp::CreateCollection { coll: CollId(1) }] })
+            .unwrap();
+        s
+    }
+
+    /// A checkpoint that finds no room gives up once, and is not retried on every poll
+    /// while no room has been made (that spun a reactor and flooded the log); once room
+    /// is back, the next request runs and completes.
+    #[test]
+    fn a_checkpoint_without_room_is_retried_only_once_room_is_made() {
+        let mut s = shard();
+        settle(&mut s);
+        let before = s.stats();
+        // Everything promised away: no room for even the header part.
+        let held = s.st.space.available();
+        s.st.space.reserved += held;
+        for _ in 0..10_000 {
+            s.request_checkpoint();
+            s.poll(&mut |_| {});
+        }
+        let mid = s.stats();
+        assert_eq!(mid.checkpoint_failures - before.checkpoint_failures, 1, "retried in a loop");
+        assert_eq!(mid.checkpoints, before.checkpoints);
+        assert!(s.checkpoint_blocked());
+        assert!(!s.checkpoint_running());
+        // Room again: the next request checkpoints.
+        s.st.space.reserved -= held;
+        assert!(!s.checkpoint_blocked());
+        s.request_checkpoint();
+        assert!(s.checkpoint_running());
+        settle(&mut s);
+        let after = s.stats();
+        assert_eq!(after.checkpoints, mid.checkpoints + 1);
+        assert_eq!(after.checkpoint_failures, mid.checkpoint_failures);
+        assert_eq!(s.cp_no_room, None, "a completed checkpoint clears the back-off");
+    }
 }

@@ -200,18 +200,31 @@ impl Space {
                     && !self.pinned[i]
                     && self.segs[i].max_record_seq <= self.cp_last_seq
                     && self.live[i] > 0
-                    && u64::from(self.live[i]) < self.geo.seg_blocks
+                    && self.clean_gain(self.live[i]) > 0
             })
             .min_by_key(|&s| (self.live[s as usize], s))
     }
 
-    /// Sealed segments whose records are newer than the checkpoint: a checkpoint would
-    /// make them cleanable.
+    /// Blocks cleaning a segment with `live` live blocks frees, net of rewriting them
+    /// (with about one metadata block per 16 data blocks, and a batch header). Zero when
+    /// cleaning it would not pay: a full store of nearly full segments once kept its
+    /// cleaner (and the checkpoints its rewrites triggered) running for ever.
+    pub fn clean_gain(&self, live: u32) -> u64 {
+        let live = u64::from(live);
+        self.geo.seg_blocks.saturating_sub(live + live.div_ceil(16) + 1)
+    }
+
+    /// Sealed segments whose records are newer than the checkpoint and that do not hold
+    /// the checkpoint itself: what a new checkpoint would make cleanable, net of its own
+    /// size. (Counting the checkpoint's own segments made a store whose checkpoint spans
+    /// two segments checkpoint in a loop: each one freed the previous one's segments and
+    /// filled as many.)
     pub fn awaiting_checkpoint(&self) -> u32 {
         (0..self.geo.seg_count)
             .filter(|&s| {
                 let i = s as usize;
                 self.segs[i].state == SegState::Sealed
+                    && !self.pinned[i]
                     && self.segs[i].max_record_seq > self.cp_last_seq
             })
             .count() as u32
