@@ -38,6 +38,12 @@ pub struct ObjectsArgs {
     /// Cluster configuration (sluice.conf).
     #[arg(short = 'c', long = "conf")]
     pub conf: PathBuf,
+    /// Who to authenticate as (default: the configuration's `name`, else client.admin).
+    #[arg(short = 'n', long = "name")]
+    pub name: Option<String>,
+    /// That entity's keyring (default: the configuration's).
+    #[arg(long)]
+    pub keyring: Option<PathBuf>,
     /// Pool to use (it must exist).
     #[arg(long)]
     pub pool: String,
@@ -112,13 +118,18 @@ pub fn run(args: ObjectsArgs) -> anyhow::Result<()> {
     if args.objects == 0 {
         bail!("--objects must be at least 1");
     }
-    let opts = Options { op_timeout: Duration::from_secs(60), ..Options::default() };
+    let opts = Options {
+        op_timeout: Duration::from_secs(60),
+        name: args.name.clone(),
+        keyring: args.keyring.clone(),
+        ..Options::default()
+    };
     let cluster = Cluster::connect_file(&args.conf, opts)?;
     if cluster.map().pool_by_name(&args.pool).is_none() {
         bail!("no pool {:?} (create it with `sluice pool create`)", args.pool);
     }
     let config = json!({
-        "conf": args.conf, "pool": args.pool, "rw": args.rw, "size_bytes": size, "qd": args.qd,
+        "conf": args.conf, "auth": cluster.entity().map(|e| e.to_string()), "pool": args.pool, "rw": args.rw, "size_bytes": size, "qd": args.qd,
         "threads": args.threads, "objects_per_thread": args.objects,
         "runtime_s": args.runtime.as_secs_f64(), "rwmix_read": args.rwmix_read,
         "osds": cluster.map().osds.len(), "epoch": cluster.map().epoch,

@@ -16,6 +16,18 @@
 //! the same request id so a write is applied once), an OSD restart (the OSD remembers
 //! request ids in its PG log). Every op has a deadline ([`Options::op_timeout`]).
 //!
+//! **Authentication.** With `auth = "cephx"` (the default) the client logs in to the
+//! monitors as its entity ([`Options::name`], else the configuration's `name`, else
+//! `client.admin`) with the key from its keyring ([`Options::keyring`], else the
+//! configuration's) and presents the OSD service ticket on every OSD connection. It
+//! renews the ticket halfway through its lifetime and moves its connections to the new
+//! one (a reconnect: the sessions resend what was in flight, so no op fails); an OSD
+//! that finds a ticket expired answers "unauthenticated" and the op is resent once the
+//! renewed ticket is in use. Ops the ticket's caps do not allow fail with
+//! [`Error::PermissionDenied`] naming the missing cap. Caps changed with `sluice auth
+//! caps` apply from the next renewal: within half a ticket lifetime
+//! (`auth_service_ticket_ttl`, one hour by default).
+//!
 //! ```no_run
 //! use sluice_client::{Cluster, Options, Op, Output};
 //! # fn main() -> Result<(), sluice_client::Error> {
@@ -49,6 +61,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_auth::kdc::ServiceTicket;
+use sluice_auth::{EntityName, Service};
 use sluice_control::api::{self, MapUpdate};
 use sluice_control::client::MonClient;
 use sluice_control::conf::Conf;
@@ -83,6 +97,12 @@ pub enum Error {
     Timeout { op: &'static str, object: String, after: Duration, waiting: String },
     #[error("monitors: {0}")]
     Monitors(String),
+    /// The monitors refused this client's key (wrong key, unknown entity).
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// The ticket's caps do not allow the op; the message names the cap it needs.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("configuration: {0}")]
     Config(String),
 }
@@ -94,12 +114,28 @@ pub struct Options {
     pub op_timeout: Duration,
     /// How long [`Cluster::connect`] waits for the first map.
     pub connect_timeout: Duration,
+    /// Who this client is (default: the configuration's `name`, else `client.admin`).
+    pub name: Option<String>,
+    /// Its keyring (default: the configuration's).
+    pub keyring: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { op_timeout: Duration::from_secs(30), connect_timeout: Duration::from_secs(30) }
+        Options {
+            op_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(30),
+            name: None,
+            keyring: None,
+        }
     }
+}
+
+/// The OSD ticket every connection presents, and its generation (bumped by renewals).
+#[derive(Debug, Default)]
+struct TicketSlot {
+    ticket: Option<ServiceTicket>,
+    generation: u64,
 }
 
 /// The map, shared between the follower thread and the `Io`s.
@@ -110,6 +146,19 @@ struct Shared {
     changed: Condvar,
     stop: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// With authentication on.
+    auth: Option<AuthShared>,
+}
+
+#[derive(Debug)]
+struct AuthShared {
+    entity: EntityName,
+    slot: Mutex<TicketSlot>,
+    generation: AtomicU64,
+    /// An OSD said our ticket expired: renew now.
+    renew_now: AtomicBool,
+    /// A login failed for good (wrong key, unknown entity): why.
+    refused: Mutex<Option<String>>,
 }
 
 /// A connection to a cluster: the monitors and the current OSD map.
@@ -137,14 +186,38 @@ impl Cluster {
         Cluster::connect(&conf, opts)
     }
 
-    /// Connects to the monitors of `conf` and waits for the first OSD map.
+    /// Connects to the monitors of `conf` and waits for the first OSD map (and, with
+    /// authentication on, the first ticket).
     pub fn connect(conf: &Conf, opts: Options) -> Result<Cluster, Error> {
+        let creds = match conf.auth {
+            sluice_control::conf::Auth::None => None,
+            sluice_control::conf::Auth::Cephx => {
+                let name = opts
+                    .name
+                    .clone()
+                    .or_else(|| conf.name.clone())
+                    .unwrap_or_else(|| "client.admin".into());
+                let entity: EntityName =
+                    name.parse().map_err(|e| Error::Config(format!("name {name:?}: {e}")))?;
+                let path = opts.keyring.clone().unwrap_or_else(|| conf.keyring_path());
+                let key = sluice_auth::keyring::Keyring::load_key(&path, &entity)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                Some((entity, key))
+            }
+        };
         let shared = Arc::new(Shared {
             map: Mutex::new(Arc::new(OsdMap::new(conf.fsid))),
             epoch: AtomicU64::new(0),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            auth: creds.as_ref().map(|(entity, _)| AuthShared {
+                entity: entity.clone(),
+                slot: Mutex::new(TicketSlot::default()),
+                generation: AtomicU64::new(0),
+                renew_now: AtomicBool::new(false),
+                refused: Mutex::new(None),
+            }),
         });
         let id: u64 = rand::random();
         let mon = MonClient::from_conf(conf, id);
@@ -160,10 +233,31 @@ impl Cluster {
                         return;
                     }
                 };
+                if let Some((_, key)) = creds {
+                    rt.spawn(keep_ticket(mon.clone(), key, Arc::clone(&follower)));
+                }
                 rt.block_on(follow_maps(mon, fsid, follower));
             })
             .map_err(|e| Error::Config(format!("cannot start the map thread: {e}")))?;
         let c = Cluster { _stop: Arc::new(StopOnDrop(Arc::clone(&shared))), shared, opts, fsid };
+        if let Some(a) = &c.shared.auth {
+            let end = Instant::now() + c.opts.connect_timeout;
+            while a.generation.load(Ordering::Acquire) == 0 {
+                if let Some(why) = a.refused.lock().expect("poisoned").clone() {
+                    return Err(Error::Unauthenticated(why));
+                }
+                if Instant::now() >= end {
+                    let why = c.shared.last_error.lock().expect("poisoned").clone();
+                    return Err(Error::Monitors(format!(
+                        "no ticket for {} within {:?}: {}",
+                        a.entity,
+                        c.opts.connect_timeout,
+                        why.unwrap_or_else(|| "no answer".into())
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         if !c.wait_for_epoch(1, c.opts.connect_timeout) {
             let why = c.shared.last_error.lock().expect("poisoned").clone();
             return Err(Error::Monitors(format!(
@@ -202,9 +296,35 @@ impl Cluster {
         true
     }
 
+    /// Who this client is to the OSDs (`None`: authentication is off).
+    pub fn entity(&self) -> Option<&EntityName> {
+        self.shared.auth.as_ref().map(|a| &a.entity)
+    }
+
+    /// The OSD service ticket in use (`None`: authentication is off), for tools that
+    /// speak the protocol themselves (`sluice_net::tcp::ClientConn::set_ticket`). It
+    /// holds the session key: keep it in this process.
+    pub fn osd_ticket(&self) -> Option<ServiceTicket> {
+        self.ticket().0
+    }
+
+    /// The OSD ticket in use and its generation.
+    fn ticket(&self) -> (Option<ServiceTicket>, u64) {
+        match &self.shared.auth {
+            None => (None, 0),
+            Some(a) => {
+                let s = a.slot.lock().expect("poisoned");
+                (s.ticket.clone(), s.generation)
+            }
+        }
+    }
+
     /// A handle for one thread's I/O.
     pub fn io(&self) -> Io {
+        let (ticket, ticket_gen) = self.ticket();
         Io {
+            ticket,
+            ticket_gen,
             cluster: self.clone(),
             id: rand::random::<u64>() | 1,
             map: self.map(),
@@ -215,6 +335,50 @@ impl Cluster {
             scratch: Vec::new(),
             expired: Vec::new(),
             held: Vec::new(),
+        }
+    }
+}
+
+/// Logs in and keeps the OSD ticket fresh until the cluster handle is dropped: renews
+/// halfway through its lifetime (or at once when an OSD found it expired). A refusal of
+/// the key itself is recorded for [`Cluster::connect`] and retried slowly (the operator
+/// may fix the key database); other errors are retried soon.
+async fn keep_ticket(mon: MonClient, key: sluice_auth::Secret, shared: Arc<Shared>) {
+    let a = shared.auth.as_ref().expect("started with authentication on");
+    let mut creds: Option<sluice_auth::kdc::Credentials> = None;
+    while !shared.stop.load(Ordering::Acquire) {
+        let now = sluice_auth::wall_ms();
+        let due = creds.as_ref().is_none_or(|c| c.renewal_due(now))
+            || a.renew_now.swap(false, Ordering::AcqRel);
+        if !due {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let old = creds.as_ref().map(|c| c.auth_ticket.clone());
+        match mon.login(&a.entity, &key, old, &[Service::Osd]).await {
+            Ok(c) => match c.ticket(Service::Osd) {
+                Ok(t) => {
+                    let mut slot = a.slot.lock().expect("poisoned");
+                    slot.ticket = Some(t.clone());
+                    slot.generation += 1;
+                    a.generation.store(slot.generation, Ordering::Release);
+                    drop(slot);
+                    tracing::debug!("{}: OSD ticket renewed", a.entity);
+                    creds = Some(c);
+                }
+                Err(e) => {
+                    *a.refused.lock().expect("poisoned") = Some(e.to_string());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            Err(sluice_control::client::ClientError::Unauthenticated(why)) => {
+                *a.refused.lock().expect("poisoned") = Some(format!("{}: {why}", a.entity));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                *shared.last_error.lock().expect("poisoned") = Some(format!("login: {e}"));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
     }
 }
@@ -376,6 +540,9 @@ struct Conn {
 #[derive(Debug)]
 pub struct Io {
     cluster: Cluster,
+    /// The OSD ticket this thread's connections present, and its generation.
+    ticket: Option<ServiceTicket>,
+    ticket_gen: u64,
     /// This client's id: the session cookie and half of every request id.
     id: u64,
     map: Arc<OsdMap>,
@@ -394,6 +561,8 @@ pub struct Io {
 struct Ops {
     inflight: HashMap<u64, InFlight>,
     done: VecDeque<Completion>,
+    /// An OSD said our ticket is no good: renew it.
+    ticket_refused: bool,
 }
 
 impl Ops {
@@ -439,6 +608,13 @@ impl Ops {
                 f.target = None;
                 f.waiting = format!("the OSD asked to retry: {}", r.message);
             }
+            Status::Unauthenticated => {
+                // Resent once the renewed ticket is in use (or when the op times out).
+                self.ticket_refused = true;
+                f.not_before = Some(Instant::now() + Duration::from_millis(100));
+                f.target = None;
+                f.waiting = format!("a renewed ticket: {}", r.message);
+            }
             s => {
                 let e = error_of(s, r.message);
                 self.complete(r.tid, Err(e));
@@ -459,6 +635,8 @@ fn error_of(status: Status, message: &str) -> Error {
         Status::Corrupt => Error::Corrupt(message.into()),
         Status::Io => Error::Io(message.into()),
         Status::NoPool => Error::NoSuchPool(format!("on the OSD ({message})")),
+        Status::PermissionDenied => Error::PermissionDenied(message.into()),
+        Status::Unauthenticated => Error::Unauthenticated(message.into()),
         _ => Error::Invalid(message.into()),
     }
 }
@@ -638,10 +816,11 @@ impl Io {
         f.sent = true;
         f.waiting = format!("a reply from {} at {}", t.osd, t.addr);
         let id = self.id;
-        let c = self.conns.entry(t.addr).or_insert_with(|| Conn {
-            conn: ClientConn::new(t.addr, id, ops::FEATURES, Limits::DEFAULT),
-            next_connect: Instant::now(),
-            last_error: None,
+        let ticket = &self.ticket;
+        let c = self.conns.entry(t.addr).or_insert_with(|| {
+            let mut conn = ClientConn::new(t.addr, id, ops::FEATURES, Limits::DEFAULT);
+            conn.set_ticket(ticket.clone());
+            Conn { conn, next_connect: Instant::now(), last_error: None }
         });
         // Queued in the session while disconnected; sent when connected.
         match c.conn.send_parts(ops::MSG_REQUEST, &[&self.scratch, data]) {
@@ -674,9 +853,33 @@ impl Io {
         }
     }
 
-    /// One pass: map, timeouts, held ops, connections.
+    /// A renewed ticket: every connection moves to it (a reconnect; the sessions resend
+    /// what the OSDs did not get, so nothing in flight fails).
+    fn take_ticket(&mut self) {
+        if let Some(a) = &self.cluster.shared.auth {
+            if std::mem::take(&mut self.ops.ticket_refused) {
+                a.renew_now.store(true, Ordering::Release);
+            }
+            if a.generation.load(Ordering::Acquire) == self.ticket_gen {
+                return;
+            }
+        } else {
+            return;
+        }
+        (self.ticket, self.ticket_gen) = self.cluster.ticket();
+        for c in self.conns.values_mut() {
+            c.conn.set_ticket(self.ticket.clone());
+            if c.conn.connected() {
+                c.conn.cut();
+                c.next_connect = Instant::now();
+            }
+        }
+    }
+
+    /// One pass: map, ticket, timeouts, held ops, connections.
     fn pass(&mut self) {
         self.take_map();
+        self.take_ticket();
         let now = Instant::now();
         let (mut expired, mut held) =
             (std::mem::take(&mut self.expired), std::mem::take(&mut self.held));

@@ -332,9 +332,24 @@ fn logins_get_tickets_and_refuse_what_they_must() {
             other => panic!("unsigned: {other:?}"),
         }
     });
-    // `sluice dev up` configures auth = "none" (nothing checks tickets yet): status warns.
+    // `sluice dev up` configures auth = "cephx"; a configuration saying "none" warns.
     let out = c.sluice(&["status"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("auth: cephx, crc mode"),
+        "{}",
+        text(&out)
+    );
+    let off = c.path().join("auth-off.conf");
+    let conf =
+        std::fs::read_to_string(c.conf()).unwrap().replace("auth = \"cephx\"", "auth = \"none\"");
+    std::fs::write(&off, conf).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("-c")
+        .arg(&off)
+        .arg("status")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("auth: WARNING: none"), "{}", text(&out));
 
     // A two-second lifetime: the leader rotates both services' secrets.

@@ -4,15 +4,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Cluster, wait_for};
+use common::{Cluster, Raw, core_addr, wait_for};
 use sluice_client::{Error, Io, Op, Options, Output};
 use sluice_net::frame::Limits;
-use sluice_net::ops::{self, Reply, Request, Status};
-use sluice_net::session::Event;
+use sluice_net::ops::{self, Request, Status};
 use sluice_net::tcp::ClientConn;
 
 fn cluster() -> (Cluster, sluice_client::Cluster) {
@@ -34,17 +33,6 @@ fn cluster() -> (Cluster, sluice_client::Cluster) {
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-}
-
-/// The address of the OSD core serving object `name` of pool `p`.
-fn core_addr(client: &sluice_client::Cluster, name: &str) -> SocketAddr {
-    use sluice_control::maps::placement;
-    let m = client.map();
-    let pool = m.pool_by_name("p").unwrap();
-    let pg = placement::object_pg(pool, name);
-    let osd = placement::pg_mapping(&m, pool, pg).primary().unwrap();
-    let a = m.osd(osd).unwrap().addrs.clone().unwrap();
-    SocketAddr::new(a.public.ip(), a.core_ports[placement::pg_core(pg, a.core_ports.len())])
 }
 
 #[test]
@@ -187,42 +175,6 @@ fn cuts_mid_stream_lose_and_duplicate_nothing() {
     }
 }
 
-/// Sends raw requests on a session of our own.
-struct Raw {
-    conn: ClientConn,
-}
-
-impl Raw {
-    fn new(addr: SocketAddr, cookie: u64) -> Raw {
-        let mut conn = ClientConn::new(addr, cookie, ops::FEATURES, Limits::DEFAULT);
-        conn.connect().unwrap();
-        Raw { conn }
-    }
-
-    fn call(&mut self, req: &Request<'_>) -> (Status, u64) {
-        let mut buf = Vec::new();
-        req.encode(&mut buf);
-        self.conn.send(ops::MSG_REQUEST, &buf).unwrap();
-        let mut got = None;
-        wait_for(60, "a reply", || {
-            if !self.conn.connected() {
-                let _ = self.conn.connect();
-            }
-            let _ = self.conn.poll(|e| {
-                if let Event::Message { frame, .. } = e {
-                    let p = sluice_net::session::payload(&frame);
-                    let r = Reply::decode(p).unwrap();
-                    if r.tid == req.tid {
-                        got = Some((r.status, r.version));
-                    }
-                }
-            });
-            std::thread::sleep(Duration::from_millis(2));
-            got
-        })
-    }
-}
-
 /// A resent write (same client and tid) is applied once: in the same OSD process, and
 /// after the OSD is killed and restarted (the request id is in the PG log on disk).
 #[test]
@@ -234,7 +186,7 @@ fn a_resent_write_is_applied_once_even_across_an_osd_restart() {
     let name = "once";
     let pg = sluice_control::maps::placement::object_pg(&pool, name).pg;
     io.write_full("p", name, b"x".to_vec()).unwrap();
-    let mut raw = Raw::new(core_addr(&client, name), 0xfeed);
+    let mut raw = Raw::new(&client, core_addr(&client, "p", name), 0xfeed);
     let req = |tid, op| Request {
         client: 0xfeed,
         tid,
@@ -261,7 +213,7 @@ fn a_resent_write_is_applied_once_even_across_an_osd_restart() {
         let m = client.map();
         (m.epoch > 0 && io.stat("p", name).is_ok_and(|(size, _)| size == 5)).then_some(())
     });
-    let mut raw = Raw::new(core_addr(&client, name), 0xfeed);
+    let mut raw = Raw::new(&client, core_addr(&client, "p", name), 0xfeed);
     let epoch = client.map().epoch;
     let resend = Request { flags: ops::flags::RESENT, epoch, ..req(1, ops::Op::Delete) };
     assert_eq!(raw.call(&resend), (Status::Ok, v1), "deduplicated from the on-disk PG log");
@@ -281,7 +233,7 @@ fn bad_input_closes_only_that_connection() {
     let (c, client) = cluster();
     let mut io = client.io();
     io.write_full("p", "steady", b"ok".to_vec()).unwrap();
-    let addr = core_addr(&client, "steady");
+    let addr = core_addr(&client, "p", "steady");
     let closes = |bytes: &[u8]| {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -309,6 +261,7 @@ fn bad_input_closes_only_that_connection() {
     }
     // A session whose request is undecodable is dropped.
     let mut raw = ClientConn::new(addr, 0xbad, ops::FEATURES, Limits::DEFAULT);
+    raw.set_ticket(client.osd_ticket());
     raw.connect().unwrap();
     raw.send(ops::MSG_REQUEST, b"\x01\x00\x01\x00\xff\xff\xff\xffjunk").unwrap();
     wait_for(60, "the bad session dropped", || match raw.poll(|_| {}) {
@@ -323,6 +276,10 @@ fn bad_input_closes_only_that_connection() {
     io.write_full("p", "steady", b"still".to_vec()).unwrap();
     let log = std::fs::read_to_string(c.path().join("log").join("osd.0.log")).unwrap_or_default();
     assert!(log.contains("closed"), "the OSD logs why it closed connections:\n{log}");
+    assert!(
+        log.contains("dropping session 0xbad: bad request"),
+        "an authenticated session sending an undecodable request is dropped:\n{log}"
+    );
 }
 
 /// Errors a client can act on, not hangs: an op to a cluster whose only OSD is down

@@ -216,6 +216,27 @@ pub struct BootRequest {
     pub addrs: OsdAddrs,
 }
 
+/// A new OSD's registration with authentication on (`POST /v1/osd/new`, signed by an
+/// entity with mon cap `w`, e.g. `client.admin` or a bootstrap key): the OSD gets its
+/// id and its own key (`osd.N`, caps `profile osd` at monitors and OSDs). Asking again
+/// with the same uuid answers the same id and key (a registration whose answer was lost).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OsdNewRequest {
+    pub uuid: [u8; 16],
+    pub location: Location,
+    /// 16.16 fixed point.
+    pub weight: u32,
+}
+
+/// The answer, sealed under the caller's session key (label `osd-new`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OsdNewReply {
+    pub id: OsdId,
+    pub entity: sluice_auth::EntityName,
+    pub key: sluice_auth::Secret,
+    pub caps: BTreeMap<sluice_auth::Service, String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BootReply {
     pub id: OsdId,

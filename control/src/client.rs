@@ -175,6 +175,15 @@ impl MonClient {
         self.signed_sealed(creds, "/v1/auth/rotating", &body, b"rotating").await
     }
 
+    /// Registers a new OSD and gets its key, signed with `creds` (needs mon cap `w`).
+    pub async fn osd_new(
+        &self,
+        creds: &sluice_auth::kdc::Credentials,
+        req: &crate::api::OsdNewRequest,
+    ) -> Result<crate::api::OsdNewReply, ClientError> {
+        self.signed_sealed(creds, "/v1/osd/new", req, b"osd-new").await
+    }
+
     /// A request to the key database (`sluice auth ...`), signed with `creds` (needs mon
     /// cap `*`); the answer comes sealed under the session key.
     pub async fn auth_command(

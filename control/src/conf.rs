@@ -11,6 +11,8 @@
 //! mon_selection = "static"        # static | roundrobin | shuffle
 //! mon_check_interval_s = 30       # re-check the preferred monitor (0: never)
 //! auth = "cephx"                  # or "none"
+//! ms_mode = "crc"                 # OSD connections: "crc" (checksummed) or "secure"
+//!                                 # (encrypted and authenticated; needs auth = "cephx")
 //! name = "client.admin"           # who this program is (the -n/--name default)
 //! keyring = "/etc/sluice/keyring" # its keys (default: `keyring` beside this file)
 //! ```
@@ -33,6 +35,8 @@ pub struct Conf {
     pub mon_selection: Policy,
     pub mon_check_interval: Duration,
     pub auth: Auth,
+    /// Whether the OSDs' connections continue in secure mode after the handshake.
+    pub secure: bool,
     /// Who programs using this file are, unless told otherwise.
     pub name: Option<String>,
     /// Where their keys are, unless told otherwise.
@@ -63,6 +67,7 @@ struct Raw {
     mon_selection: Option<String>,
     mon_check_interval_s: Option<u64>,
     auth: Option<String>,
+    ms_mode: Option<String>,
     name: Option<String>,
     keyring: Option<PathBuf>,
 }
@@ -134,6 +139,18 @@ impl Conf {
             Some("none") => Auth::None,
             Some(other) => return Err(bad(format!("auth {other:?}: \"cephx\" or \"none\""))),
         };
+        let secure = match raw.ms_mode.as_deref() {
+            None | Some("crc") => false,
+            Some("secure") if auth == Auth::None => {
+                return Err(bad("ms_mode \"secure\" needs auth = \"cephx\" (its keys come from \
+                                the tickets)"
+                    .into()));
+            }
+            Some("secure") => true,
+            Some(other) => {
+                return Err(bad(format!("ms_mode {other:?}: \"crc\" or \"secure\"")));
+            }
+        };
         Ok(Conf {
             path: path.to_path_buf(),
             fsid,
@@ -141,6 +158,7 @@ impl Conf {
             mon_selection,
             mon_check_interval: Duration::from_secs(raw.mon_check_interval_s.unwrap_or(30)),
             auth,
+            secure,
             name: raw.name,
             keyring: raw.keyring,
         })
@@ -175,6 +193,9 @@ mon_selection = "roundrobin"
         assert_eq!(c.mon_selection, Policy::RoundRobin);
         assert_eq!(c.mon_check_interval, Duration::from_secs(30));
         assert_eq!(c.auth, Auth::Cephx, "auth is on unless configured off");
+        assert!(!c.secure, "crc mode unless configured");
+        let c = Conf::parse(Path::new("x.conf"), &format!("{GOOD}ms_mode = \"secure\"")).unwrap();
+        assert!(c.secure);
     }
 
     #[test]
@@ -191,6 +212,14 @@ mon_selection = "roundrobin"
             (
                 "fsid = \"8f0c6e6a51c44b0f9a573c8d7f3e2a10\"\nmon_hosts = [\"a:1\"]\nauth = \"maybe\"",
                 "auth",
+            ),
+            (
+                "fsid = \"8f0c6e6a51c44b0f9a573c8d7f3e2a10\"\nmon_hosts = [\"a:1\"]\nms_mode = \"fast\"",
+                "ms_mode \"fast\"",
+            ),
+            (
+                "fsid = \"8f0c6e6a51c44b0f9a573c8d7f3e2a10\"\nmon_hosts = [\"a:1\"]\nauth = \"none\"\nms_mode = \"secure\"",
+                "needs auth",
             ),
             (
                 "fsid = \"8f0c6e6a51c44b0f9a573c8d7f3e2a10\"\nmon_hosts = [\"a:1\"]\ncolour = 1",

@@ -29,7 +29,7 @@ use crate::maps::envelope::{self, Kind};
 use crate::raft::{
     self, LogStore, MonNode, Network, NodeId, Raft, StateMachine, TypeConfig, WireId,
 };
-use crate::state::{Catchup, Command, CommandError, FailureDetector, Response};
+use crate::state::{Catchup, ClusterState, Command, CommandError, FailureDetector, Response};
 use crate::store::MonStore;
 
 /// How long a write may wait for a quorum before the caller is told there is none.
@@ -680,6 +680,7 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/command", post(command))
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/osd/boot", post(osd_boot))
+        .route("/v1/osd/new", post(osd_new))
         .route("/v1/osd/beacon", post(osd_beacon))
         .route("/v1/osd/failure", post(osd_failure))
         .route("/v1/auth/challenge", get(auth_challenge))
@@ -1091,6 +1092,71 @@ async fn osd_boot(
         })
     })
     .await
+}
+
+/// Registers a new OSD and creates its key (`api::OsdNewRequest`): signed by an entity
+/// with mon cap `w`, answered sealed under its session key. The leader checks the
+/// signature; a follower forwards it and answers once its replica has the key (the OSD
+/// logs in with it next, perhaps here).
+async fn osd_new(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<Vec<u8>>, Failure> {
+    const PATH: &str = "/v1/osd/new";
+    let req: api::OsdNewRequest = parse(&body)?;
+    if !m.is_leader() {
+        return match m.leader() {
+            Some(l) if !forwarded(&h) && l != m.me => {
+                let sig = h.get(sluice_auth::request::HEADER);
+                let bytes = m.forward_with(l, PATH, body.to_vec(), sig).await?;
+                let registered = |st: &ClusterState| {
+                    st.osdmap.osds.values().find(|o| o.uuid == req.uuid).is_some_and(|o| {
+                        st.auth.entities.contains_key(&sluice_auth::EntityName::osd(o.id.0))
+                    })
+                };
+                let until = Instant::now() + COMMIT_TIMEOUT;
+                while !registered(&m.sm.shared.read().expect("state lock").cluster)
+                    && Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(axum::Json(parse(&bytes)?))
+            }
+            _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),
+        };
+    }
+    let (ticket, sk) = signed_by(&m, &h, "POST", PATH, &body)?;
+    ticket.caps.check(sluice_auth::Perms::W, None).map_err(|e| {
+        tracing::warn!("{} may not register OSDs: {e}", ticket.entity);
+        Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
+    })?;
+    let r = m
+        .submit(
+            Command::RegisterOsd { uuid: req.uuid, location: req.location, weight: req.weight },
+            true,
+        )
+        .await?;
+    let Response::Registered { id, .. } = r else {
+        return Err(Failure::new(ErrorKind::Internal, format!("registration answered {r:?}")));
+    };
+    let entity = sluice_auth::EntityName::osd(id.0);
+    let caps = sluice_auth::Service::ALL
+        .into_iter()
+        .map(|s| (s, "profile osd".to_string()))
+        .collect::<BTreeMap<_, _>>();
+    let record = sluice_auth::kdc::EntityRecord {
+        key: sluice_auth::Secret::generate(),
+        caps: auth::parse_caps(&caps).map_err(|e| Failure::new(ErrorKind::Internal, e))?,
+    };
+    let cmd = Command::AuthPut { entity: entity.clone(), record, keep_existing: true };
+    let Response::AuthEntity { record, created } = m.submit(cmd, true).await? else {
+        return Err(Failure::new(ErrorKind::Internal, "key creation answered otherwise"));
+    };
+    tracing::info!(
+        "{} registered {id}{}",
+        ticket.entity,
+        if created { " and created its key" } else { " (again: same key)" }
+    );
+    let reply =
+        api::OsdNewReply { id, entity, key: record.key, caps: auth::caps_text(&record.caps) };
+    Ok(axum::Json(sluice_auth::request::seal_reply(&sk, b"osd-new", &reply)))
 }
 
 async fn osd_beacon(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<u64>, Failure> {

@@ -3,6 +3,17 @@
 //! follow every map epoch in order through a subscription, send beacons, heartbeat the
 //! peer OSDs over UDP and report the ones that stop answering, boot again when the map
 //! says this OSD is down while it is alive, and mark itself down when stopped.
+//!
+//! With authentication on ([`AgentAuth`]), before the first boot it makes sure the OSD
+//! has its own key: read from the OSD's keyring, or, the first time, obtained by
+//! registering the OSD (`/v1/osd/new`, signed by a bootstrap entity with mon cap `w`)
+//! and saved to that keyring (mode 0600). It logs in as `osd.N`, fetches the OSD
+//! service's rotating secrets for the dataplane before booting (so no client can reach
+//! a core that cannot check tickets), refetches them every quarter of the ticket
+//! lifetime (the monitors rotate once per lifetime and services accept the previous,
+//! current and next secret, so a missed fetch or two never locks clients out), and
+//! renews its own ticket halfway through its lifetime. A keyring that exists but cannot
+//! be read is an error to retry and report, never a reason to register again.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +44,42 @@ pub struct AgentConfig {
     pub core_ports: Vec<u16>,
     /// Told every new map epoch, with this OSD's id (the dataplane cores serve by it).
     pub on_map: Option<MapSink>,
+    /// Authentication (`None`: the cluster runs with `auth = "none"`).
+    pub auth: Option<AgentAuth>,
+}
+
+/// How the OSD authenticates (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct AgentAuth {
+    /// The OSD's own keyring: holds `osd.N` once registered.
+    pub keyring: std::path::PathBuf,
+    /// Who registers this OSD when its keyring has no key yet, and that entity's keyring.
+    pub bootstrap: Option<(sluice_auth::EntityName, std::path::PathBuf)>,
+    /// Where the OSD service's rotating secrets go (the dataplane cores).
+    pub on_secrets: SecretsSink,
+}
+
+/// Where the agent hands the OSD service's rotating secrets.
+#[derive(Clone)]
+pub struct SecretsSink(pub std::sync::Arc<dyn Fn(sluice_auth::RotatingSecrets) + Send + Sync>);
+
+impl std::fmt::Debug for SecretsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretsSink")
+    }
+}
+
+/// The agent's authentication state.
+struct AuthRun {
+    cfg: AgentAuth,
+    /// This OSD's entity and key, once known.
+    key: Option<(sluice_auth::EntityName, sluice_auth::Secret)>,
+    creds: Option<sluice_auth::kdc::Credentials>,
+    /// When the secrets were last fetched, and what was handed to the cores.
+    fetched: Option<Instant>,
+    sent: Option<sluice_auth::RotatingSecrets>,
+    /// Last error, so a failure that repeats is logged once.
+    last_error: Option<String>,
 }
 
 /// Where the agent hands each new map (the dataplane's cores).
@@ -93,9 +140,25 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyho
         seq: 0,
         next_beacon: Instant::now(),
         next_ping: Instant::now(),
+        auth: None,
     };
+    a.auth = a.cfg.auth.clone().map(|cfg| AuthRun {
+        cfg,
+        key: None,
+        creds: None,
+        fetched: None,
+        sent: None,
+        last_error: None,
+    });
     let mut buf = vec![0u8; 512];
     while !*shutdown.borrow() {
+        if a.need_boot && !a.authenticate().await {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         if a.need_boot && !a.boot(&boot_req).await {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -175,9 +238,35 @@ struct Agent {
     seq: u64,
     next_beacon: Instant,
     next_ping: Instant,
+    auth: Option<AuthRun>,
 }
 
 impl Agent {
+    /// With authentication on: the OSD's key (registering it the first time), a valid
+    /// ticket, and fresh rotating secrets at the cores. True when all are in place (or
+    /// authentication is off); false to retry (the error was logged).
+    async fn authenticate(&mut self) -> bool {
+        let ttl = crate::auth::policy(&self.config).ticket_ttl_ms;
+        let Some(run) = &mut self.auth else { return true };
+        match auth_step(run, &self.mon, &self.cfg, ttl).await {
+            Ok(()) => {
+                if run.last_error.take().is_some() {
+                    tracing::info!("authentication works again");
+                }
+                true
+            }
+            Err(e) => {
+                if run.last_error.as_ref() != Some(&e) {
+                    tracing::warn!("authentication: {e}; retrying");
+                } else {
+                    tracing::debug!("authentication: {e}; retrying");
+                }
+                run.last_error = Some(e);
+                false
+            }
+        }
+    }
+
     fn fsid(&self) -> [u8; 16] {
         self.cfg.conf.fsid
     }
@@ -296,6 +385,9 @@ impl Agent {
     /// Beacons and heartbeats that are due, and the failure reports they lead to.
     async fn timers(&mut self) {
         let Some(id) = self.me else { return };
+        // Renewals and secret refreshes that are due (a failure is retried next time;
+        // the cores keep the secrets they have).
+        self.authenticate().await;
         let now = Instant::now();
         if now >= self.next_beacon {
             self.next_beacon = now + self.secs("osd_beacon_interval", 5.0);
@@ -347,4 +439,97 @@ impl Agent {
             Err(e) => tracing::warn!("could not mark {id} down ({e}); the monitors will notice"),
         }
     }
+}
+
+/// One round of [`Agent::authenticate`].
+async fn auth_step(
+    run: &mut AuthRun,
+    mon: &MonClient,
+    cfg: &AgentConfig,
+    ttl_ms: u64,
+) -> Result<(), String> {
+    use sluice_auth::Service;
+    if run.key.is_none() {
+        run.key = Some(osd_key(run, mon, cfg).await?);
+    }
+    let (entity, key) = run.key.clone().expect("just set");
+    let now = crate::auth::wall_ms();
+    if run.creds.as_ref().is_none_or(|c| c.renewal_due(now)) {
+        let old = run.creds.as_ref().map(|c| c.auth_ticket.clone());
+        let creds = mon
+            .login(&entity, &key, old, &[Service::Osd])
+            .await
+            .map_err(|e| format!("login as {entity}: {e}"))?;
+        tracing::debug!("logged in as {entity} (global id {})", creds.global_id);
+        run.creds = Some(creds);
+    }
+    // A quarter of the lifetime, between a second and ten minutes.
+    let every =
+        Duration::from_millis(ttl_ms / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    if run.fetched.is_none_or(|t| t.elapsed() >= every) {
+        let creds = run.creds.as_ref().expect("logged in above");
+        let secrets = mon
+            .fetch_rotating(creds, Service::Osd)
+            .await
+            .map_err(|e| format!("fetching the OSD secrets as {entity}: {e}"))?;
+        run.fetched = Some(Instant::now());
+        if run.sent.as_ref() != Some(&secrets) {
+            tracing::info!(
+                "OSD secrets up to id {} handed to the dataplane",
+                secrets.entries().last().map_or(0, |e| e.id)
+            );
+            (run.cfg.on_secrets.0)(secrets.clone());
+            run.sent = Some(secrets);
+        }
+    }
+    Ok(())
+}
+
+/// The OSD's entity and key: from its keyring, or by registering it (once).
+async fn osd_key(
+    run: &AuthRun,
+    mon: &MonClient,
+    cfg: &AgentConfig,
+) -> Result<(sluice_auth::EntityName, sluice_auth::Secret), String> {
+    use sluice_auth::keyring::{Keyring, KeyringEntry};
+    let path = &run.cfg.keyring;
+    if path.exists() {
+        // An unreadable keyring is reported and retried; registering again would give
+        // this OSD's id a second key behind the operator's back.
+        let k = Keyring::load(path).map_err(|e| e.to_string())?;
+        let mut osds = k.iter().filter(|(n, _)| n.kind() == sluice_auth::EntityKind::Osd);
+        return match (osds.next(), osds.next()) {
+            (Some((n, e)), None) => Ok((n.clone(), e.key.clone())),
+            (None, _) => Err(format!("keyring {} holds no osd.N key", path.display())),
+            (Some(_), Some(_)) => Err(format!(
+                "keyring {} holds keys of several OSDs: give this OSD its own",
+                path.display()
+            )),
+        };
+    }
+    let Some((who, bootstrap)) = &run.cfg.bootstrap else {
+        return Err(format!(
+            "no keyring {} for this OSD and no bootstrap key to register it with \
+             (--bootstrap-name, --bootstrap-keyring)",
+            path.display()
+        ));
+    };
+    let secret = Keyring::load_key(bootstrap, who).map_err(|e| e.to_string())?;
+    let creds = mon
+        .login(who, &secret, None, &[])
+        .await
+        .map_err(|e| format!("login as {who} to register this OSD: {e}"))?;
+    let req = crate::api::OsdNewRequest {
+        uuid: cfg.uuid,
+        location: cfg.location.clone(),
+        weight: cfg.weight,
+    };
+    let r = mon.osd_new(&creds, &req).await.map_err(|e| format!("registering as {who}: {e}"))?;
+    let mut entry = KeyringEntry::new(r.key.clone());
+    entry.caps = crate::auth::parse_caps(&r.caps)?;
+    let mut k = Keyring::new();
+    k.insert(r.entity.clone(), entry);
+    k.save(path).map_err(|e| e.to_string())?;
+    tracing::info!("registered as {} by {who}; its key is in {}", r.entity, path.display());
+    Ok((r.entity, r.key))
 }

@@ -18,6 +18,15 @@
 //!
 //! **Reads** go to the store, which answers with committed data only.
 //!
+//! **Authentication** (with [`CoreAuth`]): the server runs the ticket handshake on every
+//! connection, with the OSD service's rotating secrets the cluster agent fetched from the
+//! monitors (and keeps fetching; no monitor is asked per client). Every request is
+//! checked on the core it arrives on against the caps in its session's verified ticket:
+//! `r` at the op's pool for reads, stat, getxattr and list, `w` for writes, deletes and
+//! setxattr. A refused op gets `PermissionDenied` naming the missing cap; a session
+//! whose ticket expired (or that has none) gets `Unauthenticated` for every op until
+//! its client reconnects with a renewed ticket. Forwarded requests were checked already.
+//!
 //! Threads: an [`OsdCore`] lives on its reactor thread; maps arrive through a channel
 //! (sent by the cluster agent, which wakes the reactor), other cores through the mailbox.
 
@@ -28,10 +37,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use sluice_auth::{Caps, Perms, RotatingSecrets, Service};
 use sluice_control::maps::placement::{self, PgId, PrimaryCache};
 use sluice_control::maps::{OsdId, OsdMap, PoolId};
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
-use sluice_net::tcp::{Server, ServerEvent};
+use sluice_net::tcp::{Server, ServerAuth, ServerEvent};
 use sluice_nvme::BlockDevice;
 use sluice_vocab::{CoreId, MonoTime};
 
@@ -53,6 +63,16 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 pub struct MapView {
     pub map: Arc<OsdMap>,
     pub me: OsdId,
+}
+
+/// Authentication on a core's server: every connection must present a ticket for the
+/// OSD service, sealed with one of the rotating secrets that arrive on `secrets` (the
+/// first before the OSD boots; until then every op is refused as unauthenticated).
+#[derive(Debug)]
+pub struct CoreAuth {
+    /// Connections continue in secure mode (AEAD records) after the handshake.
+    pub secure: bool,
+    pub secrets: mpsc::Receiver<RotatingSecrets>,
 }
 
 /// Messages between the cores of one OSD.
@@ -153,6 +173,19 @@ pub struct OsdStats {
     pub redirects: u64,
     pub dedup_hits: u64,
     pub bad_requests: u64,
+    /// Ops refused for their caps, and for having no valid ticket.
+    pub denied: u64,
+    pub unauthenticated: u64,
+}
+
+/// A request from a newer epoch than ours, with the caps to check it against once the
+/// map arrives (`None`: no check, see [`Core::handle`]).
+#[derive(Debug)]
+struct Waiting {
+    origin: Origin,
+    payload: Vec<u8>,
+    since: MonoTime,
+    caps: Option<Caps>,
 }
 
 /// Everything of a core but its server (so requests can be handled while the server
@@ -168,7 +201,7 @@ struct Core<D: BlockDevice> {
     /// Ops at the store, by token.
     ops: slab::Slab<Pending>,
     /// Requests from a newer epoch than ours: (origin, payload, since).
-    waiting: VecDeque<(Origin, Vec<u8>, MonoTime)>,
+    waiting: VecDeque<Waiting>,
     /// Replies for local sessions, encoded back to back: (cookie, end offset).
     replies: Vec<(u64, usize)>,
     reply_buf: Vec<u8>,
@@ -178,6 +211,8 @@ struct Core<D: BlockDevice> {
     kick: Vec<(u64, String)>,
     events: Vec<StoreEvent>,
     stats: OsdStats,
+    /// Every request must come from a session with a valid ticket.
+    auth_required: bool,
 }
 
 /// The serving poller of one core. See the module documentation.
@@ -188,6 +223,9 @@ pub struct OsdCore<D: BlockDevice> {
     maps: mpsc::Receiver<MapView>,
     /// A map taken while preparing to park, for the next poll.
     new_view: Option<MapView>,
+    auth: Option<CoreAuth>,
+    /// Secrets taken while preparing to park, for the next poll.
+    new_secrets: Option<RotatingSecrets>,
     /// A timer is set to expire requests waiting for a map.
     wait_timer: bool,
     park: Epoll,
@@ -217,7 +255,8 @@ pub enum OpenError {
 
 impl<D: BlockDevice> OsdCore<D> {
     /// Builds the core's server on `server`'s listener and loads the PG logs of its shard
-    /// (blocking: call before the reactor serves).
+    /// (blocking: call before the reactor serves). With `auth`, every op needs a ticket.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         mut shard: Shard<D>,
         server: Server,
@@ -226,6 +265,7 @@ impl<D: BlockDevice> OsdCore<D> {
         outbox: Outbox<CoreMsg>,
         inbox: Inbox<CoreMsg>,
         maps: mpsc::Receiver<MapView>,
+        auth: Option<CoreAuth>,
     ) -> Result<OsdCore<D>, OpenError> {
         let sid = shard.shard_id();
         let serr = |error| OpenError::Store { shard: sid, error };
@@ -277,10 +317,13 @@ impl<D: BlockDevice> OsdCore<D> {
                 kick: Vec::new(),
                 events: Vec::new(),
                 stats: OsdStats::default(),
+                auth_required: auth.is_some(),
             },
             inbox,
             maps,
             new_view: None,
+            auth,
+            new_secrets: None,
             wait_timer: false,
             park,
             last_expire: MonoTime::ZERO,
@@ -295,6 +338,32 @@ impl<D: BlockDevice> OsdCore<D> {
 
     pub fn stats(&self) -> OsdStats {
         self.c.stats
+    }
+
+    /// New rotating secrets: the first turn authentication on at the server, later ones
+    /// replace the set (tickets under the previous, current and next are accepted).
+    fn take_secrets(&mut self) -> bool {
+        let Some(auth) = &self.auth else { return false };
+        let mut newest = self.new_secrets.take();
+        while let Ok(s) = auth.secrets.try_recv() {
+            newest = Some(s);
+        }
+        let Some(secrets) = newest else { return false };
+        tracing::debug!(
+            "core {}: OSD secrets up to id {}",
+            self.c.core,
+            secrets.entries().last().map_or(0, |e| e.id)
+        );
+        if self.server.has_auth() {
+            self.server.update_secrets(secrets);
+        } else {
+            self.server.set_auth(Some(ServerAuth {
+                service: Service::Osd,
+                secrets,
+                secure: auth.secure,
+            }));
+        }
+        true
     }
 
     fn take_maps(&mut self, now: MonoTime) -> bool {
@@ -339,14 +408,16 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> PollResult {
         let now = cx.now;
-        let mut busy = self.take_maps(now);
+        let mut busy = self.take_secrets();
+        busy |= self.take_maps(now);
         // Other cores: forwarded requests and replies to forwarded requests.
         while let Some(m) = self.inbox.recv() {
             busy = true;
             match m {
                 CoreMsg::Forward { from, cookie, payload } => {
                     self.c.stats.requests += 1;
-                    self.c.handle(Origin::Core(from, cookie), &payload, now);
+                    // Checked by the core it arrived on.
+                    self.c.handle(Origin::Core(from, cookie), &payload, now, None);
                 }
                 CoreMsg::Reply { cookie, payload } => {
                     if self.server.send(cookie, ops::MSG_REPLY, &payload).is_none() {
@@ -357,11 +428,31 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         }
         // The network.
         let c = &mut self.c;
+        let now_ms = if c.auth_required { sluice_auth::wall_ms() } else { 0 };
         busy |= self.server.poll(|e| match e {
-            ServerEvent::Message { cookie, msg_type, payload, .. } => {
+            ServerEvent::Message { cookie, msg_type, payload, peer, .. } => {
                 if msg_type == ops::MSG_REQUEST {
                     c.stats.requests += 1;
-                    c.handle(Origin::Local(cookie), payload, now);
+                    let origin = Origin::Local(cookie);
+                    match (c.auth_required, peer) {
+                        (false, _) => c.handle(origin, payload, now, None),
+                        (true, Some(t)) if now_ms < t.expires_ms => {
+                            c.handle(origin, payload, now, Some(&t.caps))
+                        }
+                        (true, Some(t)) => {
+                            let why = format!(
+                                "the ticket of {} expired: renew it and reconnect",
+                                t.entity
+                            );
+                            c.refuse(origin, payload, &why)
+                        }
+                        (true, None) => c.refuse(
+                            origin,
+                            payload,
+                            "authentication required: this OSD serves only clients with a \
+                             ticket (is auth = \"none\" in the client's configuration?)",
+                        ),
+                    }
                 } else {
                     c.stats.bad_requests += 1;
                     c.kick.push((cookie, format!("unexpected message type {msg_type:#x}")));
@@ -417,6 +508,12 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         if let Ok(v) = self.maps.try_recv() {
             self.new_view = Some(v);
             return false; // taken (and waiting requests retried) by the next poll
+        }
+        if let Some(a) = &self.auth
+            && let Ok(s) = a.secrets.try_recv()
+        {
+            self.new_secrets = Some(s);
+            return false;
         }
         // Acks held back for a reply to carry them go out now: nothing else will.
         self.server.flush_acks();
@@ -504,8 +601,24 @@ impl<D: BlockDevice> Core<D> {
         busy
     }
 
-    /// Decodes and routes one request.
-    fn handle(&mut self, origin: Origin, payload: &[u8], now: MonoTime) {
+    /// Answers a request from a session without a valid ticket.
+    fn refuse(&mut self, origin: Origin, payload: &[u8], why: &str) {
+        self.stats.unauthenticated += 1;
+        match Request::decode(payload) {
+            Ok(r) => self.error(origin, r.tid, Status::Unauthenticated, why),
+            Err(e) => {
+                self.stats.bad_requests += 1;
+                if let Origin::Local(cookie) = origin {
+                    self.kick.push((cookie, format!("bad request: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Decodes and routes one request. `caps`: what the sender may do, checked once the
+    /// pool is known; `None` when nothing is to be checked (authentication off, or the
+    /// request was checked by the core it arrived on).
+    fn handle(&mut self, origin: Origin, payload: &[u8], now: MonoTime, caps: Option<&Caps>) {
         let req = match Request::decode(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -526,13 +639,26 @@ impl<D: BlockDevice> Core<D> {
                     "too many requests wait for a map",
                 );
             }
-            self.waiting.push_back((origin, payload.to_vec(), now));
+            self.waiting.push_back(Waiting {
+                origin,
+                payload: payload.to_vec(),
+                since: now,
+                caps: caps.cloned(),
+            });
             return;
         };
         let Some(pool) = view.map.pools.get(&PoolId(req.pool)) else {
             let m = format!("no pool {} at epoch {}", req.pool, view.map.epoch);
             return self.error(origin, req.tid, Status::NoPool, &m);
         };
+        if let Some(caps) = caps {
+            let need = if req.op.is_write() { Perms::W } else { Perms::R };
+            if let Err(denied) = caps.check(need, Some(&pool.name)) {
+                self.stats.denied += 1;
+                let m = format!("{} on pool {}: {denied}", req.op.name(), pool.name);
+                return self.error(origin, req.tid, Status::PermissionDenied, &m);
+            }
+        }
         let pg = match req.op {
             Op::List { .. } => {
                 if req.pg >= pool.pg_num {
@@ -779,10 +905,12 @@ impl<D: BlockDevice> Core<D> {
         let epoch = self.epoch();
         let n = self.waiting.len();
         for _ in 0..n {
-            let (origin, payload, since) = self.waiting.pop_front().expect("counted");
-            match Request::decode(&payload) {
-                Ok(r) if r.epoch <= epoch => self.handle(origin, &payload, now),
-                _ => self.waiting.push_back((origin, payload, since)),
+            let w = self.waiting.pop_front().expect("counted");
+            match Request::decode(&w.payload) {
+                Ok(r) if r.epoch <= epoch => {
+                    self.handle(w.origin, &w.payload, now, w.caps.as_ref())
+                }
+                _ => self.waiting.push_back(w),
             }
         }
     }
@@ -790,11 +918,11 @@ impl<D: BlockDevice> Core<D> {
     /// Requests that waited too long for a map are told to try again.
     fn expire_waiting(&mut self, now: MonoTime) -> bool {
         let mut busy = false;
-        while let Some((_, _, since)) = self.waiting.front() {
-            if now.saturating_sub(*since) < MAP_WAIT {
+        while let Some(w) = self.waiting.front() {
+            if now.saturating_sub(w.since) < MAP_WAIT {
                 break;
             }
-            let (origin, payload, _) = self.waiting.pop_front().expect("peeked");
+            let Waiting { origin, payload, .. } = self.waiting.pop_front().expect("peeked");
             let tid = Request::decode(&payload).map_or(0, |r| r.tid);
             let m = format!("waited {MAP_WAIT:?} for a newer map (have epoch {})", self.epoch());
             self.error(origin, tid, Status::Again, &m);

@@ -300,6 +300,11 @@ pub enum Status {
     NoPool = 8,
     /// Larger than this store takes in one transaction.
     TooLarge = 9,
+    /// The session has no valid ticket (none, or it expired): renew it, reconnect and
+    /// resend.
+    Unauthenticated = 10,
+    /// The ticket's caps do not allow the op; the message names the missing cap.
+    PermissionDenied = 11,
 }
 
 impl Status {
@@ -315,6 +320,8 @@ impl Status {
             7 => Status::Io,
             8 => Status::NoPool,
             9 => Status::TooLarge,
+            10 => Status::Unauthenticated,
+            11 => Status::PermissionDenied,
             _ => return None,
         })
     }

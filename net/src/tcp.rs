@@ -590,12 +590,12 @@ pub enum ServerEvent<'a> {
         seq: u64,
         msg_type: u16,
         payload: &'a [u8],
+        /// Who sent it (with authentication on): the verified ticket the session was
+        /// opened with, caps included. The owner checks its expiry (`expires_ms`).
+        peer: Option<&'a AuthTicket>,
     },
     /// A connection closed, and why (the server keeps serving the others).
-    Closed {
-        peer: Option<SocketAddr>,
-        reason: String,
-    },
+    Closed { peer: Option<SocketAddr>, reason: String },
 }
 
 impl Server {
@@ -631,6 +631,11 @@ impl Server {
     /// already attached keep going.
     pub fn set_auth(&mut self, auth: Option<ServerAuth>) {
         self.auth = auth;
+    }
+
+    /// Whether new connections must authenticate.
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some()
     }
 
     /// New rotating secrets fetched from the monitors.
@@ -738,7 +743,8 @@ impl Server {
                 continue;
             }
             c.pending = false;
-            match serve(cookie, &mut c.session, conn, &mut on) {
+            let peer = c.peer.as_deref().map(|v| &v.ticket);
+            match serve(cookie, &mut c.session, conn, peer, &mut on) {
                 Ok(b) => {
                     busy |= b;
                     // Held back for a reply to carry it (`send_due_acks`).
@@ -994,6 +1000,7 @@ fn serve(
     cookie: u64,
     session: &mut Session,
     conn: &mut Connection,
+    peer: Option<&AuthTicket>,
     on: &mut impl FnMut(ServerEvent<'_>),
 ) -> Result<bool, ConnError> {
     let n = conn.read_some()?;
@@ -1005,6 +1012,7 @@ fn serve(
                 seq,
                 msg_type,
                 payload: crate::session::payload(&frame),
+                peer,
             });
         }
     });

@@ -91,7 +91,10 @@ fn pump(
     while !done(got, closed) {
         assert!(Instant::now() < end, "stuck: got {got:?}, closed {closed:?}");
         s.poll(|e| match e {
-            ServerEvent::Message { cookie, payload, .. } => got.push((cookie, payload.to_vec())),
+            ServerEvent::Message { cookie, payload, peer, .. } => {
+                assert!(peer.is_some(), "a message of an authenticated session carries its ticket");
+                got.push((cookie, payload.to_vec()))
+            }
             ServerEvent::Closed { reason, .. } => closed.push(reason),
         });
         for c in clients.iter_mut() {

@@ -34,7 +34,7 @@ fn server(limits: Limits) -> (std::net::SocketAddr, mpsc::Receiver<Seen>, Arc<At
         while !stop2.load(Ordering::Relaxed) {
             let busy = s.poll(|e| {
                 let _ = tx.send(match e {
-                    ServerEvent::Message { cookie, seq, payload, msg_type } => {
+                    ServerEvent::Message { cookie, seq, payload, msg_type, .. } => {
                         if msg_type == ECHO {
                             echoes.push((cookie, payload.to_vec()));
                         }

@@ -2,11 +2,16 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sluice_net::frame::Limits;
+use sluice_net::ops::{self, Reply, Request, Status};
+use sluice_net::session::Event;
+use sluice_net::tcp::ClientConn;
 
 pub fn bin_dir() -> PathBuf {
     let sluice = PathBuf::from(env!("CARGO_BIN_EXE_sluice"));
@@ -161,5 +166,68 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         }
         assert!(Instant::now() < end, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The address of the OSD core serving object `name` of `pool`.
+pub fn core_addr(client: &sluice_client::Cluster, pool: &str, name: &str) -> SocketAddr {
+    use sluice_control::maps::placement;
+    let m = client.map();
+    let pool = m.pool_by_name(pool).unwrap();
+    let pg = placement::object_pg(pool, name);
+    let osd = placement::pg_mapping(&m, pool, pg).primary().unwrap();
+    let a = m.osd(osd).unwrap().addrs.clone().unwrap();
+    SocketAddr::new(a.public.ip(), a.core_ports[placement::pg_core(pg, a.core_ports.len())])
+}
+
+/// Sends raw requests on a session of our own.
+pub struct Raw {
+    pub conn: ClientConn,
+}
+
+impl Raw {
+    /// A session of its own, authenticated with `client`'s ticket.
+    pub fn new(client: &sluice_client::Cluster, addr: SocketAddr, cookie: u64) -> Raw {
+        Raw::with_ticket(addr, cookie, client.osd_ticket())
+    }
+
+    pub fn with_ticket(
+        addr: SocketAddr,
+        cookie: u64,
+        ticket: Option<sluice_auth::kdc::ServiceTicket>,
+    ) -> Raw {
+        let mut conn = ClientConn::new(addr, cookie, ops::FEATURES, Limits::DEFAULT);
+        conn.set_ticket(ticket);
+        conn.connect().unwrap();
+        Raw { conn }
+    }
+
+    pub fn call(&mut self, req: &Request<'_>) -> (Status, u64) {
+        let (st, v, _) = self.call_msg(req);
+        (st, v)
+    }
+
+    /// The reply's status, version and message.
+    pub fn call_msg(&mut self, req: &Request<'_>) -> (Status, u64, String) {
+        let mut buf = Vec::new();
+        req.encode(&mut buf);
+        self.conn.send(ops::MSG_REQUEST, &buf).unwrap();
+        let mut got = None;
+        wait_for(60, "a reply", || {
+            if !self.conn.connected() {
+                let _ = self.conn.connect();
+            }
+            let _ = self.conn.poll(|e| {
+                if let Event::Message { frame, .. } = e {
+                    let p = sluice_net::session::payload(&frame);
+                    let r = Reply::decode(p).unwrap();
+                    if r.tid == req.tid {
+                        got = Some((r.status, r.version, r.message.to_string()));
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(2));
+            got.clone()
+        })
     }
 }

@@ -13,8 +13,8 @@ use std::sync::mpsc;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use sluice_control::maps::{OsdId, OsdMap};
-use sluice_control::osd_agent::MapSink;
-use sluice_dataplane::osd::{CoreMsg, MapView, OsdCore};
+use sluice_control::osd_agent::{AgentAuth, MapSink, SecretsSink};
+use sluice_dataplane::osd::{CoreAuth, CoreMsg, MapView, OsdCore};
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, CpuPlan, PollArgs, PollMode, ReactorConfig};
 use sluice_dataplane::store::{
@@ -39,6 +39,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create an empty store on a device. Refuses to overwrite a store or other data
@@ -112,6 +114,18 @@ struct ClusterArgs {
     /// Address the monitors and peer OSDs reach this OSD on.
     #[arg(long, default_value = "127.0.0.1")]
     public_ip: std::net::IpAddr,
+    /// This OSD's own keyring (with auth = "cephx"): holds its osd.N key, written (mode
+    /// 0600) when the OSD first registers. Default: the device path + ".keyring".
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// Who registers this OSD the first time, when its keyring does not exist yet: an
+    /// entity with mon cap 'allow w' (default: the configuration's `name`, else
+    /// client.admin).
+    #[arg(long)]
+    bootstrap_name: Option<String>,
+    /// The bootstrap entity's keyring (default: the configuration's keyring).
+    #[arg(long)]
+    bootstrap_keyring: Option<PathBuf>,
 }
 
 fn main() {
@@ -323,6 +337,9 @@ fn run(
     let wakers: Vec<Waker> = parks.iter().map(|p| Waker::new(Arc::clone(p))).collect();
     let (outboxes, inboxes) = mesh::<CoreMsg>(wakers.clone(), 0, 4096);
     let mut map_txs = Vec::new();
+    let auth_on = conf.as_ref().is_some_and(|c| c.auth == sluice_control::conf::Auth::Cephx);
+    let secure = conf.as_ref().is_some_and(|c| c.secure);
+    let mut secret_txs = Vec::new();
     let (tx, rx) = mpsc::channel::<(u16, Result<String, String>)>();
     let mut handles = Vec::new();
     for ((shard, (outbox, inbox)), park) in
@@ -334,6 +351,11 @@ fn run(
         let tx = tx.clone();
         let (map_tx, map_rx) = mpsc::channel::<MapView>();
         map_txs.push(map_tx);
+        let core_auth = auth_on.then(|| {
+            let (tx, rx) = mpsc::channel();
+            secret_txs.push(tx);
+            CoreAuth { secure, secrets: rx }
+        });
         let listener = listeners.get_mut(shard as usize).and_then(Option::take);
         let h = reactor::spawn(cfg, park, move |r| {
             let store_cfg = StoreConfig { mount, ..Default::default() };
@@ -367,8 +389,10 @@ fn run(
                     Some(l) => {
                         let server = Server::from_listener(l, ops::FEATURES, Limits::DEFAULT)
                             .map_err(|e| e.to_string())?;
-                        let core = OsdCore::open(s, server, shard, shards, outbox, inbox, map_rx)
-                            .map_err(|e| e.to_string())?;
+                        let core = OsdCore::open(
+                            s, server, shard, shards, outbox, inbox, map_rx, core_auth,
+                        )
+                        .map_err(|e| e.to_string())?;
                         let msg = format!("{msg}, {} PG(s)", core.pg_count());
                         return Ok((msg, Box::new(core) as Box<dyn Poller>));
                     }
@@ -411,13 +435,29 @@ fn run(
                 "store on {} open on {shards} reactor(s), serving on ports {core_ports:?}; stop with Ctrl-C",
                 path.display()
             );
+            let map_wakers = wakers.clone();
             let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId| {
-                for (tx, w) in map_txs.iter().zip(&wakers) {
+                for (tx, w) in map_txs.iter().zip(&map_wakers) {
                     let _ = tx.send(MapView { map: Arc::clone(&map), me });
                     w.wake();
                 }
             }));
-            Some(start_agent(conf, dsb.fsid, core_ports, sink, cluster)?)
+            let secrets = SecretsSink(Arc::new(move |s: sluice_auth::RotatingSecrets| {
+                for (tx, w) in secret_txs.iter().zip(&wakers) {
+                    let _ = tx.send(s.clone());
+                    w.wake();
+                }
+            }));
+            let auth = if auth_on {
+                Some(agent_auth(&conf, path, secrets, cluster)?)
+            } else {
+                tracing::warn!(
+                    "auth = \"none\" in {}: this OSD serves anyone who can reach it",
+                    conf.path.display()
+                );
+                None
+            };
+            Some(start_agent(conf, dsb.fsid, core_ports, sink, auth, cluster)?)
         }
         None => {
             tracing::info!(
@@ -447,11 +487,45 @@ type Agent = (tokio::sync::watch::Sender<bool>, std::thread::JoinHandle<anyhow::
 
 /// Starts the cluster agent (boot, map subscription, beacons, heartbeats) on its own
 /// thread with a small tokio runtime: never on a dataplane core.
+/// Where this OSD's key is and who registers it the first time (see `ClusterArgs`).
+fn agent_auth(
+    conf: &sluice_control::conf::Conf,
+    dev: &std::path::Path,
+    on_secrets: SecretsSink,
+    cluster: &ClusterArgs,
+) -> anyhow::Result<AgentAuth> {
+    let keyring = cluster.keyring.clone().unwrap_or_else(|| {
+        let mut p = dev.as_os_str().to_owned();
+        p.push(".keyring");
+        PathBuf::from(p)
+    });
+    let name = cluster
+        .bootstrap_name
+        .clone()
+        .or_else(|| conf.name.clone())
+        .unwrap_or_else(|| "client.admin".into());
+    let name: sluice_auth::EntityName =
+        name.parse().map_err(|e| anyhow::anyhow!("--bootstrap-name {name}: {e}"))?;
+    let bootstrap_keyring =
+        cluster.bootstrap_keyring.clone().unwrap_or_else(|| conf.keyring_path());
+    if keyring.exists() {
+        tracing::info!("authenticating with the key in {}", keyring.display());
+    } else {
+        tracing::info!(
+            "no keyring {} yet: registering with {name}'s key from {}",
+            keyring.display(),
+            bootstrap_keyring.display()
+        );
+    }
+    Ok(AgentAuth { keyring, bootstrap: Some((name, bootstrap_keyring)), on_secrets })
+}
+
 fn start_agent(
     conf: sluice_control::conf::Conf,
     uuid: [u8; 16],
     core_ports: Vec<u16>,
     on_map: MapSink,
+    auth: Option<AgentAuth>,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<Agent> {
     use sluice_control::maps::{Location, osdmap::ONE};
@@ -470,6 +544,7 @@ fn start_agent(
         public_ip: cluster.public_ip,
         core_ports,
         on_map: Some(on_map),
+        auth,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new().name("cluster-agent".into()).spawn(move || {

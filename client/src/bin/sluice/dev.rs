@@ -437,7 +437,9 @@ fn create(dir: &Path, mons: usize, osds: usize, device_size: ByteSize) -> Result
     }
     let hosts: Vec<String> = members.iter().map(|(_, a)| format!("\"{a}\"")).collect();
     let conf = format!(
-        "# Written by `sluice dev up`.\nfsid = \"{}\"\nmon_hosts = [{}]\nauth = \"none\"\n",
+        "# Written by `sluice dev up`.\nfsid = \"{}\"\nmon_hosts = [{}]\nauth = \"cephx\"\n\
+         # client.admin's key (and the monitors'); each OSD keeps its own in osd.N.dev.keyring.\n\
+         keyring = \"keyring\"\n",
         format_fsid(&fsid),
         hosts.join(", ")
     );

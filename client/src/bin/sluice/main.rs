@@ -232,8 +232,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::Object(cmd) = &cli.cmd {
         // Blocking client library (its own map thread): no runtime here.
-        return match objects::run(cmd, cli.conf.as_deref(), cli.timeout, cli.format == Format::Json)
-        {
+        let who = objects::Identity { name: cli.name.as_deref(), keyring: cli.keyring.as_deref() };
+        let json = cli.format == Format::Json;
+        return match objects::run(cmd, cli.conf.as_deref(), who, cli.timeout, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(Fail(code, msg)) => {
                 eprintln!("sluice: {msg}");
@@ -349,9 +350,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         "  auth: WARNING: none (auth = \"none\" in {}): identities and caps are not checked",
                         c.path.display()
                     ),
-                    Some(_) => println!(
-                        "  auth: cephx (the monitors issue tickets; OSDs and the management API do \
-                         not check them yet)"
+                    Some(c) => println!(
+                        "  auth: cephx, {} mode (OSDs check tickets and caps on every op; the \
+                         management API checks only sluice auth and OSD registration)",
+                        if c.secure { "secure" } else { "crc" }
                     ),
                     None => {}
                 }

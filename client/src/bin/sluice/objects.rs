@@ -28,16 +28,31 @@ fn fail(e: Error) -> Fail {
     let code = match e {
         Error::Monitors(_) => 3,
         Error::Config(_) => 4,
+        Error::Unauthenticated(_) | Error::PermissionDenied(_) => 5,
         _ => 1,
     };
     Fail(code, e.to_string())
 }
 
-pub fn run(cmd: &ObjCmd, conf: Option<&Path>, timeout: u64, json: bool) -> Result<(), Fail> {
+/// Who the object commands authenticate as (the global -n/--name and --keyring).
+pub struct Identity<'a> {
+    pub name: Option<&'a str>,
+    pub keyring: Option<&'a Path>,
+}
+
+pub fn run(
+    cmd: &ObjCmd,
+    conf: Option<&Path>,
+    who: Identity<'_>,
+    timeout: u64,
+    json: bool,
+) -> Result<(), Fail> {
     let conf = Conf::find(conf).map_err(|e| Fail(4, e.to_string()))?;
     let opts = Options {
         op_timeout: Duration::from_secs(timeout.max(1)),
         connect_timeout: Duration::from_secs(timeout.max(1)),
+        name: who.name.map(str::to_string),
+        keyring: who.keyring.map(Path::to_path_buf),
     };
     let cluster = Cluster::connect(&conf, opts).map_err(fail)?;
     let mut io = cluster.io();
