@@ -73,27 +73,43 @@ pub struct ObjectsArgs {
     pub quiet: bool,
 }
 
-/// CPU time (user + system) of every `sluice-osd` process on this machine.
-fn osd_cpu() -> Option<(Duration, usize)> {
+/// CPU time (user + system) of every live `sluice-osd` process on this machine, by pid
+/// (a zombie, e.g. an OSD just killed and not yet reaped, is skipped: its time would
+/// vanish mid-run).
+fn osd_cpu() -> Option<std::collections::BTreeMap<u32, Duration>> {
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??.max(1) as u64;
-    let mut total = 0u64;
-    let mut n = 0;
+    let mut out = std::collections::BTreeMap::new();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
         let p = e.path();
         if std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == "sluice-osd")
             && let Ok(stat) = std::fs::read_to_string(p.join("stat"))
         {
-            // Fields after the ")" that ends the command name: utime is the 14th field
-            // of the line, stime the 15th.
+            // Fields after the ")" that ends the command name: the state is the 3rd field
+            // of the line, utime the 14th, stime the 15th.
             let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
             let f: Vec<&str> = rest.split_whitespace().collect();
-            if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
-                total += u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
-                n += 1;
+            if let (Some(state), Some(u), Some(s)) = (f.first(), f.get(11), f.get(12))
+                && *state != "Z"
+            {
+                let t = u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
+                out.insert(pid, Duration::from_nanos(t * 1_000_000_000 / tick));
             }
         }
     }
-    (n > 0).then(|| (Duration::from_nanos(total * 1_000_000_000 / tick), n))
+    (!out.is_empty()).then_some(out)
+}
+
+/// CPU the OSDs used between two samples (processes in both), and how many there were.
+fn osd_cpu_delta(
+    a: &std::collections::BTreeMap<u32, Duration>,
+    b: &std::collections::BTreeMap<u32, Duration>,
+) -> (Duration, usize) {
+    let both: Vec<_> =
+        a.iter().filter_map(|(pid, t0)| Some(b.get(pid)?.saturating_sub(*t0))).collect();
+    (both.iter().sum(), both.len())
 }
 
 struct ThreadResult {
@@ -209,10 +225,11 @@ pub fn run(args: ObjectsArgs) -> anyhow::Result<()> {
     }
     let mut results =
         Results::from_histograms(&all, &read, &write, elapsed, cpu, 0.0, errors, size as u64);
-    if let (Some((a, n)), Some((b, _))) = (osd0, osd1)
+    if let (Some(a), Some(b)) = (&osd0, &osd1)
         && !all.is_empty()
     {
-        let per = b.saturating_sub(a).as_secs_f64() * 1e6 / all.len() as f64;
+        let (used, n) = osd_cpu_delta(a, b);
+        let per = used.as_secs_f64() * 1e6 / all.len() as f64;
         results.osd_cpu_us_per_io = Some(per);
         results.osd_processes = Some(n);
     }

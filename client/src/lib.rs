@@ -364,6 +364,8 @@ async fn keep_ticket(mon: MonClient, key: sluice_auth::Secret, shared: Arc<Share
                     a.generation.store(slot.generation, Ordering::Release);
                     drop(slot);
                     tracing::debug!("{}: OSD ticket renewed", a.entity);
+                    // The map subscription is signed with it.
+                    mon.set_credentials(Some(c.clone()));
                     creds = Some(c);
                 }
                 Err(e) => {

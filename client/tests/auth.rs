@@ -256,8 +256,63 @@ fn renewal_and_rotation_never_fail_an_op_and_expired_tickets_are_refused() {
     assert_eq!(st, Status::Unauthenticated, "{msg}");
     assert!(msg.contains("expired"), "{msg}");
     assert_eq!(io.read_all("a", "k").unwrap(), payload, "the renewing client is still served");
+    // A cap change applies at the next renewal: within half a lifetime here.
+    let kr = key(&c, "client.grow", &["mon", "allow r", "osd", "allow r pool=a"]);
+    let grow = client(&c, Some("client.grow"), Some(&kr));
+    let mut gio = grow.io();
+    assert!(matches!(gio.write_full("a", "g", b"1".to_vec()), Err(Error::PermissionDenied(_))));
+    c.ok(&["auth", "caps", "client.grow", "mon", "allow r", "osd", "allow rw pool=a"]);
+    wait_for(30, "the new caps in client.grow's renewed ticket", || {
+        gio.write_full("a", "g", b"1".to_vec()).is_ok().then_some(())
+    });
     let log = osd_log();
     let fetched = fetches(&log) - before;
     assert!(fetched >= 3, "the OSD took new secrets as they rotated ({fetched} times):\n{log}");
     eprintln!("{n} writes and reads across renewals; the OSD took new secrets {fetched} times");
+}
+
+/// Authentication is off only when asked for: `sluice dev up --auth none` makes monitors
+/// without keys and a configuration saying so; objects then need no key, the OSD logs
+/// that it serves anyone, and `sluice status` warns.
+#[test]
+fn auth_none_is_explicit_and_warned_about() {
+    let c = Cluster::up_full(1, 1, "64M", |_| {}, &["--auth", "none"]);
+    assert!(!c.path().join("keyring").exists(), "no keys were made");
+    let out = c.ok(&["status"]);
+    assert!(out.contains("auth: WARNING: none"), "{out}");
+    c.ok(&["pool", "create", "open", "--size", "1", "--pg-num", "4"]);
+    let f = c.path().join("payload");
+    std::fs::write(&f, b"anyone").unwrap();
+    c.ok(&["put", "open", "o", f.to_str().unwrap()]);
+    assert_eq!(c.ok(&["get", "open", "o", "-"]), "anyone");
+    let log = std::fs::read_to_string(c.path().join("log").join("osd.0.log")).unwrap();
+    assert!(log.contains("serves anyone who can reach it"), "{log}");
+}
+
+/// The management API serves only signed requests when the cluster has keys: an
+/// unsigned client is told why, a read-only entity may read but not change the maps.
+#[test]
+fn the_management_api_checks_signatures_and_mon_caps() {
+    let c = Cluster::up_with(1, 1, "64M");
+    let ro = key(&c, "client.viewer", &["mon", "allow r"]);
+    let ro = ro.to_str().unwrap();
+    let out = c.ok(&["-n", "client.viewer", "--keyring", ro, "osd", "dump"]);
+    assert!(out.contains("osd.0") || out.contains("0"), "{out}");
+    let o = c.sluice(&["-n", "client.viewer", "--keyring", ro, "pool", "create", "x"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("needs mon 'allow w'"), "{}", text(&o));
+    // A configuration that says auth = "none" sends unsigned requests: refused, with why.
+    let off = c.path().join("off.conf");
+    let conf =
+        std::fs::read_to_string(c.conf()).unwrap().replace("auth = \"cephx\"", "auth = \"none\"");
+    std::fs::write(&off, conf).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["-c", off.to_str().unwrap(), "pool", "create", "y"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("needs a signed request"), "{}", text(&o));
+    // The admin is served throughout.
+    c.ok(&["pool", "create", "z", "--size", "1", "--pg-num", "4"]);
+    assert!(c.ok(&["pool", "ls"]).contains('z'));
 }

@@ -40,6 +40,8 @@ pub struct MonClient {
     /// Per attempt.
     pub attempt_timeout: Duration,
     epoch: Instant,
+    /// Credentials every request is signed with (shared by clones), once logged in.
+    creds: Arc<Mutex<Option<sluice_auth::kdc::Credentials>>>,
 }
 
 impl MonClient {
@@ -60,6 +62,7 @@ impl MonClient {
             deadline: Duration::from_secs(15),
             attempt_timeout: Duration::from_secs(8),
             epoch: Instant::now(),
+            creds: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -71,6 +74,17 @@ impl MonClient {
             client_id,
             Some(conf.fsid),
         )
+    }
+
+    /// Signs every later request (of this client and its clones) with `creds`: a
+    /// cluster with authentication on serves only signed requests (mon cap `r` for
+    /// reads, `w` for changes, `x` for daemons). Set again after each renewal.
+    pub fn set_credentials(&self, creds: Option<sluice_auth::kdc::Credentials>) {
+        *self.creds.lock().expect("lock") = creds;
+    }
+
+    pub fn has_credentials(&self) -> bool {
+        self.creds.lock().expect("lock").is_some()
     }
 
     /// The monitor in use.
@@ -252,7 +266,11 @@ impl MonClient {
             if let Some(f) = &self.fsid {
                 req = req.header(api::FSID_HEADER, f);
             }
-            if let Some(c) = creds {
+            let stored = match creds {
+                Some(_) => None,
+                None => self.creds.lock().expect("lock").clone(),
+            };
+            if let Some(c) = creds.or(stored.as_ref()) {
                 let b = body.as_deref().unwrap_or(&[]);
                 let sig =
                     sluice_auth::request::sign(c, method.as_str(), path, b, crate::auth::wall_ms());

@@ -665,6 +665,75 @@ async fn check_fsid(State(m): St, req: Request, next: Next) -> HttpResponse {
     next.run(req).await
 }
 
+/// What an endpoint needs of its caller's mon caps (with authentication on).
+enum Need {
+    /// Open, or checked by the handler itself.
+    Nothing,
+    Caps(sluice_auth::Perms),
+    /// `POST /v1/command`: `w`, except an OSD marking only itself down (`x`, what daemons
+    /// do when they stop).
+    Command,
+}
+
+fn need_of(path: &str) -> Need {
+    use sluice_auth::Perms;
+    match path {
+        "/v1/status" | "/v1/mon" | "/v1/osdmap" | "/v1/config" | "/v1/subscribe" => {
+            Need::Caps(Perms::R)
+        }
+        "/v1/command" => Need::Command,
+        "/v1/osd/boot" | "/v1/osd/beacon" | "/v1/osd/failure" => Need::Caps(Perms::X),
+        // Liveness, health and metrics are open; the auth endpoints and OSD registration
+        // check their own signatures; Raft is between monitors (see ARCHITECTURE).
+        _ => Need::Nothing,
+    }
+}
+
+/// With authentication on (the cluster was made with a keyring), the management API
+/// serves only requests signed by an entity whose caps allow them (`need_of`); 401
+/// names what is missing, 403 the cap. Forwarded requests carry the caller's signature
+/// and are checked again by the leader.
+async fn check_auth(State(m): St, req: Request, next: Next) -> HttpResponse {
+    let need = need_of(req.uri().path());
+    if matches!(need, Need::Nothing)
+        || m.sm.shared.read().expect("state lock").cluster.auth.mon_key().is_none()
+    {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_API_BODY).await {
+        Ok(b) => b,
+        Err(e) => return Failure::new(ErrorKind::BadRequest, format!("body: {e}")).into_response(),
+    };
+    let target = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str()).to_string();
+    let checked = signed_by(&m, &parts.headers, parts.method.as_str(), &target, &bytes).and_then(
+        |(ticket, _)| {
+            let perms = match need {
+                Need::Caps(p) => p,
+                Need::Command => match serde_json::from_slice::<Command>(&bytes) {
+                    Ok(Command::MarkDown { ids, .. })
+                        if ids.len() == 1 && ticket.entity.osd_id() == Some(ids[0].0) =>
+                    {
+                        sluice_auth::Perms::X
+                    }
+                    _ => sluice_auth::Perms::W,
+                },
+                Need::Nothing => unreachable!("returned above"),
+            };
+            ticket.caps.check(perms, None).map_err(|e| {
+                Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
+            })
+        },
+    );
+    if let Err(f) = checked {
+        return f.into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// The largest request body the management API reads.
+const MAX_API_BODY: usize = 16 << 20;
+
 pub fn router(m: Arc<Monitor>) -> Router {
     Router::new()
         .route("/raft/append", post(raft_append))
@@ -687,6 +756,7 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/auth/session", post(auth_session))
         .route("/v1/auth/rotating", post(auth_rotating))
         .route("/v1/auth/command", post(auth_command))
+        .layer(middleware::from_fn_with_state(Arc::clone(&m), check_auth))
         .layer(middleware::from_fn_with_state(Arc::clone(&m), check_fsid))
         .with_state(m)
 }
@@ -784,6 +854,17 @@ async fn command(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<R
             "the key database changes only through signed requests (POST /v1/auth/command)",
         ));
     }
+    if !m.is_leader()
+        && let Some(l) = m.leader()
+        && !forwarded(&h)
+        && l != m.me
+    {
+        // With the caller's signature: the leader checks it too.
+        let bytes = m
+            .forward_with(l, "/v1/command", body.to_vec(), h.get(sluice_auth::request::HEADER))
+            .await?;
+        return Ok(axum::Json(parse(&bytes)?));
+    }
     Ok(axum::Json(m.submit(cmd, forwarded(&h)).await?))
 }
 
@@ -855,7 +936,8 @@ fn signed_by(
         return Err(Failure::new(
             ErrorKind::Unauthenticated,
             format!(
-                "{method} {path} needs a signed request ({} header)",
+                "{method} {path} needs a signed request ({} header): this cluster runs with \
+                 authentication; log in with a key (is auth = \"none\" in your sluice.conf?)",
                 sluice_auth::request::HEADER
             ),
         ));
@@ -1050,7 +1132,8 @@ async fn on_leader<T: serde::Serialize + serde::de::DeserializeOwned>(
     }
     match m.leader() {
         Some(l) if !forwarded(h) && l != m.me => {
-            let bytes = m.forward(l, path, body.to_vec()).await?;
+            let sig = h.get(sluice_auth::request::HEADER);
+            let bytes = m.forward_with(l, path, body.to_vec(), sig).await?;
             Ok(axum::Json(parse(&bytes)?))
         }
         _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),

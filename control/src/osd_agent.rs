@@ -461,6 +461,8 @@ async fn auth_step(
             .await
             .map_err(|e| format!("login as {entity}: {e}"))?;
         tracing::debug!("logged in as {entity} (global id {})", creds.global_id);
+        // Boots, beacons, reports and the map subscription are signed with it.
+        mon.set_credentials(Some(creds.clone()));
         run.creds = Some(creds);
     }
     // A quarter of the lifetime, between a second and ten minutes.

@@ -46,22 +46,36 @@ impl Cluster {
         device_size: &str,
         prepare: impl FnOnce(&Path),
     ) -> Cluster {
+        Cluster::up_full(mons, osds, device_size, prepare, &[])
+    }
+
+    /// [`Self::up_prepared`] with more `sluice dev up` arguments (e.g. `--auth none`).
+    pub fn up_full(
+        mons: usize,
+        osds: usize,
+        device_size: &str,
+        prepare: impl FnOnce(&Path),
+        extra: &[&str],
+    ) -> Cluster {
         bin_dir();
         let dir = tempfile::tempdir().unwrap();
         prepare(dir.path());
         let c = Cluster { dir };
-        let out = c.sluice(&[
+        let (mons, osds) = (mons.to_string(), osds.to_string());
+        let mut args = vec![
             "dev",
             "up",
             "--mons",
-            &mons.to_string(),
+            &mons,
             "--osds",
-            &osds.to_string(),
+            &osds,
             "--device-size",
             device_size,
             "--wait",
             "180",
-        ]);
+        ];
+        args.extend(extra);
+        let out = c.sluice(&args);
         assert!(out.status.success(), "dev up failed: {}\n{}", text(&out), c.logs());
         c
     }

@@ -38,6 +38,11 @@ pub enum DevCmd {
         /// running; `sluice dev status` shows what is wrong).
         #[arg(long, default_value_t = 120)]
         wait: u64,
+        /// `cephx` (keys, tickets and caps checked everywhere) or `none` (nothing is
+        /// checked: only for experiments; `sluice status` warns). Used when the cluster
+        /// is created.
+        #[arg(long, default_value = "cephx", value_parser = ["cephx", "none"])]
+        auth: String,
     },
     /// Stop every daemon cleanly (OSDs first), killing what does not stop in time.
     Down {
@@ -219,9 +224,22 @@ async fn client(dir: &Path) -> Result<MonClient, Fail> {
     Ok(c)
 }
 
+/// Logs `c` in as client.admin (with authentication on) unless it is already; the
+/// monitors may still be starting, so a failure is left for the next call.
+async fn ensure_login(c: &MonClient, dir: &Path) {
+    let Ok(conf) = Conf::load(&dir.join("sluice.conf")) else { return };
+    if conf.auth != sluice_control::conf::Auth::Cephx || c.has_credentials() {
+        return;
+    }
+    if let Ok(creds) = crate::auth_cmd::login(c, None, None, Some(&conf)).await {
+        c.set_credentials(Some(creds));
+    }
+}
+
 /// Waits until the map shows `n` OSDs up (or the deadline).
 async fn wait_osds_up(c: &MonClient, dir: &Path, n: usize, end: Instant) -> Result<(), Fail> {
     loop {
+        ensure_login(c, dir).await;
         if let Ok(m) = c.get::<api::MapView>("/v1/osdmap").await
             && m.osds.iter().filter(|o| o.up).count() >= n
         {
@@ -239,6 +257,7 @@ async fn wait_osds_up(c: &MonClient, dir: &Path, n: usize, end: Instant) -> Resu
 
 async fn wait_healthy(c: &MonClient, dir: &Path, end: Instant) -> Result<api::Status, Fail> {
     loop {
+        ensure_login(c, dir).await;
         let last = match c.get::<api::Status>("/v1/status").await {
             Ok(s) if s.health.status == api::HealthStatus::Ok => return Ok(s),
             Ok(s) => format!(
@@ -260,11 +279,11 @@ async fn wait_healthy(c: &MonClient, dir: &Path, end: Instant) -> Result<api::St
 
 pub async fn run(cmd: &DevCmd, json: bool) -> Result<(), Fail> {
     match cmd {
-        DevCmd::Up { mons, osds, dir, device_size, wait } => {
+        DevCmd::Up { mons, osds, dir, device_size, wait, auth } => {
             let end = Instant::now() + Duration::from_secs(*wait);
             let fresh = !dir.join("dev.json").exists();
             if fresh {
-                create(dir, *mons, *osds, *device_size)?;
+                create(dir, *mons, *osds, *device_size, auth == "cephx")?;
             }
             let st = load(dir)?;
             let c = client(dir).await?;
@@ -397,7 +416,13 @@ pub async fn run(cmd: &DevCmd, json: bool) -> Result<(), Fail> {
     }
 }
 
-fn create(dir: &Path, mons: usize, osds: usize, device_size: ByteSize) -> Result<(), Fail> {
+fn create(
+    dir: &Path,
+    mons: usize,
+    osds: usize,
+    device_size: ByteSize,
+    cephx: bool,
+) -> Result<(), Fail> {
     if !matches!(mons, 1 | 3 | 5) {
         return Err(Fail(2, format!("--mons {mons}: use 1, 3 or 5")));
     }
@@ -415,7 +440,7 @@ fn create(dir: &Path, mons: usize, osds: usize, device_size: ByteSize) -> Result
     let mut daemons = Vec::new();
     for (n, _) in &members {
         let data = dir.join(format!("mon.{n}"));
-        run_tool(&[
+        let mut mkfs = vec![
             s(&mon_bin),
             "mkfs".into(),
             "--id".into(),
@@ -426,20 +451,26 @@ fn create(dir: &Path, mons: usize, osds: usize, device_size: ByteSize) -> Result
             list.join(","),
             "--data".into(),
             s(&data),
+        ];
+        if cephx {
             // The first monitor's mkfs creates it; the others get the same keys.
-            "--keyring".into(),
-            s(&dir.join("keyring")),
-        ])?;
+            mkfs.extend(["--keyring".into(), s(&dir.join("keyring"))]);
+        }
+        run_tool(&mkfs)?;
         daemons.push(Daemon {
             name: format!("mon.{n}"),
             argv: vec![s(&mon_bin), "run".into(), "--data".into(), s(&data)],
         });
     }
     let hosts: Vec<String> = members.iter().map(|(_, a)| format!("\"{a}\"")).collect();
+    let auth = if cephx {
+        "auth = \"cephx\"\n# client.admin's key (and the monitors'); each OSD keeps its own in \
+         osd.N.dev.keyring.\nkeyring = \"keyring\"\n"
+    } else {
+        "# Nothing is checked: anyone who reaches the daemons may do anything.\nauth = \"none\"\n"
+    };
     let conf = format!(
-        "# Written by `sluice dev up`.\nfsid = \"{}\"\nmon_hosts = [{}]\nauth = \"cephx\"\n\
-         # client.admin's key (and the monitors'); each OSD keeps its own in osd.N.dev.keyring.\n\
-         keyring = \"keyring\"\n",
+        "# Written by `sluice dev up`.\nfsid = \"{}\"\nmon_hosts = [{}]\n{auth}",
         format_fsid(&fsid),
         hosts.join(", ")
     );

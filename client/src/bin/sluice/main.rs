@@ -45,8 +45,9 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 15)]
     timeout: u64,
     /// Who to authenticate as (default: the configuration's `name`, else client.admin).
-    #[arg(short = 'n', long = "name", global = true)]
-    name: Option<String>,
+    // Its own id: subcommands have positional `name`s (pool create NAME).
+    #[arg(short = 'n', long = "name", global = true, value_name = "ENTITY")]
+    auth_name: Option<String>,
     /// The keyring holding that entity's key (default: the configuration's `keyring`,
     /// else `keyring` beside sluice.conf).
     #[arg(long = "keyring", global = true)]
@@ -232,7 +233,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::Object(cmd) = &cli.cmd {
         // Blocking client library (its own map thread): no runtime here.
-        let who = objects::Identity { name: cli.name.as_deref(), keyring: cli.keyring.as_deref() };
+        let who =
+            objects::Identity { name: cli.auth_name.as_deref(), keyring: cli.keyring.as_deref() };
         let json = cli.format == Format::Json;
         return match objects::run(cmd, cli.conf.as_deref(), who, cli.timeout, json) {
             Ok(()) => ExitCode::SUCCESS,
@@ -252,20 +254,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn client(cli: &Cli) -> Result<MonClient, Fail> {
-    let mut c = if cli.mon.is_empty() {
+/// A monitor client for the command line's cluster, logged in (its requests signed) when
+/// the configuration says `auth = "cephx"`, or when `--name`/`--keyring` are given with
+/// explicit monitors and no configuration.
+async fn client(cli: &Cli) -> Result<MonClient, Fail> {
+    let (mut c, conf) = if cli.mon.is_empty() {
         let conf = Conf::find(cli.conf.as_deref()).map_err(|e| Fail(4, e.to_string()))?;
-        MonClient::from_conf(&conf, std::process::id().into())
+        (MonClient::from_conf(&conf, std::process::id().into()), Some(conf))
     } else {
         // Explicit monitors: the fsid is still checked when a configuration is given.
-        let fsid = match &cli.conf {
-            Some(p) => Some(Conf::load(p).map_err(|e| Fail(4, e.to_string()))?.fsid),
+        let conf = match &cli.conf {
+            Some(p) => Some(Conf::load(p).map_err(|e| Fail(4, e.to_string()))?),
             None => None,
         };
-        MonClient::new(cli.mon.clone(), Policy::Static, Duration::from_secs(5), 0, fsid)
+        let fsid = conf.as_ref().map(|c| c.fsid);
+        (MonClient::new(cli.mon.clone(), Policy::Static, Duration::from_secs(5), 0, fsid), conf)
     };
     c.deadline = Duration::from_secs(cli.timeout.max(1));
     c.attempt_timeout = Duration::from_secs(cli.timeout.clamp(1, 8));
+    let sign = match &conf {
+        Some(conf) => conf.auth == sluice_control::conf::Auth::Cephx,
+        None => cli.auth_name.is_some() || cli.keyring.is_some(),
+    };
+    if sign {
+        let creds =
+            auth_cmd::login(&c, cli.auth_name.as_deref(), cli.keyring.as_deref(), conf.as_ref())
+                .await?;
+        c.set_credentials(Some(creds));
+    }
     Ok(c)
 }
 
@@ -307,7 +323,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Dev { cmd } => return dev::run(cmd, cli.format == Format::Json).await,
         Cmd::Object(_) => unreachable!("object commands run before the runtime starts"),
         Cmd::Status => {
-            let s: api::Status = client(&cli)?.get("/v1/status").await?;
+            let s: api::Status = client(&cli).await?.get("/v1/status").await?;
             if json {
                 print_json(&s);
             } else {
@@ -360,7 +376,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             }
         }
         Cmd::Health { detail } => {
-            let h: api::Health = client(&cli)?.get("/health").await?;
+            let h: api::Health = client(&cli).await?.get("/health").await?;
             if json {
                 print_json(&h);
             } else {
@@ -376,7 +392,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             }
         }
         Cmd::Mon { cmd: MonCmd::Stat } => {
-            let m: api::MonStatus = client(&cli)?.get("/v1/mon").await?;
+            let m: api::MonStatus = client(&cli).await?.get("/v1/mon").await?;
             if json {
                 print_json(&m);
             } else {
@@ -401,18 +417,22 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Osd { cmd } => osd(&cli, cmd, json).await?,
         Cmd::Pool { cmd } => pool(&cli, cmd, json).await?,
         Cmd::Auth { cmd } => {
-            let mc = client(&cli)?;
+            let mc = client(&cli).await?;
             let conf = match &cli.conf {
                 Some(p) => Conf::load(p).ok(),
                 None => Conf::find(None).ok(),
             };
-            let creds =
-                auth_cmd::login(&mc, cli.name.as_deref(), cli.keyring.as_deref(), conf.as_ref())
-                    .await?;
+            let creds = auth_cmd::login(
+                &mc,
+                cli.auth_name.as_deref(),
+                cli.keyring.as_deref(),
+                conf.as_ref(),
+            )
+            .await?;
             auth_cmd::run(cmd, &mc, &creds, json).await?;
         }
         Cmd::Config { cmd } => {
-            let c = client(&cli)?;
+            let c = client(&cli).await?;
             match cmd {
                 ConfigCmd::Set { key, value } => {
                     let r =
@@ -489,7 +509,7 @@ fn tree(m: &MapView) {
 }
 
 async fn osd(cli: &Cli, cmd: &OsdCmd, json: bool) -> Result<(), Fail> {
-    let c = client(cli)?;
+    let c = client(cli).await?;
     let map = async || -> Result<MapView, Fail> { Ok(c.get::<MapView>("/v1/osdmap").await?) };
     match cmd {
         OsdCmd::Tree => {
@@ -580,7 +600,7 @@ async fn osd(cli: &Cli, cmd: &OsdCmd, json: bool) -> Result<(), Fail> {
 }
 
 async fn pool(cli: &Cli, cmd: &PoolCmd, json: bool) -> Result<(), Fail> {
-    let c = client(cli)?;
+    let c = client(cli).await?;
     match cmd {
         PoolCmd::Ls => {
             let m: MapView = c.get("/v1/osdmap").await?;
