@@ -16,7 +16,8 @@
 //! A grant with `pool=NAME` applies only to ops on that pool.
 //!
 //! Profiles: `profile admin` is `allow *`; `profile read-only` is `allow r`; `profile
-//! osd` is `allow rwx` at an OSD (replication between OSDs) and `allow rx` at a monitor.
+//! osd` is `allow rwx` at an OSD (replication between OSDs) and `allow rx` at a monitor;
+//! `profile bootstrap-osd` (at a monitor) may register new OSDs and grants nothing else.
 
 use std::fmt;
 
@@ -100,6 +101,8 @@ pub enum Profile {
     Admin,
     ReadOnly,
     Osd,
+    /// Registers new OSDs (and nothing else): what `sluice-osd`'s first run uses.
+    BootstrapOsd,
 }
 
 impl Profile {
@@ -108,6 +111,7 @@ impl Profile {
             "admin" => Some(Profile::Admin),
             "read-only" => Some(Profile::ReadOnly),
             "osd" => Some(Profile::Osd),
+            "bootstrap-osd" => Some(Profile::BootstrapOsd),
             _ => None,
         }
     }
@@ -117,6 +121,7 @@ impl Profile {
             Profile::Admin => "admin",
             Profile::ReadOnly => "read-only",
             Profile::Osd => "osd",
+            Profile::BootstrapOsd => "bootstrap-osd",
         }
     }
 
@@ -127,6 +132,8 @@ impl Profile {
             (Profile::ReadOnly, _) => Perms::R,
             (Profile::Osd, Service::Osd) => Perms::R.union(Perms::W).union(Perms::X),
             (Profile::Osd, Service::Mon) => Perms::R.union(Perms::X),
+            // Checked by name where OSDs are registered; grants nothing else.
+            (Profile::BootstrapOsd, _) => Perms::NONE,
         }
     }
 }
@@ -229,7 +236,9 @@ impl Caps {
             let (head, rest) = match w {
                 ["profile", name, rest @ ..] => {
                     let p = Profile::parse(name).ok_or_else(|| {
-                        bad(format!("unknown profile {name:?} (known: admin, read-only, osd)"))
+                        bad(format!(
+                            "unknown profile {name:?} (known: admin, read-only, osd, bootstrap-osd)"
+                        ))
                     })?;
                     (Head::Profile(p), rest)
                 }
@@ -278,6 +287,11 @@ impl Caps {
             .iter()
             .filter(|g| g.pool().is_none() || (pool.is_some() && g.pool() == pool))
             .fold(Perms::NONE, |acc, g| acc.union(g.perms(self.service)))
+    }
+
+    /// Whether a grant is `profile NAME` (on any pool).
+    pub fn has_profile(&self, profile: Profile) -> bool {
+        self.grants.iter().any(|g| matches!(g, Grant::Profile { profile: p, .. } if *p == profile))
     }
 
     pub fn allows(&self, need: Perms, pool: Option<&str>) -> bool {
@@ -377,6 +391,10 @@ mod tests {
         assert_eq!(osd("profile admin").perms_for(None), Perms::ALL);
         assert_eq!(osd("allow profile read-only").perms_for(None), Perms::R);
         assert_eq!(osd("profile osd").perms_for(None), Perms::R.union(Perms::W).union(Perms::X));
+        let boot = Caps::parse(Service::Mon, "profile bootstrap-osd").unwrap();
+        assert_eq!(boot.perms_for(None), Perms::NONE);
+        assert!(boot.has_profile(Profile::BootstrapOsd));
+        assert!(!Caps::parse(Service::Mon, "allow *").unwrap().has_profile(Profile::BootstrapOsd));
         let mon = Caps::parse(Service::Mon, "profile osd").unwrap();
         assert_eq!(mon.perms_for(None), Perms::R.union(Perms::X));
         assert_eq!(osd("profile read-only pool=a").perms_for(Some("b")), Perms::NONE);
@@ -408,8 +426,9 @@ mod tests {
                 let perms = if b & 8 != 0 { Perms::ALL } else { Perms(b & 7).union(Perms::R) };
                 Grant::Allow { perms, pool }
             }),
-            (0..3usize, pool).prop_map(|(i, pool)| {
-                let profile = [Profile::Admin, Profile::ReadOnly, Profile::Osd][i];
+            (0..4usize, pool).prop_map(|(i, pool)| {
+                let profile =
+                    [Profile::Admin, Profile::ReadOnly, Profile::Osd, Profile::BootstrapOsd][i];
                 Grant::Profile { profile, pool }
             }),
         ]

@@ -330,7 +330,7 @@ impl Cluster {
             map: self.map(),
             conns: HashMap::new(),
             primaries: PrimaryCache::default(),
-            ops: Ops::default(),
+            ops: Ops { authenticating: self.shared.auth.is_some(), ..Ops::default() },
             next_tid: 0,
             scratch: Vec::new(),
             expired: Vec::new(),
@@ -346,14 +346,19 @@ impl Cluster {
 async fn keep_ticket(mon: MonClient, key: sluice_auth::Secret, shared: Arc<Shared>) {
     let a = shared.auth.as_ref().expect("started with authentication on");
     let mut creds: Option<sluice_auth::kdc::Credentials> = None;
+    // Forced renewals (an OSD refused the ticket) at most this often.
+    const FORCED_EVERY: Duration = Duration::from_secs(5);
+    let mut last_login = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
         let now = sluice_auth::wall_ms();
-        let due = creds.as_ref().is_none_or(|c| c.renewal_due(now))
-            || a.renew_now.swap(false, Ordering::AcqRel);
+        let forced = a.renew_now.load(Ordering::Acquire) && last_login.elapsed() >= FORCED_EVERY;
+        let due = creds.as_ref().is_none_or(|c| c.renewal_due(now)) || forced;
         if !due {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
+        a.renew_now.store(false, Ordering::Release);
+        last_login = Instant::now();
         let old = creds.as_ref().map(|c| c.auth_ticket.clone());
         match mon.login(&a.entity, &key, old, &[Service::Osd]).await {
             Ok(c) => match c.ticket(Service::Osd) {
@@ -563,8 +568,10 @@ pub struct Io {
 struct Ops {
     inflight: HashMap<u64, InFlight>,
     done: VecDeque<Completion>,
-    /// An OSD said our ticket is no good: renew it.
+    /// An OSD said our ticket is no good (or refused a connection): renew it.
     ticket_refused: bool,
+    /// This client presents tickets (authentication on).
+    authenticating: bool,
 }
 
 impl Ops {
@@ -609,6 +616,10 @@ impl Ops {
                 f.not_before = Some(Instant::now() + Duration::from_millis(100));
                 f.target = None;
                 f.waiting = format!("the OSD asked to retry: {}", r.message);
+            }
+            Status::Unauthenticated if !self.authenticating => {
+                let m = format!("{} (this client runs with auth = \"none\")", r.message);
+                self.complete(r.tid, Err(Error::Unauthenticated(m)));
             }
             Status::Unauthenticated => {
                 // Resent once the renewed ticket is in use (or when the op times out).
@@ -942,6 +953,9 @@ impl Io {
                 _ => {}
             });
             if let Err(e) = r {
+                // Perhaps the OSD refused our ticket at the handshake (its secrets moved
+                // on faster than we renewed): renew (rate-limited) before the next try.
+                ops.ticket_refused |= ops.authenticating;
                 tracing::debug!("connection to {addr} lost ({e}); reconnecting");
                 c.last_error = Some(format!("connection to {addr}: {e}"));
                 c.next_connect = now + Duration::from_millis(50);

@@ -315,4 +315,64 @@ fn the_management_api_checks_signatures_and_mon_caps() {
     // The admin is served throughout.
     c.ok(&["pool", "create", "z", "--size", "1", "--pg-num", "4"]);
     assert!(c.ok(&["pool", "ls"]).contains('z'));
+
+    // Registering OSDs needs a dedicated cap (mon 'w' is not enough: an OSD key reaches
+    // every pool), keys are never handed out, and an OSD speaks only for itself.
+    let pm = key(&c, "client.pools", &["mon", "allow rw"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use sluice_auth::keyring::Keyring;
+        use sluice_control::client::{ClientError, MonClient};
+        let mc = MonClient::new(
+            vec![c.mon_addr("a")],
+            sluice_control::monclient::Policy::Static,
+            Duration::ZERO,
+            1,
+            None,
+        );
+        let login = |name: &str, path: &std::path::Path| {
+            let who: sluice_auth::EntityName = name.parse().unwrap();
+            let k = Keyring::load_key(path, &who).unwrap();
+            let mc = mc.clone();
+            async move { mc.login(&who, &k, None, &[]).await.unwrap() }
+        };
+        let new = |creds: &sluice_auth::kdc::Credentials,
+                   uuid: [u8; 16],
+                   k: &sluice_auth::Secret| {
+            sluice_control::api::OsdNewRequest {
+                uuid,
+                location: sluice_control::maps::Location { rack: "r".into(), host: "h".into() },
+                weight: 65536,
+                key_sealed: sluice_auth::request::seal_reply(&creds.session_key, b"osd-new-key", k),
+            }
+        };
+        let pools = login("client.pools", &pm).await;
+        let k1 = sluice_auth::Secret::generate();
+        match mc.osd_new(&pools, &new(&pools, [7; 16], &k1)).await {
+            Err(ClientError::PermissionDenied(m)) => assert!(m.contains("bootstrap-osd"), "{m}"),
+            other => panic!("mon 'w' registered an OSD: {other:?}"),
+        }
+        let admin = login("client.admin", &c.path().join("keyring")).await;
+        let r1 = mc.osd_new(&admin, &new(&admin, [7; 16], &k1)).await.unwrap();
+        let again = mc.osd_new(&admin, &new(&admin, [7; 16], &k1)).await.unwrap();
+        assert_eq!(r1.id, again.id, "a retry with the same key is the same registration");
+        let k2 = sluice_auth::Secret::generate();
+        match mc.osd_new(&admin, &new(&admin, [7; 16], &k2)).await {
+            Err(ClientError::Rejected(m)) => assert!(m.contains("has another key"), "{m}"),
+            other => panic!("a second key for a registered OSD: {other:?}"),
+        }
+        // osd.0 (its key from its keyring) cannot speak for another OSD.
+        let osd0 = login("osd.0", &c.path().join("osd.0.dev.keyring")).await;
+        mc.set_credentials(Some(osd0));
+        let b = serde_json::json!({"id": r1.id, "uuid": vec![7u8; 16], "epoch": 1});
+        match mc.post::<_, u64>("/v1/osd/beacon", &b).await {
+            Err(ClientError::PermissionDenied(m)) => assert!(m.contains("only for itself"), "{m}"),
+            other => panic!("osd.0 beaconed for {}: {other:?}", r1.id),
+        }
+        let f = serde_json::json!({"reporter": r1.id, "target": 0, "failed": true});
+        assert!(matches!(
+            mc.post::<_, bool>("/v1/osd/failure", &f).await,
+            Err(ClientError::PermissionDenied(_))
+        ));
+    });
 }

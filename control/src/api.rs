@@ -217,15 +217,19 @@ pub struct BootRequest {
 }
 
 /// A new OSD's registration with authentication on (`POST /v1/osd/new`, signed by an
-/// entity with mon cap `w`, e.g. `client.admin` or a bootstrap key): the OSD gets its
-/// id and its own key (`osd.N`, caps `profile osd` at monitors and OSDs). Asking again
-/// with the same uuid answers the same id and key (a registration whose answer was lost).
+/// entity with mon 'profile bootstrap-osd' or 'allow *'): the OSD made its own key and
+/// sends it sealed under the caller's session key (`sluice_auth::request::seal_reply`,
+/// label `osd-new-key`); it gets its id, and the monitors store the key as `osd.N` with
+/// caps `profile osd` at monitors and OSDs. The same uuid and key again answer the same
+/// id (a registration whose answer was lost); the same uuid with another key is refused.
+/// Keys are never handed out here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OsdNewRequest {
     pub uuid: [u8; 16],
     pub location: Location,
     /// 16.16 fixed point.
     pub weight: u32,
+    pub key_sealed: Vec<u8>,
 }
 
 /// The answer, sealed under the caller's session key (label `osd-new`).
@@ -233,7 +237,6 @@ pub struct OsdNewRequest {
 pub struct OsdNewReply {
     pub id: OsdId,
     pub entity: sluice_auth::EntityName,
-    pub key: sluice_auth::Secret,
     pub caps: BTreeMap<sluice_auth::Service, String>,
 }
 

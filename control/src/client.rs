@@ -189,7 +189,8 @@ impl MonClient {
         self.signed_sealed(creds, "/v1/auth/rotating", &body, b"rotating").await
     }
 
-    /// Registers a new OSD and gets its key, signed with `creds` (needs mon cap `w`).
+    /// Registers a new OSD with the key it made (`req.key_sealed`), signed with `creds`
+    /// (needs mon 'profile bootstrap-osd' or 'allow *').
     pub async fn osd_new(
         &self,
         creds: &sluice_auth::kdc::Credentials,

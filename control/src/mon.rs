@@ -194,6 +194,21 @@ impl Monitor {
         self.counters.commands.fetch_add(1, Ordering::Relaxed);
         if !self.is_leader() {
             return match self.leader() {
+                Some(_)
+                    if self
+                        .sm
+                        .shared
+                        .read()
+                        .expect("state lock")
+                        .cluster
+                        .auth
+                        .mon_key()
+                        .is_some() =>
+                {
+                    // Commands from callers are forwarded with their signatures by the
+                    // handlers; this one lost its leader on the way.
+                    Err(Failure::new(ErrorKind::NoQuorum, "leadership changed; retry"))
+                }
                 Some(l) if !forwarded && l != self.me => {
                     let body = serde_json::to_vec(&cmd).expect("commands serialize");
                     let bytes = self.forward(l, "/v1/command", body).await?;
@@ -700,6 +715,15 @@ async fn check_auth(State(m): St, req: Request, next: Next) -> HttpResponse {
     {
         return next.run(req).await;
     }
+    if !req.headers().contains_key(sluice_auth::request::HEADER) {
+        // Said before reading any body.
+        let path = req.uri().path().to_string();
+        return signed_by(&m, req.headers(), req.method().as_str(), &path, &[])
+            .map(|_| ())
+            .map_or_else(IntoResponse::into_response, |()| {
+                Failure::new(ErrorKind::Internal, "unsigned request verified").into_response()
+            });
+    }
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_API_BODY).await {
         Ok(b) => b,
@@ -722,7 +746,8 @@ async fn check_auth(State(m): St, req: Request, next: Next) -> HttpResponse {
             };
             ticket.caps.check(perms, None).map_err(|e| {
                 Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
-            })
+            })?;
+            osd_endpoint_caller(&m, parts.uri.path(), &ticket, &bytes)
         },
     );
     if let Err(f) = checked {
@@ -731,8 +756,46 @@ async fn check_auth(State(m): St, req: Request, next: Next) -> HttpResponse {
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
-/// The largest request body the management API reads.
-const MAX_API_BODY: usize = 16 << 20;
+/// The largest request body the management API reads (axum's default for handlers).
+const MAX_API_BODY: usize = 2 << 20;
+
+/// The OSD endpoints speak for one OSD: an `osd.N` caller only for itself (its uuid at
+/// boot, its id in beacons and as the reporter of failures), and a boot needs an OSD
+/// registered through `/v1/osd/new`. Anyone else needs mon cap `*`.
+fn osd_endpoint_caller(
+    m: &Monitor,
+    path: &str,
+    ticket: &sluice_auth::AuthTicket,
+    body: &[u8],
+) -> Result<(), Failure> {
+    let deny = |why: String| {
+        Failure::new(ErrorKind::PermissionDenied, format!("{}: {why}", ticket.entity))
+    };
+    let claimed = match path {
+        "/v1/osd/boot" => {
+            let r: api::BootRequest = parse(body)?;
+            let st = m.sm.shared.read().expect("state lock");
+            match st.cluster.osdmap.osds.values().find(|o| o.uuid == r.uuid) {
+                Some(o) => o.id,
+                None => {
+                    return Err(deny(
+                        "this OSD is not registered: its first run registers it (POST /v1/osd/new)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        "/v1/osd/beacon" => parse::<api::Beacon>(body)?.id,
+        "/v1/osd/failure" => parse::<api::FailureReport>(body)?.reporter,
+        _ => return Ok(()),
+    };
+    if ticket.entity.osd_id() == Some(claimed.0)
+        || ticket.caps.allows(sluice_auth::Perms::ALL, None)
+    {
+        return Ok(());
+    }
+    Err(deny(format!("may speak only for itself, not for {claimed}")))
+}
 
 pub fn router(m: Arc<Monitor>) -> Router {
     Router::new()
@@ -954,12 +1017,21 @@ fn signed_by(
             .cloned()
             .ok_or_else(|| no_keys(m))?;
     let (mut ticket, sk) = {
+        // Reads may be replayed harmlessly: they take no room in the replay cache.
         let mut replays = m.replays.lock().expect("lock");
-        sluice_auth::request::verify(v, &key, method, path, body, auth::wall_ms(), &mut replays)
-            .map_err(|e| {
+        let cache = (method != "GET").then_some(&mut *replays);
+        sluice_auth::request::verify(v, &key, method, path, body, auth::wall_ms(), cache).map_err(
+            |e| {
                 m.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-                Failure::new(ErrorKind::Unauthenticated, e.to_string())
-            })?
+                match e {
+                    // A full replay cache: try again shortly (or another monitor).
+                    sluice_auth::AuthError::Busy => {
+                        Failure::new(ErrorKind::NoQuorum, format!("mon.{}: {e}", m.name))
+                    }
+                    e => Failure::new(ErrorKind::Unauthenticated, e.to_string()),
+                }
+            },
+        )?
     };
     // The database as it is now decides, not the ticket: a removed or demoted entity
     // loses the management API at once, not when its ticket expires.
@@ -1177,8 +1249,9 @@ async fn osd_boot(
     .await
 }
 
-/// Registers a new OSD and creates its key (`api::OsdNewRequest`): signed by an entity
-/// with mon cap `w`, answered sealed under its session key. The leader checks the
+/// Registers a new OSD and stores the key it made (`api::OsdNewRequest`): signed by an
+/// entity with mon 'profile bootstrap-osd' or 'allow *', answered sealed under its
+/// session key. The leader checks the
 /// signature; a follower forwards it and answers once its replica has the key (the OSD
 /// logs in with it next, perhaps here).
 async fn osd_new(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<Vec<u8>>, Failure> {
@@ -1206,10 +1279,24 @@ async fn osd_new(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<V
         };
     }
     let (ticket, sk) = signed_by(&m, &h, "POST", PATH, &body)?;
-    ticket.caps.check(sluice_auth::Perms::W, None).map_err(|e| {
-        tracing::warn!("{} may not register OSDs: {e}", ticket.entity);
-        Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
-    })?;
+    // A dedicated cap: whoever registers OSDs names their keys, and an OSD key reaches
+    // the OSD secrets (so every pool). Mon 'w' (pool management) is not enough.
+    if !(ticket.caps.has_profile(sluice_auth::caps::Profile::BootstrapOsd)
+        || ticket.caps.allows(sluice_auth::Perms::ALL, None))
+    {
+        tracing::warn!("{} may not register OSDs", ticket.entity);
+        return Err(Failure::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{}: registering an OSD needs mon 'profile bootstrap-osd' or 'allow *' (has mon '{}')",
+                ticket.entity, ticket.caps
+            ),
+        ));
+    }
+    let key: sluice_auth::Secret =
+        sluice_auth::request::open_reply(&sk, b"osd-new-key", &req.key_sealed).map_err(|e| {
+            Failure::new(ErrorKind::BadRequest, format!("the sealed OSD key does not open: {e}"))
+        })?;
     let r = m
         .submit(
             Command::RegisterOsd { uuid: req.uuid, location: req.location, weight: req.weight },
@@ -1225,20 +1312,31 @@ async fn osd_new(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<V
         .map(|s| (s, "profile osd".to_string()))
         .collect::<BTreeMap<_, _>>();
     let record = sluice_auth::kdc::EntityRecord {
-        key: sluice_auth::Secret::generate(),
+        key: key.clone(),
         caps: auth::parse_caps(&caps).map_err(|e| Failure::new(ErrorKind::Internal, e))?,
     };
     let cmd = Command::AuthPut { entity: entity.clone(), record, keep_existing: true };
     let Response::AuthEntity { record, created } = m.submit(cmd, true).await? else {
         return Err(Failure::new(ErrorKind::Internal, "key creation answered otherwise"));
     };
+    // The same key again is a retry; another key is refused (keys are never handed out
+    // here: the OSD made its own).
+    if record.key != key {
+        return Err(Failure::new(
+            ErrorKind::Rejected,
+            format!(
+                "{entity} (uuid {}) has another key already: if this is that OSD and its \
+                 keyring was lost, remove the old key with `sluice auth rm {entity}` first",
+                format_fsid(&req.uuid)
+            ),
+        ));
+    }
     tracing::info!(
         "{} registered {id}{}",
         ticket.entity,
-        if created { " and created its key" } else { " (again: same key)" }
+        if created { " and stored its key" } else { " (again: same key)" }
     );
-    let reply =
-        api::OsdNewReply { id, entity, key: record.key, caps: auth::caps_text(&record.caps) };
+    let reply = api::OsdNewReply { id, entity, caps: auth::caps_text(&record.caps) };
     Ok(axum::Json(sluice_auth::request::seal_reply(&sk, b"osd-new", &reply)))
 }
 

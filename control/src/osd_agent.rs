@@ -6,8 +6,9 @@
 //!
 //! With authentication on ([`AgentAuth`]), before the first boot it makes sure the OSD
 //! has its own key: read from the OSD's keyring, or, the first time, obtained by
-//! registering the OSD (`/v1/osd/new`, signed by a bootstrap entity with mon cap `w`)
-//! and saved to that keyring (mode 0600). It logs in as `osd.N`, fetches the OSD
+//! registering the OSD (`/v1/osd/new`, signed by a bootstrap entity with mon 'profile
+//! bootstrap-osd' or 'allow *', carrying the key the OSD made, sealed) and saved to that
+//! keyring (mode 0600). It logs in as `osd.N`, fetches the OSD
 //! service's rotating secrets for the dataplane before booting (so no client can reach
 //! a core that cannot check tickets), refetches them every quarter of the ticket
 //! lifetime (the monitors rotate once per lifetime and services accept the previous,
@@ -198,7 +199,14 @@ fn subscribe(mon: MonClient) -> (mpsc::Receiver<MapUpdate>, watch::Sender<u64>) 
             let bytes = match mon.get_bytes(&path, Duration::from_secs(10)).await {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!("subscription: {e}");
+                    // Before the agent's first login a cluster with keys refuses us: expected.
+                    if matches!(e, crate::client::ClientError::Unauthenticated(_))
+                        && !mon.has_credentials()
+                    {
+                        tracing::debug!("subscription: {e} (not logged in yet)");
+                    } else {
+                        tracing::warn!("subscription: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -521,17 +529,21 @@ async fn osd_key(
         .login(who, &secret, None, &[])
         .await
         .map_err(|e| format!("login as {who} to register this OSD: {e}"))?;
+    // The OSD makes its own key; it travels sealed under the session key and is never
+    // handed out by the monitors.
+    let key = sluice_auth::Secret::generate();
     let req = crate::api::OsdNewRequest {
         uuid: cfg.uuid,
         location: cfg.location.clone(),
         weight: cfg.weight,
+        key_sealed: sluice_auth::request::seal_reply(&creds.session_key, b"osd-new-key", &key),
     };
     let r = mon.osd_new(&creds, &req).await.map_err(|e| format!("registering as {who}: {e}"))?;
-    let mut entry = KeyringEntry::new(r.key.clone());
+    let mut entry = KeyringEntry::new(key.clone());
     entry.caps = crate::auth::parse_caps(&r.caps)?;
     let mut k = Keyring::new();
     k.insert(r.entity.clone(), entry);
     k.save(path).map_err(|e| e.to_string())?;
     tracing::info!("registered as {} by {who}; its key is in {}", r.entity, path.display());
-    Ok((r.entity, r.key))
+    Ok((r.entity, key))
 }

@@ -55,6 +55,8 @@ use crate::{Context, Inbox, Outbox, PollResult, Poller};
 pub const LOG_KEEP: u64 = 2000;
 /// How long a request from a newer map epoch waits for that map.
 pub const MAP_WAIT: Duration = Duration::from_secs(10);
+/// Payload bytes of requests waiting for a newer map, at most (more are told to retry).
+pub const MAX_WAITING_BYTES: usize = 64 << 20;
 /// How long a server keeps the session of a client that went away.
 pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 
@@ -202,6 +204,8 @@ struct Core<D: BlockDevice> {
     ops: slab::Slab<Pending>,
     /// Requests from a newer epoch than ours: (origin, payload, since).
     waiting: VecDeque<Waiting>,
+    /// Bytes of their payloads (bounded: [`MAX_WAITING_BYTES`]).
+    waiting_bytes: usize,
     /// Replies for local sessions, encoded back to back: (cookie, end offset).
     replies: Vec<(u64, usize)>,
     reply_buf: Vec<u8>,
@@ -311,6 +315,7 @@ impl<D: BlockDevice> OsdCore<D> {
                 primaries: PrimaryCache::default(),
                 ops: slab::Slab::new(),
                 waiting: VecDeque::new(),
+                waiting_bytes: 0,
                 replies: Vec::new(),
                 reply_buf: Vec::new(),
                 stalled: VecDeque::new(),
@@ -630,8 +635,17 @@ impl<D: BlockDevice> Core<D> {
                 return;
             }
         };
+        if let (Some(_), Origin::Local(cookie)) = (caps, origin)
+            && req.client != cookie
+        {
+            // Request ids are the session's: another entity cannot pre-empt (or be
+            // answered from the log for) someone else's writes.
+            let m = format!("request id of client {:#x} on the session of {cookie:#x}", req.client);
+            return self.error(origin, req.tid, Status::Invalid, &m);
+        }
         let Some(view) = self.view.clone().filter(|v| v.map.epoch >= req.epoch) else {
-            if self.waiting.len() >= 65536 {
+            if self.waiting.len() >= 65536 || self.waiting_bytes + payload.len() > MAX_WAITING_BYTES
+            {
                 return self.error(
                     origin,
                     req.tid,
@@ -639,6 +653,7 @@ impl<D: BlockDevice> Core<D> {
                     "too many requests wait for a map",
                 );
             }
+            self.waiting_bytes += payload.len();
             self.waiting.push_back(Waiting {
                 origin,
                 payload: payload.to_vec(),
@@ -908,6 +923,7 @@ impl<D: BlockDevice> Core<D> {
             let w = self.waiting.pop_front().expect("counted");
             match Request::decode(&w.payload) {
                 Ok(r) if r.epoch <= epoch => {
+                    self.waiting_bytes -= w.payload.len();
                     self.handle(w.origin, &w.payload, now, w.caps.as_ref())
                 }
                 _ => self.waiting.push_back(w),
@@ -923,6 +939,7 @@ impl<D: BlockDevice> Core<D> {
                 break;
             }
             let Waiting { origin, payload, .. } = self.waiting.pop_front().expect("peeked");
+            self.waiting_bytes -= payload.len();
             let tid = Request::decode(&payload).map_or(0, |r| r.tid);
             let m = format!("waited {MAP_WAIT:?} for a newer map (have epoch {})", self.epoch());
             self.error(origin, tid, Status::Again, &m);

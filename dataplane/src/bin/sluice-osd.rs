@@ -119,7 +119,7 @@ struct ClusterArgs {
     #[arg(long)]
     keyring: Option<PathBuf>,
     /// Who registers this OSD the first time, when its keyring does not exist yet: an
-    /// entity with mon cap 'allow w' (default: the configuration's `name`, else
+    /// entity with mon 'profile bootstrap-osd' or 'allow *' (default: the configuration's `name`, else
     /// client.admin).
     #[arg(long)]
     bootstrap_name: Option<String>,

@@ -163,7 +163,12 @@ impl<D: BlockDevice> Shard<D> {
                     None => {
                         if sp.awaiting_checkpoint() > 0 && !self.checkpoint_running() {
                             self.request_checkpoint();
-                            return true;
+                            if self.checkpoint_running() {
+                                return true;
+                            }
+                            // No room for one: nothing to do until something completes
+                            // (else this spun the reactor).
+                            self.cleaner.idle_checked_at = Some(self.completions);
                         }
                         false
                     }

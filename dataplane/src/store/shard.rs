@@ -288,9 +288,10 @@ pub struct Shard<D: BlockDevice> {
     chunk_pool: DmaPool,
     journal_bytes_since_cp: u64,
     last_cp_blocks: u64,
-    /// Blocks the last checkpoint attempt needed when it found no room; none since the
-    /// last checkpoint that completed.
-    cp_no_room: Option<u64>,
+    /// The last checkpoint attempt found no room: the blocks it needed and the live
+    /// blocks then (deletes shrink the index, so the checkpoint); none since the last
+    /// checkpoint that completed.
+    cp_no_room: Option<(u64, u64)>,
     /// Internal (cleaner) transactions committed, for the cleaner to count.
     pub(super) internal_committed: u64,
     /// A user transaction waits for space: the cleaner is urgent.
@@ -988,10 +989,13 @@ impl<D: BlockDevice> Shard<D> {
         }
     }
 
-    /// Whether the last checkpoint attempt ran out of room and the log still has less
-    /// than it needed.
+    /// Whether the last checkpoint attempt ran out of room and nothing changed that
+    /// could let the next one fit: the log still has less room than it needed, and no
+    /// data was deleted since.
     pub(super) fn checkpoint_blocked(&self) -> bool {
-        self.cp_no_room.is_some_and(|need| self.st.space.available() < need)
+        self.cp_no_room.is_some_and(|(need, live)| {
+            self.st.space.available() < need && self.st.space.live_total() >= live
+        })
     }
 
     /// A checkpoint attempt found no room for its next part: give it up, and retry only
@@ -1013,7 +1017,7 @@ impl<D: BlockDevice> Shard<D> {
                 self.st.shard
             );
         }
-        self.cp_no_room = Some(need.max(self.cp_no_room.unwrap_or(0)));
+        self.cp_no_room = Some((need, self.st.space.live_total()));
         self.abandon_checkpoint();
     }
 
@@ -1273,6 +1277,32 @@ mod tests {
         s
     }
 
+    /// A cleaner that wants a checkpoint which cannot be written (no room) does not keep
+    /// the shard busy: the reactor parks.
+    #[test]
+    fn a_blocked_checkpoint_does_not_keep_the_shard_busy() {
+        let mut dev = RamDevice::new(16 << 20, 64);
+        mkfs(&mut dev, &MkfsOptions::default()).unwrap();
+        let cfg = StoreConfig { clean_below_segments: Some(u32::MAX), ..StoreConfig::default() };
+        let mut s = Shard::open(dev, 0, cfg).unwrap();
+        run_txn(&mut s, Transaction { ops: vec![TxOp::CreateCollection { coll: CollId(1) }] })
+            .unwrap();
+        // Blocked for good; then a few segments of data wait for a checkpoint.
+        s.cp_no_room = Some((u64::MAX, 0));
+        for i in 0..24 {
+            let op = TxOp::WriteFull {
+                coll: CollId(1),
+                name: format!("o{i}"),
+                data: vec![i as u8; 128 << 10],
+            };
+            run_txn(&mut s, Transaction { ops: vec![op] }).unwrap();
+        }
+        assert!(s.st.space.awaiting_checkpoint() >= 2);
+        let busy = (0..10_000).filter(|_| s.poll(&mut |_| {})).count();
+        assert!(busy < 100, "{busy} of 10000 idle polls were busy");
+        assert!(!s.checkpoint_running());
+    }
+
     /// A checkpoint that finds no room gives up once, and is not retried on every poll
     /// while no room has been made (that spun a reactor and flooded the log); once room
     /// is back, the next request runs and completes.
@@ -1293,6 +1323,11 @@ mod tests {
         assert_eq!(mid.checkpoints, before.checkpoints);
         assert!(s.checkpoint_blocked());
         assert!(!s.checkpoint_running());
+        // Deleting data may shrink the next checkpoint enough: it is tried again.
+        let (need, live) = s.cp_no_room.expect("blocked");
+        s.cp_no_room = Some((need, live + 1));
+        assert!(!s.checkpoint_blocked(), "retried after deletes");
+        s.cp_no_room = Some((need, live));
         // Room again: the next request checkpoints.
         s.st.space.reserved -= held;
         assert!(!s.checkpoint_blocked());

@@ -367,8 +367,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         c.path.display()
                     ),
                     Some(c) => println!(
-                        "  auth: cephx, {} mode (OSDs check tickets and caps on every op; the \
-                         management API checks only sluice auth and OSD registration)",
+                        "  auth: cephx, {} mode (tickets and caps checked on every OSD op and \
+                         management request)",
                         if c.secure { "secure" } else { "crc" }
                     ),
                     None => {}
