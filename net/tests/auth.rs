@@ -256,3 +256,59 @@ fn another_entity_cannot_take_over_a_session_by_its_cookie() {
     assert_eq!(s.peer(42, now_ms()).unwrap().entity.to_string(), "client.alice");
     assert_eq!(got.len(), 1, "nothing of mallory's was delivered: {got:?}");
 }
+
+/// A recording of a whole authenticated connection (handshake and session), replayed
+/// byte for byte on a new connection, is refused at the challenge (the server's
+/// challenge is new per connection) while an authenticated client keeps being served.
+#[test]
+fn a_replayed_connection_is_refused_at_the_challenge() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let mut kdc = Kdc::new();
+    let mut s = server(&kdc, false);
+    let mut a = client(&s, 1, Some(kdc.ticket("client.good", "allow rw", Service::Osd, 3_600_000)));
+    a.connect().unwrap();
+    // A recording proxy in front of the server: what the client sends is kept.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let target = s.local_addr().unwrap();
+    let recorded = Arc::new(Mutex::new(Vec::new()));
+    let rec = Arc::clone(&recorded);
+    std::thread::spawn(move || {
+        let (mut from_client, _) = proxy.accept().unwrap();
+        let mut to_server = std::net::TcpStream::connect(target).unwrap();
+        let (mut c2, mut s2) = (from_client.try_clone().unwrap(), to_server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+        });
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from_client.read(&mut buf) {
+            if n == 0 || to_server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            rec.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let t = kdc.ticket("client.victim", "allow rw", Service::Osd, 3_600_000);
+    let mut victim = ClientConn::new(proxy_addr, 7, F, Limits::default());
+    victim.set_ticket(Some(t));
+    victim.connect().unwrap();
+    victim.send(1, b"transfer 100").unwrap();
+    let (mut got, mut closed) = (Vec::new(), Vec::new());
+    pump(&mut s, &mut [&mut victim, &mut a], &mut got, &mut closed, |g, _| g.len() == 1);
+    assert_eq!(got[0], (7, b"transfer 100".to_vec()));
+    std::thread::sleep(Duration::from_millis(50));
+    let replay = recorded.lock().unwrap().clone();
+    assert!(replay.len() > 100, "recorded the handshake and the message");
+    let mut raw = std::net::TcpStream::connect(target).unwrap();
+    raw.write_all(&replay).unwrap();
+    let before = closed.len();
+    a.send(1, b"still here").unwrap();
+    pump(&mut s, &mut [&mut a], &mut got, &mut closed, |g, c| c.len() > before && g.len() == 2);
+    assert!(
+        closed[before..].iter().any(|r| r.contains("replayed or forged authorizer")),
+        "{closed:?}"
+    );
+    assert_eq!(got.len(), 2, "the replayed message was not delivered again: {got:?}");
+    assert_eq!(got[1], (1, b"still here".to_vec()));
+}
