@@ -376,3 +376,47 @@ fn the_management_api_checks_signatures_and_mon_caps() {
         ));
     });
 }
+
+/// `ms_mode = "secure"` in the configuration: the OSD's connections continue encrypted
+/// after the handshake, and objects work the same.
+#[test]
+fn secure_mode_is_selected_by_the_configuration() {
+    let (c, admin) = up_with_pools(&["a"]);
+    let mut io = admin.io();
+    io.write_full("a", "before", b"crc".to_vec()).unwrap();
+    let addr = core_addr(&admin, "a", "before");
+    let mut raw = Raw::new(&admin, addr, 0xc0c);
+    let m = admin.map();
+    let pool = m.pool_by_name("a").unwrap().clone();
+    let stat = |name: &'static str, tid, epoch| Request {
+        client: 0xc0c,
+        tid,
+        epoch,
+        flags: 0,
+        pool: pool.id.0,
+        pg: sluice_control::maps::placement::object_pg(&pool, name).pg,
+        object: name,
+        op: ops::Op::Stat,
+    };
+    assert_eq!(raw.call(&stat("before", 1, m.epoch)).0, Status::Ok);
+    assert!(!raw.conn.is_secure(), "crc mode by default");
+    let conf = std::fs::read_to_string(c.conf()).unwrap();
+    std::fs::write(c.conf(), format!("{conf}ms_mode = \"secure\"\n")).unwrap();
+    let up_from = c.osd(0)["up_from"].as_u64().unwrap();
+    c.ok(&["dev", "kill", "osd.0"]);
+    c.ok(&["dev", "start", "osd.0"]);
+    wait_for(120, "osd.0 up again", || {
+        (c.osd(0)["up"] == true && c.osd(0)["up_from"].as_u64().unwrap() > up_from).then_some(())
+    });
+    // The same client goes on (its sessions reconnect, now sealed).
+    io.write_full("a", "after", b"secure".to_vec()).unwrap();
+    assert_eq!(io.read_all("a", "before").unwrap(), b"crc");
+    assert_eq!(io.read_all("a", "after").unwrap(), b"secure");
+    admin.wait_for_epoch(c.osd(0)["up_from"].as_u64().unwrap(), Duration::from_secs(30));
+    let addr = core_addr(&admin, "a", "after");
+    let mut raw = Raw::new(&admin, addr, 0xc0d);
+    let epoch = admin.map().epoch;
+    let req = Request { client: 0xc0d, ..stat("after", 1, epoch) };
+    assert_eq!(raw.call(&req).0, Status::Ok);
+    assert!(raw.conn.is_secure(), "secure mode after the restart");
+}

@@ -90,6 +90,11 @@ enum Cmd {
         /// Mount retries after the first attempt when the device fails to read.
         #[arg(long, default_value_t = 5)]
         mount_retries: u32,
+        /// Open the device without O_DIRECT (through the page cache; flushes still make
+        /// writes durable on the file). For benchmarks that take the device out of the
+        /// measurement with a file on tmpfs, which has no O_DIRECT.
+        #[arg(long)]
+        buffered: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -148,8 +153,8 @@ fn main() {
                 2
             }
         },
-        Cmd::Run { dev, cpus, poll, mount_retries, cluster } => {
-            report(run(&dev, &cpus, poll.mode(), mount_retries, &cluster))
+        Cmd::Run { dev, cpus, poll, mount_retries, buffered, cluster } => {
+            report(run(&dev, &cpus, poll.mode(), mount_retries, buffered, &cluster))
         }
     };
     std::process::exit(code);
@@ -281,6 +286,7 @@ fn run(
     cpus: &CpuPlan,
     mode: PollMode,
     mount_retries: u32,
+    buffered: bool,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
@@ -291,13 +297,13 @@ fn run(
     sigs.add(Signal::SIGTERM);
     sigs.thread_block()?;
 
-    let (file, size) = open_file(path, true)?;
+    let (file, size) = open_file(path, !buffered)?;
     let file = Arc::new(file);
     let mut probe = UringDevice::open_shared(
         Arc::clone(&file),
         size,
         path.display().to_string(),
-        UringOptions::default(),
+        UringOptions { direct: !buffered, ..UringOptions::default() },
     )?;
     let mount = MountOptions { retries: mount_retries, ..Default::default() };
     let dsb = store::read_device_superblock(&mut probe).map_err(anyhow::Error::new)?;
@@ -366,6 +372,7 @@ fn run(
                     let opts = UringOptions {
                         queue_depth: 128,
                         fixed_pools: pools.all(),
+                        direct: !buffered,
                         ..Default::default()
                     };
                     UringDevice::open_shared(file, size, name, opts)
