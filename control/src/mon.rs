@@ -251,6 +251,35 @@ impl Monitor {
         self.forward_with(leader, path, body, None).await
     }
 
+    /// On a follower: sends a signed change on to the leader with the caller's signature
+    /// and, once the leader answered, waits (up to the commit timeout) until this replica
+    /// shows it (`applied`): read your writes, since the caller's next request may come
+    /// here. No leader, or a request forwarded to us already: no quorum.
+    async fn forward_signed_then_wait(
+        &self,
+        h: &HeaderMap,
+        path: &str,
+        body: &Bytes,
+        applied: impl Fn(&ClusterState) -> bool,
+    ) -> Result<Bytes, Failure> {
+        let leader = self.leader().filter(|l| !forwarded(h) && *l != self.me);
+        let Some(l) = leader else {
+            return Err(Failure::new(
+                ErrorKind::NoQuorum,
+                self.no_quorum_message(&self.mon_status()),
+            ));
+        };
+        let sig = h.get(sluice_auth::request::HEADER);
+        let bytes = self.forward_with(l, path, body.to_vec(), sig).await?;
+        let until = Instant::now() + COMMIT_TIMEOUT;
+        while !applied(&self.sm.shared.read().expect("state lock").cluster)
+            && Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(bytes)
+    }
+
     /// [`Self::forward`] carrying the caller's request signature (the leader checks it).
     async fn forward_with(
         &self,
@@ -717,12 +746,7 @@ async fn check_auth(State(m): St, req: Request, next: Next) -> HttpResponse {
     }
     if !req.headers().contains_key(sluice_auth::request::HEADER) {
         // Said before reading any body.
-        let path = req.uri().path().to_string();
-        return signed_by(&m, req.headers(), req.method().as_str(), &path, &[])
-            .map(|_| ())
-            .map_or_else(IntoResponse::into_response, |()| {
-                Failure::new(ErrorKind::Internal, "unsigned request verified").into_response()
-            });
+        return unsigned(req.method().as_str(), req.uri().path()).into_response();
     }
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_API_BODY).await {
@@ -744,9 +768,7 @@ async fn check_auth(State(m): St, req: Request, next: Next) -> HttpResponse {
                 },
                 Need::Nothing => unreachable!("returned above"),
             };
-            ticket.caps.check(perms, None).map_err(|e| {
-                Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
-            })?;
+            ticket.caps.check(perms, None).map_err(|e| denied(&ticket, e))?;
             osd_endpoint_caller(&m, parts.uri.path(), &ticket, &bytes)
         },
     );
@@ -768,9 +790,7 @@ fn osd_endpoint_caller(
     ticket: &sluice_auth::AuthTicket,
     body: &[u8],
 ) -> Result<(), Failure> {
-    let deny = |why: String| {
-        Failure::new(ErrorKind::PermissionDenied, format!("{}: {why}", ticket.entity))
-    };
+    let deny = |why: String| denied(ticket, why);
     let claimed = match path {
         "/v1/osd/boot" => {
             let r: api::BootRequest = parse(body)?;
@@ -988,6 +1008,23 @@ async fn auth_session(
 
 /// Checks the request's signature (`sluice_auth::request`): who asks, with which caps at
 /// the monitors, and the session key to seal a reply with.
+/// The answer to a request without a signature on a cluster with keys.
+fn unsigned(method: &str, path: &str) -> Failure {
+    Failure::new(
+        ErrorKind::Unauthenticated,
+        format!(
+            "{method} {path} needs a signed request ({} header): this cluster runs with \
+             authentication; log in with a key (is auth = \"none\" in your sluice.conf?)",
+            sluice_auth::request::HEADER
+        ),
+    )
+}
+
+/// A signed request whose entity's caps do not allow it.
+fn denied(ticket: &sluice_auth::AuthTicket, why: impl std::fmt::Display) -> Failure {
+    Failure::new(ErrorKind::PermissionDenied, format!("{}: {why}", ticket.entity))
+}
+
 fn signed_by(
     m: &Monitor,
     h: &HeaderMap,
@@ -996,14 +1033,7 @@ fn signed_by(
     body: &[u8],
 ) -> Result<(sluice_auth::AuthTicket, sluice_auth::Secret), Failure> {
     let Some(v) = h.get(sluice_auth::request::HEADER) else {
-        return Err(Failure::new(
-            ErrorKind::Unauthenticated,
-            format!(
-                "{method} {path} needs a signed request ({} header): this cluster runs with \
-                 authentication; log in with a key (is auth = \"none\" in your sluice.conf?)",
-                sluice_auth::request::HEADER
-            ),
-        ));
+        return Err(unsigned(method, path));
     };
     let v =
         v.to_str().map_err(|_| Failure::new(ErrorKind::Unauthenticated, "unreadable signature"))?;
@@ -1062,7 +1092,7 @@ async fn auth_rotating(
     let req: RotatingRequest = parse(&body)?;
     ticket.caps.check(sluice_auth::Perms::X, None).map_err(|e| {
         tracing::warn!("{} may not fetch {} secrets: {e}", ticket.entity, req.service);
-        Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
+        denied(&ticket, e)
     })?;
     // A service's secrets let their holder mint its tickets: only its own daemons get
     // them (the monitors hold theirs already).
@@ -1097,38 +1127,25 @@ async fn auth_command(
     let op: AuthOp = parse(&body)?;
     let changes = !matches!(op, AuthOp::Get { .. } | AuthOp::Ls);
     if changes && !m.is_leader() {
-        return match m.leader() {
-            Some(l) if !forwarded(&h) && l != m.me => {
-                let sig = h.get(sluice_auth::request::HEADER);
-                let bytes = m.forward_with(l, PATH, body.to_vec(), sig).await?;
-                // Read your writes here: the caller's next request (a login with the new
-                // key, say) may come to this monitor before it applied the change.
-                let done = |a: &auth::AuthState| match &op {
-                    AuthOp::Add { entity, .. } | AuthOp::GetOrCreate { entity, .. } => {
-                        a.entities.contains_key(entity)
-                    }
-                    AuthOp::Rm { entity } => !a.entities.contains_key(entity),
-                    AuthOp::Caps { entity, caps } => a
-                        .entities
-                        .get(entity)
-                        .is_some_and(|r| auth::parse_caps(caps).is_ok_and(|c| c == r.caps)),
-                    AuthOp::Get { .. } | AuthOp::Ls => true,
-                };
-                let until = Instant::now() + COMMIT_TIMEOUT;
-                while !done(&m.sm.shared.read().expect("state lock").cluster.auth)
-                    && Instant::now() < until
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Ok(axum::Json(parse(&bytes)?))
+        // Read your writes: the caller's next request (a login with the new key, say)
+        // may come to this monitor before it applied the change.
+        let done = |st: &ClusterState| match &op {
+            AuthOp::Add { entity, .. } | AuthOp::GetOrCreate { entity, .. } => {
+                st.auth.entities.contains_key(entity)
             }
-            _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),
+            AuthOp::Rm { entity } => !st.auth.entities.contains_key(entity),
+            AuthOp::Caps { entity, caps } => st
+                .auth
+                .entities
+                .get(entity)
+                .is_some_and(|r| auth::parse_caps(caps).is_ok_and(|c| c == r.caps)),
+            AuthOp::Get { .. } | AuthOp::Ls => true,
         };
+        let bytes = m.forward_signed_then_wait(&h, PATH, &body, done).await?;
+        return Ok(axum::Json(parse(&bytes)?));
     }
     let (ticket, sk) = signed_by(&m, &h, "POST", PATH, &body)?;
-    ticket.caps.check(sluice_auth::Perms::ADMIN, None).map_err(|e| {
-        Failure::new(ErrorKind::PermissionDenied, format!("{}: {e}", ticket.entity))
-    })?;
+    ticket.caps.check(sluice_auth::Perms::ADMIN, None).map_err(|e| denied(&ticket, e))?;
     let caps_of = |c: &std::collections::BTreeMap<sluice_auth::Service, String>| {
         auth::parse_caps(c).map_err(|e| Failure::new(ErrorKind::Rejected, e))
     };
@@ -1258,25 +1275,14 @@ async fn osd_new(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<V
     const PATH: &str = "/v1/osd/new";
     let req: api::OsdNewRequest = parse(&body)?;
     if !m.is_leader() {
-        return match m.leader() {
-            Some(l) if !forwarded(&h) && l != m.me => {
-                let sig = h.get(sluice_auth::request::HEADER);
-                let bytes = m.forward_with(l, PATH, body.to_vec(), sig).await?;
-                let registered = |st: &ClusterState| {
-                    st.osdmap.osds.values().find(|o| o.uuid == req.uuid).is_some_and(|o| {
-                        st.auth.entities.contains_key(&sluice_auth::EntityName::osd(o.id.0))
-                    })
-                };
-                let until = Instant::now() + COMMIT_TIMEOUT;
-                while !registered(&m.sm.shared.read().expect("state lock").cluster)
-                    && Instant::now() < until
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Ok(axum::Json(parse(&bytes)?))
-            }
-            _ => Err(Failure::new(ErrorKind::NoQuorum, m.no_quorum_message(&m.mon_status()))),
+        // Answered once this replica has the key: the OSD logs in with it next.
+        let registered = |st: &ClusterState| {
+            st.osdmap.osds.values().find(|o| o.uuid == req.uuid).is_some_and(|o| {
+                st.auth.entities.contains_key(&sluice_auth::EntityName::osd(o.id.0))
+            })
         };
+        let bytes = m.forward_signed_then_wait(&h, PATH, &body, registered).await?;
+        return Ok(axum::Json(parse(&bytes)?));
     }
     let (ticket, sk) = signed_by(&m, &h, "POST", PATH, &body)?;
     // A dedicated cap: whoever registers OSDs names their keys, and an OSD key reaches
