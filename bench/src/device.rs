@@ -14,7 +14,10 @@ use serde_json::json;
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, ReactorConfig};
 use sluice_dataplane::{Context, PollResult, Poller};
-use sluice_nvme::{BlockDevice, DmaPool, IoCommand, OpKind, TaskRun, UringDevice, UringOptions};
+use sluice_nvme::{
+    AnyDevice, BlockDevice, DeviceOptions, DeviceSpec, DmaPool, IoCommand, OpKind, Opener,
+    PoolOptions, TaskRun, UringDevice, UringOptions,
+};
 use sluice_vocab::limits::BLOCK_SIZE_BYTES;
 use sluice_vocab::{BlockCount, ByteSize, CoreId, Lba, MonoTime, parse_duration};
 
@@ -42,9 +45,11 @@ pub enum TaskRunArg {
 
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
-    /// Device file or block device. A missing or sparse file is created and filled first.
-    #[arg(long)]
-    pub path: PathBuf,
+    /// The device: a file or block device (a missing or sparse file is created and
+    /// filled first), or an NVMe namespace over VFIO, `nvme://PCI-ADDRESS/NSID` (see
+    /// docs/bare-metal.md).
+    #[arg(long = "dev", visible_alias = "path")]
+    pub dev: DeviceSpec,
     /// Size of the device file to create (ignored for existing files and block devices).
     #[arg(long, default_value = "4G")]
     pub dev_size: ByteSize,
@@ -84,11 +89,37 @@ pub struct DeviceArgs {
     /// Seed for random offsets.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// NVMe over VFIO: DMA memory from 4 KiB pages instead of 2 MiB hugepages.
+    #[arg(long)]
+    pub no_hugepages: bool,
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
     pub reactor: ReactorArgs,
+}
+
+/// A queue pair over io_uring on a file (prepared first) or block device.
+fn open_file_device(
+    path: &std::path::Path,
+    args: &DeviceArgs,
+    bs: usize,
+) -> anyhow::Result<(AnyDevice, DmaPool)> {
+    crate::common::prepare_file(path, args.dev_size, !args.no_direct)?;
+    let pool = DmaPool::new(bs, args.qd, Default::default()).context("allocating DMA buffers")?;
+    let opts = UringOptions {
+        queue_depth: args.qd.max(2),
+        direct: !args.no_direct,
+        sqpoll_idle_ms: args.sqpoll.then_some(50),
+        iopoll: args.iopoll,
+        fixed_pools: vec![pool.clone()],
+        taskrun: match args.taskrun {
+            TaskRunArg::Cooperative => TaskRun::Cooperative,
+            TaskRunArg::Interrupt => TaskRun::Interrupt,
+        },
+        ..Default::default()
+    };
+    Ok((AnyDevice::Uring(UringDevice::open(path, opts)?), pool))
 }
 
 pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
@@ -105,28 +136,40 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if args.rwmix_read > 100 {
         bail!("--rwmix-read is a percentage (got {})", args.rwmix_read);
     }
-    crate::common::prepare_file(&args.path, args.dev_size, !args.no_direct)?;
-    let pool = DmaPool::new(bs, args.qd, Default::default()).context("allocating DMA buffers")?;
-    let opts = UringOptions {
-        queue_depth: args.qd.max(2),
-        direct: !args.no_direct,
-        sqpoll_idle_ms: args.sqpoll.then_some(50),
-        iopoll: args.iopoll,
-        fixed_pools: vec![pool.clone()],
-        taskrun: match args.taskrun {
-            TaskRunArg::Cooperative => TaskRun::Cooperative,
-            TaskRunArg::Interrupt => TaskRun::Interrupt,
-        },
-        ..Default::default()
+    let name = args.dev.to_string();
+    let path = std::path::Path::new(&name);
+    let (dev, pool) = match &args.dev {
+        DeviceSpec::Path(p) => open_file_device(p, &args, bs)?,
+        DeviceSpec::Nvme(_) => {
+            if args.sqpoll || args.iopoll || args.no_direct {
+                bail!("--sqpoll, --iopoll and --no-direct apply to io_uring devices, not {name}");
+            }
+            let opts = DeviceOptions {
+                hugepages: !args.no_hugepages,
+                nvme_queues: 1,
+                ..DeviceOptions::default()
+            };
+            let opener = Opener::open(&args.dev, &opts).map_err(anyhow::Error::msg)?;
+            let pool = DmaPool::new(bs, args.qd, PoolOptions { hugepages: !args.no_hugepages })
+                .context("allocating DMA buffers")?;
+            let dev = opener.queue_pair(args.qd, vec![pool.clone()]).map_err(anyhow::Error::msg)?;
+            if dev.info().queue_depth < args.qd {
+                bail!(
+                    "{name}: the controller's queues hold {} commands, fewer than --qd {}",
+                    dev.info().queue_depth,
+                    args.qd
+                );
+            }
+            (dev, pool)
+        }
     };
-    let dev = UringDevice::open(&args.path, opts)?;
     let span = dev.info().num_blocks / (bs / BLOCK_SIZE_BYTES) as u64;
     if span == 0 {
-        bail!("{} is smaller than one {}-byte I/O", args.path.display(), bs);
+        bail!("{name} is smaller than one {bs}-byte I/O");
     }
-    let cpu = args.reactor.pin(&args.path)?;
+    let cpu = args.reactor.pin(path)?;
     let config = json!({
-        "path": args.path,
+        "path": name,
         "dev_size_bytes": dev.info().size_bytes(),
         "rw": args.rw,
         "bs_bytes": bs,
@@ -181,7 +224,7 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
         o
     });
     results.durable_write = ops(&c.durable);
-    let report = Report::new("device", &args.path, started_at_unix_s, config, results);
+    let report = Report::new("device", path, started_at_unix_s, config, results);
     report.print_table();
     report.finish(args.json.as_deref(), "I/O errors")?;
     Ok(())
@@ -215,7 +258,7 @@ enum Phase {
 
 /// The load generator: keeps `qd` I/Os in flight until the deadline.
 struct Load {
-    dev: UringDevice,
+    dev: AnyDevice,
     pool: DmaPool,
     rw: Rw,
     rwmix_read: u8,
@@ -254,7 +297,7 @@ const FLUSH_TAG_BIT: u64 = 1 << 63;
 
 impl Load {
     fn new(
-        dev: UringDevice,
+        dev: AnyDevice,
         pool: DmaPool,
         args: &DeviceArgs,
         span: u64,

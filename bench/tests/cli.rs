@@ -89,6 +89,26 @@ fn bad_options_fail_with_a_message() {
 }
 
 #[test]
+fn device_takes_nvme_devices_and_says_what_is_missing() {
+    let out = bench()
+        .args(["device", "--dev", "nvme://ffff:ff:1f.7/1", "--rw", "randread", "--runtime", "1s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no PCI device ffff:ff:1f.7"), "{err}");
+    let out = bench()
+        .args(["device", "--dev", "nvme://ffff:ff:1f.7/1", "--rw", "read", "--sqpoll"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apply to io_uring devices"), "{err}");
+    let out = bench().args(["device", "--dev", "nvme://bogus", "--rw", "read"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("expected nvme://DDDD:BB:SS.F/NSID"), "{err}");
+}
+
+#[test]
 fn net_baseline_measures_round_trips_and_bandwidth() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     for (size, qd, bytes) in [("64", "1", 64u64), ("1M", "4", 1 << 20)] {

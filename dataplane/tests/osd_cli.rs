@@ -127,3 +127,27 @@ fn argument_mistakes_are_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the store has 2 shard(s): give one CPU per shard"), "{err}");
 }
+
+#[test]
+fn nvme_devices_say_what_is_missing() {
+    // No such PCI function anywhere: the preflight says so before touching VFIO.
+    for sub in [&["mkfs"][..], &["fsck"], &["run"]] {
+        let out = osd().args(sub).args(["--dev", "nvme://ffff:ff:1f.7/1"]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("nvme://ffff:ff:1f.7/1: no PCI device ffff:ff:1f.7"),
+            "{sub:?}: {err}"
+        );
+    }
+    let out = osd().args(["mkfs", "--dev", "nvme://ffff:ff:1f.7/0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("namespace ids start at 1"), "{err}");
+    let out =
+        osd().args(["mkfs", "--size", "1G", "--dev", "nvme://ffff:ff:1f.7/1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--size applies to device files"), "{err}");
+    let out = osd().args(["run", "--buffered", "--dev", "nvme://ffff:ff:1f.7/1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--buffered applies to device files"), "{err}");
+}

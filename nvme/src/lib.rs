@@ -16,6 +16,9 @@
 //! * [`RamDevice`]: memory; the reference behaviour.
 //! * [`FaultyDevice`]: wraps any backend with a volatile write cache, power cuts that drop
 //!   or tear unflushed writes, I/O errors by range or call count, and latency.
+//! * [`pcie::NvmeDevice`]: a queue pair of an NVMe controller driven from userspace
+//!   ([`pcie`]); over VFIO on bare metal (`vfio` module, cargo feature `vfio`), over the
+//!   register-level [`pcie::model`] in tests.
 //!
 //! [`conformance`] holds the suite every backend must pass.
 //!
@@ -23,6 +26,7 @@
 //! thread at a time. Faults tolerated: the backends report errors; they never panic on
 //! device failures. Panics here mean a caller broke a documented precondition.
 
+pub mod any;
 pub mod command;
 pub mod conformance;
 pub mod device;
@@ -30,9 +34,14 @@ pub mod dma;
 pub mod error;
 pub mod faulty;
 pub mod irq;
+pub mod pcie;
 pub mod ram;
+pub mod spec;
 pub mod uring;
+#[cfg(feature = "vfio")]
+pub mod vfio;
 
+pub use any::{AnyDevice, DeviceOptions, Opener, open_device};
 pub use command::{Cqe, IoCommand, OpKind, Sqe, Status};
 pub use device::{
     BlockDevice, Completion, DeviceInfo, flush_sync, read_sync, run_sync, write_sync,
@@ -41,4 +50,5 @@ pub use dma::{DmaBuf, DmaPool, PoolOptions};
 pub use error::{IoError, RejectReason, SubmitError};
 pub use faulty::{CutPolicy, CutReport, Fate, FaultHandle, FaultRule, FaultyDevice, OpSet};
 pub use ram::RamDevice;
+pub use spec::{DeviceSpec, NvmeSpec};
 pub use uring::{OpenError, TaskRun, UringDevice, UringOptions, create_device_file};

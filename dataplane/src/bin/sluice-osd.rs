@@ -24,8 +24,8 @@ use sluice_dataplane::{Context, PollResult, Poller, Waker, mesh};
 use sluice_net::frame::Limits;
 use sluice_net::ops;
 use sluice_net::tcp::Server;
-use sluice_nvme::uring::open_file;
-use sluice_nvme::{UringDevice, UringOptions};
+use sluice_nvme::PoolOptions;
+use sluice_nvme::{AnyDevice, DeviceOptions, DeviceSpec, Opener};
 use sluice_vocab::{ByteSize, CoreId};
 
 #[derive(Debug, Parser)]
@@ -46,9 +46,8 @@ enum Cmd {
     /// Create an empty store on a device. Refuses to overwrite a store or other data
     /// unless --force is given, and says what it found.
     Mkfs {
-        /// Device file (created if missing) or block device.
-        #[arg(long)]
-        dev: PathBuf,
+        #[command(flatten)]
+        dev: DevArgs,
         /// Size of the device file to create; for a block device, defaults to its size.
         #[arg(long)]
         size: Option<ByteSize>,
@@ -66,18 +65,16 @@ enum Cmd {
     /// Check every structure of a store without writing anything. Exit code 0: clean,
     /// 1: problems (listed), 2: the check could not run.
     Fsck {
-        /// Device file or block device holding the store.
-        #[arg(long)]
-        dev: PathBuf,
+        #[command(flatten)]
+        dev: DevArgs,
         /// Also read every data block and verify its checksum.
         #[arg(long)]
         deep: bool,
     },
     /// Open the store and serve. Each shard runs on its own reactor thread.
     Run {
-        /// Device file or block device holding the store (made by `mkfs`).
-        #[arg(long)]
-        dev: PathBuf,
+        #[command(flatten)]
+        dev: DevArgs,
         /// Where the reactors run: `auto` pins them to distinct CPUs, shard 0 on the one
         /// that takes the device's interrupts (its completions then need no cross-CPU
         /// wakeup; measured 2x the 4 KiB write rate of the other CPU here); `none` leaves
@@ -98,6 +95,35 @@ enum Cmd {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+}
+
+/// The device holding the store.
+#[derive(Debug, Clone, clap::Args)]
+struct DevArgs {
+    /// The device: a file (mkfs creates it with --size), a block device, or an NVMe
+    /// namespace driven from userspace over VFIO, `nvme://PCI-ADDRESS/NSID` such as
+    /// `nvme://0000:00:04.0/1` (the controller must be bound to vfio-pci; see
+    /// docs/bare-metal.md).
+    #[arg(long)]
+    dev: DeviceSpec,
+    /// NVMe over VFIO: take DMA memory from 4 KiB pages instead of 2 MiB hugepages.
+    #[arg(long)]
+    no_hugepages: bool,
+}
+
+impl DevArgs {
+    fn options(&self, direct: bool) -> DeviceOptions {
+        DeviceOptions { direct, hugepages: !self.no_hugepages, ..DeviceOptions::default() }
+    }
+
+    fn is_nvme(&self) -> bool {
+        matches!(self.dev, DeviceSpec::Nvme(_))
+    }
+
+    /// A path-like name for messages and CPU placement.
+    fn name(&self) -> String {
+        self.dev.to_string()
+    }
 }
 
 /// How the OSD joins its cluster. Without a configuration it runs standalone (store only).
@@ -170,20 +196,28 @@ fn report(r: anyhow::Result<()>) -> i32 {
     }
 }
 
-fn open_dev(path: &Path) -> anyhow::Result<UringDevice> {
-    Ok(UringDevice::open(path, UringOptions { queue_depth: 64, ..Default::default() })?)
+fn open_dev(dev: &DevArgs) -> anyhow::Result<AnyDevice> {
+    sluice_nvme::open_device(&dev.dev, 64, &dev.options(true)).map_err(anyhow::Error::msg)
 }
 
 fn mkfs(
-    path: &Path,
+    dev: &DevArgs,
     size: Option<ByteSize>,
     shards: u16,
     segment: Option<ByteSize>,
     force: bool,
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-    if !is_block {
+    let file = match &dev.dev {
+        DeviceSpec::Path(p) => Some(p.as_path()),
+        DeviceSpec::Nvme(_) => None,
+    };
+    if size.is_some() && file.is_none() {
+        bail!("--size applies to device files; an NVMe namespace has its own size");
+    }
+    if let Some(path) = file
+        && !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+    {
         let Some(size) = size else {
             bail!("--size is needed to create the device file {}", path.display());
         };
@@ -203,14 +237,14 @@ fn mkfs(
             f.set_len(bytes).with_context(|| format!("sizing {}", path.display()))?;
         }
     }
-    let mut dev = open_dev(path)?;
+    let path = dev.name();
+    let mut dev = open_dev(dev)?;
     let opts = MkfsOptions { shards, segment_bytes: segment.map(|s| s.0), force, fsid: None };
     match store::mkfs(&mut dev, &opts) {
         Ok(sb) => {
             let region = sb.shards[0].blocks * 4096;
             println!(
-                "created a Sluice store on {}: fsid {}, {} shard(s) of {}, segments of {}",
-                path.display(),
+                "created a Sluice store on {path}: fsid {}, {} shard(s) of {}, segments of {}",
                 sb.fsid.iter().map(|b| format!("{b:02x}")).collect::<String>(),
                 sb.shards.len(),
                 ByteSize(region),
@@ -223,8 +257,9 @@ fn mkfs(
     }
 }
 
-fn fsck(path: &Path, deep: bool) -> anyhow::Result<bool> {
-    let mut dev = open_dev(path)?;
+fn fsck(dev: &DevArgs, deep: bool) -> anyhow::Result<bool> {
+    let path = dev.name();
+    let mut dev = open_dev(dev)?;
     let r = store::fsck(&mut dev, deep);
     for (i, s) in r.shards.iter().enumerate() {
         println!(
@@ -243,16 +278,16 @@ fn fsck(path: &Path, deep: bool) -> anyhow::Result<bool> {
         println!("PROBLEM: {p}");
     }
     if r.is_clean() {
-        println!("{}: clean", path.display());
+        println!("{path}: clean");
     } else {
-        println!("{}: {} problem(s)", path.display(), r.problems.len());
+        println!("{path}: {} problem(s)", r.problems.len());
     }
     Ok(r.is_clean())
 }
 
 /// The per-core poller that owns a shard. It gains the network side with the serving path.
 struct ShardPoller {
-    shard: Shard<UringDevice>,
+    shard: Shard<AnyDevice>,
 }
 
 impl Poller for ShardPoller {
@@ -282,7 +317,7 @@ impl Poller for ShardPoller {
 }
 
 fn run(
-    path: &Path,
+    dev: &DevArgs,
     cpus: &CpuPlan,
     mode: PollMode,
     mount_retries: u32,
@@ -297,14 +332,14 @@ fn run(
     sigs.add(Signal::SIGTERM);
     sigs.thread_block()?;
 
-    let (file, size) = open_file(path, !buffered)?;
-    let file = Arc::new(file);
-    let mut probe = UringDevice::open_shared(
-        Arc::clone(&file),
-        size,
-        path.display().to_string(),
-        UringOptions { direct: !buffered, ..UringOptions::default() },
-    )?;
+    if buffered && dev.is_nvme() {
+        bail!("--buffered applies to device files; an NVMe namespace is always direct");
+    }
+    let path_name = dev.name();
+    let path = Path::new(&path_name);
+    let opener =
+        Arc::new(Opener::open(&dev.dev, &dev.options(!buffered)).map_err(anyhow::Error::msg)?);
+    let mut probe = opener.queue_pair(64, Vec::new()).map_err(anyhow::Error::msg)?;
     let mount = MountOptions { retries: mount_retries, ..Default::default() };
     let dsb = store::read_device_superblock(&mut probe).map_err(anyhow::Error::new)?;
     drop(probe);
@@ -352,8 +387,9 @@ fn run(
         (0..shards as u16).zip(outboxes.into_iter().zip(inboxes)).zip(parks)
     {
         let cfg = ReactorConfig { core: CoreId(shard), cpu: cpus[shard as usize], mode };
-        let file = Arc::clone(&file);
-        let name = path.display().to_string();
+        let opener = Arc::clone(&opener);
+        let hugepages = dev.is_nvme() && !dev.no_hugepages;
+        let name = path_name.clone();
         let tx = tx.clone();
         let (map_tx, map_rx) = mpsc::channel::<MapView>();
         map_txs.push(map_tx);
@@ -366,19 +402,9 @@ fn run(
         let h = reactor::spawn(cfg, park, move |r| {
             let store_cfg = StoreConfig { mount, ..Default::default() };
             // Made before the queue pair so it can register them as fixed buffers.
-            let opened = StorePools::new(&store_cfg)
+            let opened = StorePools::with_options(&store_cfg, PoolOptions { hugepages })
                 .map_err(|e| format!("{name}: DMA memory for shard {shard}: {e}"))
-                .and_then(|pools| {
-                    let opts = UringOptions {
-                        queue_depth: 128,
-                        fixed_pools: pools.all(),
-                        direct: !buffered,
-                        ..Default::default()
-                    };
-                    UringDevice::open_shared(file, size, name, opts)
-                        .map_err(|e| e.to_string())
-                        .map(|dev| (dev, pools))
-                })
+                .and_then(|pools| opener.queue_pair(128, pools.all()).map(|dev| (dev, pools)))
                 .and_then(|(dev, pools)| {
                     Shard::open_with(dev, shard, store_cfg, Some(pools))
                         .map_err(|f| f.error.to_string())
@@ -456,7 +482,7 @@ fn run(
                 }
             }));
             let auth = if auth_on {
-                Some(agent_auth(&conf, path, secrets, cluster)?)
+                Some(agent_auth(&conf, dev, secrets, cluster)?)
             } else {
                 tracing::warn!(
                     "auth = \"none\" in {}: this OSD serves anyone who can reach it",
@@ -492,20 +518,24 @@ fn run(
 
 type Agent = (tokio::sync::watch::Sender<bool>, std::thread::JoinHandle<anyhow::Result<()>>);
 
-/// Starts the cluster agent (boot, map subscription, beacons, heartbeats) on its own
-/// thread with a small tokio runtime: never on a dataplane core.
 /// Where this OSD's key is and who registers it the first time (see `ClusterArgs`).
 fn agent_auth(
     conf: &sluice_control::conf::Conf,
-    dev: &std::path::Path,
+    dev: &DevArgs,
     on_secrets: SecretsSink,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<AgentAuth> {
-    let keyring = cluster.keyring.clone().unwrap_or_else(|| {
-        let mut p = dev.as_os_str().to_owned();
-        p.push(".keyring");
-        PathBuf::from(p)
-    });
+    let keyring = match (&cluster.keyring, &dev.dev) {
+        (Some(k), _) => k.clone(),
+        (None, DeviceSpec::Path(p)) => {
+            let mut p = p.as_os_str().to_owned();
+            p.push(".keyring");
+            PathBuf::from(p)
+        }
+        (None, DeviceSpec::Nvme(_)) => bail!(
+            "--keyring is needed with an NVMe device: the file where this OSD keeps its osd.N key"
+        ),
+    };
     let name = cluster
         .bootstrap_name
         .clone()
@@ -527,6 +557,8 @@ fn agent_auth(
     Ok(AgentAuth { keyring, bootstrap: Some((name, bootstrap_keyring)), on_secrets })
 }
 
+/// Starts the cluster agent (boot, map subscription, beacons, heartbeats) on its own
+/// thread with a small tokio runtime: never on a dataplane core.
 fn start_agent(
     conf: sluice_control::conf::Conf,
     uuid: [u8; 16],

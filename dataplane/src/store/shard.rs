@@ -27,13 +27,21 @@ pub struct StorePools {
 
 impl StorePools {
     pub fn new(cfg: &StoreConfig) -> std::io::Result<StorePools> {
+        Self::with_options(cfg, Default::default())
+    }
+
+    /// As [`new`](Self::new), mapped as `opts` says (hugepages for a VFIO device).
+    pub fn with_options(
+        cfg: &StoreConfig,
+        opts: sluice_nvme::PoolOptions,
+    ) -> std::io::Result<StorePools> {
         let chunks = (cfg.max_batch_bytes as usize)
             .max(sluice_vocab::limits::MAX_TXN_DATA_BYTES + (1 << 20))
             .div_ceil(MAX_TRANSFER_BYTES)
             + 1;
         Ok(StorePools {
-            read: DmaPool::new(64 << 10, cfg.read_pool_bufs.max(1), Default::default())?,
-            chunks: DmaPool::new(MAX_TRANSFER_BYTES, chunks, Default::default())?,
+            read: DmaPool::new(64 << 10, cfg.read_pool_bufs.max(1), opts)?,
+            chunks: DmaPool::new(MAX_TRANSFER_BYTES, chunks, opts)?,
         })
     }
 

@@ -1,0 +1,165 @@
+//! NVMe controllers over VFIO: the bare-metal device path (cargo feature `vfio`).
+//!
+//! [`open`] checks that the PCI function can be used (and says what is missing when it
+//! cannot: no IOMMU group, not bound to vfio-pci, permissions, hugepages), opens the
+//! VFIO container, group and device (rust-vmm `vfio-ioctls`), maps BAR0, enables bus
+//! mastering and hands BAR0 ([`Bar0`], the one type that touches it) and the IOMMU
+//! ([`VfioIommu`]) to the driver in [`crate::pcie`]. Each core then takes its own queue
+//! pair with [`Controller::queue_pair`](crate::pcie::Controller::queue_pair):
+//! a [`VfioNvmeDevice`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+
+use crate::pcie::{Controller, DmaMapper, MapError, NvmeDevice, Options, Regs};
+use crate::spec::{NvmeSpec, preflight};
+
+/// A queue pair of an NVMe controller driven over VFIO.
+pub type VfioNvmeDevice = NvmeDevice;
+
+/// Why a VFIO controller could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Preflight(String),
+    #[error("{addr}: VFIO: {source}")]
+    Vfio { addr: String, source: vfio_ioctls::VfioError },
+    #[error("{addr}: {why}")]
+    Device { addr: String, why: String },
+    #[error("{addr}: {source}")]
+    Init { addr: String, source: crate::pcie::InitError },
+}
+
+/// BAR0 of the controller, mapped into this process. Every register access of the
+/// driver goes through here: 32-bit volatile loads and stores, bounds-checked.
+pub struct Bar0 {
+    ptr: *mut u8,
+    len: usize,
+    // Keeps the device (and with it the group and container) open while mapped.
+    _device: VfioDevice,
+}
+
+// SAFETY: MMIO registers may be accessed from any thread; each access is one volatile
+// 32-bit operation, and the driver coordinates which thread writes which register.
+unsafe impl Send for Bar0 {}
+// SAFETY: as above.
+unsafe impl Sync for Bar0 {}
+
+impl std::fmt::Debug for Bar0 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bar0").field("len", &self.len).finish()
+    }
+}
+
+impl Bar0 {
+    fn at(&self, offset: usize) -> *mut u32 {
+        assert!(
+            offset.is_multiple_of(4) && offset + 4 <= self.len,
+            "register access at {offset:#x} outside BAR0 ({:#x} bytes)",
+            self.len
+        );
+        // SAFETY: offset + 4 <= len, inside the mapping.
+        unsafe { self.ptr.add(offset).cast::<u32>() }
+    }
+}
+
+impl Regs for Bar0 {
+    fn read32(&self, offset: usize) -> u32 {
+        // SAFETY: an aligned address inside the mapped BAR.
+        unsafe { std::ptr::read_volatile(self.at(offset)) }
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        // SAFETY: an aligned address inside the mapped BAR.
+        unsafe { std::ptr::write_volatile(self.at(offset), value) }
+    }
+}
+
+impl Drop for Bar0 {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are the mapping made in `open`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// The VFIO container's IOMMU (type1).
+pub struct VfioIommu {
+    container: Arc<VfioContainer>,
+}
+
+impl std::fmt::Debug for VfioIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VfioIommu")
+    }
+}
+
+impl DmaMapper for VfioIommu {
+    unsafe fn map(&self, va: *mut u8, len: usize, iova: u64) -> Result<(), MapError> {
+        // SAFETY: our caller upholds DmaMapper::map's contract, which is vfio_dma_map's.
+        unsafe { self.container.vfio_dma_map(iova, len, va) }.map_err(|e| MapError {
+            iova,
+            len,
+            why: e.to_string(),
+        })
+    }
+
+    fn unmap(&self, iova: u64, len: usize) -> Result<(), MapError> {
+        self.container.vfio_dma_unmap(iova, len).map_err(|e| MapError {
+            iova,
+            len,
+            why: e.to_string(),
+        })
+    }
+}
+
+/// Opens the controller at `spec.addr` (after [`preflight`]) and brings it up.
+pub fn open(spec: &NvmeSpec, opts: Options) -> Result<Arc<Controller>, OpenError> {
+    let pre = preflight(spec, opts.hugepages).map_err(OpenError::Preflight)?;
+    let addr = spec.addr.clone();
+    let vfio = |source| OpenError::Vfio { addr: addr.clone(), source };
+    let container = Arc::new(VfioContainer::new(None).map_err(vfio)?);
+    let sysfs = PathBuf::from(format!("/sys/bus/pci/devices/{addr}"));
+    let device =
+        VfioDevice::new(&sysfs, Arc::clone(&container) as Arc<dyn VfioOps>, false).map_err(vfio)?;
+    let dev_err = |why: String| OpenError::Device { addr: addr.clone(), why };
+    let flags = device.get_region_flags(VFIO_PCI_BAR0_REGION_INDEX);
+    let size = device.get_region_size(VFIO_PCI_BAR0_REGION_INDEX) as usize;
+    let offset = device.get_region_offset(VFIO_PCI_BAR0_REGION_INDEX);
+    if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || size < 0x2000 {
+        return Err(dev_err(format!("BAR0 cannot be mapped (flags {flags:#x}, {size:#x} bytes)")));
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: mapping a device region of the VFIO device fd; checked for failure below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            device.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(dev_err(format!("mmap BAR0: {}", std::io::Error::last_os_error())));
+    }
+    // Memory space and bus master enable in the PCI command register.
+    let mut cmd = [0u8; 2];
+    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
+    let v = u16::from_le_bytes(cmd) | 0x6;
+    device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &v.to_le_bytes(), 4);
+    let bar = Bar0 { ptr: ptr.cast(), len: size, _device: device };
+    log::info!(
+        "{addr}: VFIO group {}, BAR0 {size:#x} bytes mapped, {}",
+        pre.group,
+        if opts.hugepages { "DMA memory from hugepages" } else { "DMA memory from 4 KiB pages" }
+    );
+    let iommu = VfioIommu { container };
+    Controller::init(Box::new(bar), Box::new(iommu), format!("nvme://{addr}"), opts)
+        .map_err(|source| OpenError::Init { addr, source })
+}
