@@ -218,6 +218,9 @@ impl DmaPool {
                 e
             }
         })?;
+        // A child of fork() must not share pages a device may be writing (copy-on-write
+        // would leave the device writing the parent's old copy).
+        let _ = map.advise(memmap2::Advice::DontFork);
         let base = NonNull::new(map.as_mut_ptr()).expect("mmap returned null");
         assert_eq!(base.as_ptr() as usize % DMA_ALIGN_BYTES, 0);
         let free = ArrayQueue::new(count);

@@ -77,6 +77,9 @@ impl std::str::FromStr for NvmeSpec {
     }
 }
 
+/// Locked memory a non-root user needs at least (queues and the store's buffers).
+const MIN_MEMLOCK_BYTES: u64 = 256 << 20;
+
 /// What the checks found on a usable controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preflight {
@@ -155,6 +158,20 @@ pub fn preflight_at(root: &Path, spec: &NvmeSpec, hugepages: bool) -> Result<Pre
             };
             return Err(format!("{spec}: cannot open {}: {e}; {hint}", node.display()));
         }
+    }
+    // The IOMMU pins what it maps, against the locked-memory limit (root has none).
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if !is_root
+        && let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+        && soft < MIN_MEMLOCK_BYTES
+    {
+        return Err(format!(
+            "{spec}: the locked-memory limit is {} KiB; DMA mappings pin memory and need more: \
+             `ulimit -l unlimited`, or LimitMEMLOCK=infinity in the systemd unit",
+            soft / 1024
+        ));
     }
     if hugepages {
         let meminfo = std::fs::read_to_string(root.join("proc/meminfo")).unwrap_or_default();

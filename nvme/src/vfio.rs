@@ -8,11 +8,19 @@
 //! pair with [`Controller::queue_pair`](crate::pcie::Controller::queue_pair):
 //! a [`VfioNvmeDevice`].
 
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "the VFIO NVMe driver orders DMA memory and doorbells with x86-64 semantics \
+     (fences are not device barriers elsewhere)"
+);
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
+    VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
@@ -40,8 +48,9 @@ pub enum OpenError {
 pub struct Bar0 {
     ptr: *mut u8,
     len: usize,
-    // Keeps the device (and with it the group and container) open while mapped.
-    _device: VfioDevice,
+    // Keeps the device (and with it the group and container) open while mapped; also
+    // reaches its PCI configuration space.
+    device: VfioDevice,
 }
 
 // SAFETY: MMIO registers may be accessed from any thread; each access is one volatile
@@ -69,6 +78,21 @@ impl Bar0 {
 }
 
 impl Regs for Bar0 {
+    fn bar_bytes(&self) -> usize {
+        self.len
+    }
+
+    fn stop_dma(&self) -> bool {
+        // Bus Master Enable off in the PCI command register: the function can no
+        // longer start DMA, whatever its controller state.
+        let mut cmd = [0u8; 2];
+        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
+        let v = u16::from_le_bytes(cmd) & !0x4;
+        self.device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &v.to_le_bytes(), 4);
+        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
+        u16::from_le_bytes(cmd) & 0x4 == 0
+    }
+
     fn read32(&self, offset: usize) -> u32 {
         // SAFETY: an aligned address inside the mapped BAR.
         unsafe { std::ptr::read_volatile(self.at(offset)) }
@@ -115,6 +139,81 @@ impl DmaMapper for VfioIommu {
             why: e.to_string(),
         })
     }
+
+    fn iova_ranges(&self) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        match query_iova_ranges(self.container.as_raw_fd()) {
+            Some(r) if !r.is_empty() => {
+                log::info!(
+                    "IOMMU usable IOVA ranges: {}",
+                    r.iter()
+                        .map(|(s, e)| format!("{s:#x}-{:#x}", e - 1))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                r
+            }
+            _ => {
+                log::info!(
+                    "the IOMMU reports no IOVA ranges; avoiding the x86 MSI window, below 2^39"
+                );
+                crate::pcie::iova::default_ranges()
+            }
+        }
+    }
+}
+
+/// VFIO_IOMMU_GET_INFO's IOVA range capability: `[start, end)` ranges the IOMMU accepts
+/// (reserved regions such as the MSI window excluded). `None` if the kernel has none.
+fn query_iova_ranges(fd: std::os::fd::RawFd) -> Option<Vec<(u64, u64)>> {
+    // _IO(VFIO_TYPE, VFIO_BASE + 12)
+    const GET_INFO: libc::c_ulong =
+        ((VFIO_TYPE as libc::c_ulong) << 8) | (VFIO_BASE + 12) as libc::c_ulong;
+    const HEADER: usize = 24; // argsz, flags, iova_pgsizes, cap_offset, pad
+    let call = |buf: &mut Vec<u64>, argsz: u32| -> Option<()> {
+        buf.iter_mut().for_each(|w| *w = 0);
+        buf[0] = u64::from(argsz);
+        // SAFETY: buf holds argsz bytes (8-aligned) for the kernel to fill; GET_INFO reads
+        // argsz and writes at most that many bytes.
+        let r = unsafe { libc::ioctl(fd, GET_INFO, buf.as_mut_ptr()) };
+        (r == 0).then_some(())
+    };
+    let mut buf = vec![0u64; HEADER / 8];
+    call(&mut buf, HEADER as u32)?;
+    let flags = (buf[0] >> 32) as u32;
+    let want = buf[0] as u32 as usize;
+    if flags & VFIO_IOMMU_INFO_CAPS == 0 || want <= HEADER || want > 1 << 20 {
+        return None;
+    }
+    let mut buf = vec![0u64; want.div_ceil(8)];
+    call(&mut buf, want as u32)?;
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+    let mut off = u32_at(16) as usize;
+    let mut hops = 0;
+    while off != 0 && off + 16 <= bytes.len() && hops < 64 {
+        hops += 1;
+        let (id, next) = (u16_at(off), u32_at(off + 4) as usize);
+        if u32::from(id) == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
+            let n = u32_at(off + 8) as usize;
+            let mut out = Vec::new();
+            for i in 0..n {
+                let at = off + 16 + 16 * i;
+                if at + 16 > bytes.len() {
+                    break;
+                }
+                let (start, last) = (u64_at(at), u64_at(at + 8));
+                if last > start {
+                    out.push((start, last.saturating_add(1)));
+                }
+            }
+            return Some(out);
+        }
+        off = next;
+    }
+    None
 }
 
 /// Opens the controller at `spec.addr` (after [`preflight`]) and brings it up.
@@ -153,7 +252,7 @@ pub fn open(spec: &NvmeSpec, opts: Options) -> Result<Arc<Controller>, OpenError
     device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
     let v = u16::from_le_bytes(cmd) | 0x6;
     device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &v.to_le_bytes(), 4);
-    let bar = Bar0 { ptr: ptr.cast(), len: size, _device: device };
+    let bar = Bar0 { ptr: ptr.cast(), len: size, device };
     log::info!(
         "{addr}: VFIO group {}, BAR0 {size:#x} bytes mapped, {}",
         pre.group,

@@ -343,16 +343,85 @@ fn a_hung_controller_is_reset_and_serves_again() {
 }
 
 #[test]
-fn a_dead_controller_reports_device_gone() {
+fn a_dead_controller_reports_device_gone_and_its_dma_is_stopped() {
     let (model, mut dev) = device(ModelConfig::default(), fast_timeouts());
     model.kill();
-    dev.submit(IoCommand::Flush, None, 1).unwrap();
+    dev.submit(
+        IoCommand::Read { lba: Lba(1), blocks: BlockCount(1) },
+        Some(sluice_nvme::DmaBuf::new(4096)),
+        1,
+    )
+    .unwrap();
     dev.kick().unwrap();
     let c = reap_one(&mut dev);
     assert_eq!(c.result, Err(IoError::Timeout));
+    // It ignored CC.EN = 0; bus mastering off stopped it, so the buffer may be reused.
+    assert_eq!(model.stats().dma_stops, 1);
+    assert!(c.buf.is_some());
     let e = dev.submit(IoCommand::Flush, None, 2).unwrap_err();
     assert_eq!(e.reason, RejectReason::DeviceGone);
     assert!(matches!(dev.controller().queue_pair(1, &[]), Err(InitError::Failed)));
+}
+
+#[test]
+fn memory_a_wedged_controller_may_still_write_is_never_handed_back() {
+    let (model, mut dev) = device(ModelConfig::default(), fast_timeouts());
+    model.set_dma_stoppable(false);
+    model.kill();
+    dev.submit(
+        IoCommand::Read { lba: Lba(1), blocks: BlockCount(1) },
+        Some(sluice_nvme::DmaBuf::new(4096)),
+        1,
+    )
+    .unwrap();
+    dev.kick().unwrap();
+    let c = reap_one(&mut dev);
+    assert_eq!(c.result, Err(IoError::Timeout));
+    assert!(c.buf.is_none(), "the controller may still DMA into it: kept, not returned");
+    let mappings = model.iommu().mappings();
+    drop(dev);
+    assert_eq!(model.iommu().mappings(), mappings, "nothing unmapped while it may write");
+}
+
+#[test]
+fn iovas_skip_the_msi_window_and_are_reused() {
+    // 63-command queues of 1 MiB commands: 63 MiB of IOVA window each, so 70 queue pairs
+    // reach past 4 GiB, across the x86 MSI window the model's IOMMU refuses.
+    let (model, ctrl) = controller(
+        ModelConfig { mdts: 0, max_io_queues: 80, ..ModelConfig::default() },
+        Options { io_queues: 80, ..Options::default() },
+    );
+    let data = pattern(7, 1);
+    let mut devs = Vec::new();
+    for i in 0..70u64 {
+        let mut d = ctrl.queue_pair(1, &[]).unwrap();
+        assert_eq!(d.info().queue_depth, 63);
+        // Command slot 62's window is the highest of this queue pair: fill the queue.
+        for t in 0..63u64 {
+            d.submit(
+                IoCommand::Write { lba: Lba(i * 64 + t), blocks: BlockCount(1), fua: false },
+                Some(sluice_nvme::DmaBuf::from_slice(&data)),
+                t,
+            )
+            .unwrap_or_else(|e| panic!("queue pair {i}, command {t}: {e}"));
+        }
+        d.kick().unwrap();
+        for _ in 0..63 {
+            reap_one(&mut d).result.unwrap();
+        }
+        devs.push(d);
+    }
+    assert_eq!(model.stats().iommu_faults, 0);
+    let base = {
+        drop(devs);
+        model.iommu().mappings()
+    };
+    // Freed space is reused: creating and dropping many more never runs out.
+    for _ in 0..200 {
+        let mut d = ctrl.queue_pair(1, &[]).unwrap();
+        write_sync(&mut d, Lba(0), &data, false).unwrap();
+    }
+    assert_eq!(model.iommu().mappings(), base);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::command::{Cqe, Sqe};
 use crate::dma::{DmaBuf, DmaPool, PoolKeepalive, PoolOptions};
+use crate::pcie::iova::IovaSpace;
 use crate::pcie::{Cap, DmaMapper, MapError, Regs, prp, reg};
 
 /// Admin command opcodes (NVMe base specification, "Admin Command Set").
@@ -79,6 +80,10 @@ pub enum InitError {
     NoQueue(u16),
     #[error("controller failed and could not be reset")]
     Failed,
+    #[error("the controller does not respond (registers read all ones: removed from the bus?)")]
+    NotResponding,
+    #[error("no I/O virtual address space left for {0} bytes")]
+    NoIova(u64),
 }
 
 /// One namespace, from Identify Namespace.
@@ -116,6 +121,9 @@ pub struct ControllerInfo {
     /// I/O queue pairs granted by Set Features (Number of Queues).
     pub io_queues: u16,
     pub cap: Cap,
+    /// RTD3 entry latency (Identify Controller): how long a shutdown may take, in
+    /// microseconds (0: not reported).
+    pub rtd3e_us: u32,
 }
 
 impl ControllerInfo {
@@ -174,9 +182,8 @@ const ADMIN_CQ: usize = 4096;
 const ADMIN_DATA: usize = 8192;
 const ADMIN_REGION: usize = 12288;
 
-/// First IOVA handed out (keeps 0 and the low megabyte unused, so a zero or small
-/// pointer from a bug faults at the IOMMU).
-const IOVA_START: u64 = 1 << 21;
+/// Shutdown waits at least this long (CAP.TO covers enabling, not shutting down).
+const MIN_SHUTDOWN_MS: u64 = 10_000;
 
 /// A pool of the caller's mapped for DMA: `(pool id, region start, length, iova)`.
 #[derive(Debug, Clone, Copy)]
@@ -199,7 +206,10 @@ pub struct Controller {
     /// Bumped by every reset; queue pairs recreate their queues when it moves.
     pub(crate) generation: AtomicU64,
     pub(crate) failed: AtomicBool,
-    next_iova: AtomicU64,
+    /// A failed controller's DMA is known stopped (disabled, or bus mastering off):
+    /// memory it was given may be reused.
+    pub(crate) dma_stopped: AtomicBool,
+    iova: Mutex<IovaSpace>,
     qids: Mutex<Vec<bool>>,
     pools: Mutex<Vec<(Mapped, PoolKeepalive)>>,
 }
@@ -228,7 +238,17 @@ impl Controller {
         name: String,
         opts: Options,
     ) -> Result<Arc<Controller>, InitError> {
-        let cap = Cap::decode(regs.read64(reg::CAP));
+        let raw_cap = regs.read64(reg::CAP);
+        if raw_cap == u64::MAX {
+            return Err(InitError::NotResponding);
+        }
+        let cap = Cap::decode(raw_cap);
+        if cap.max_queue_entries < 2 {
+            return Err(InitError::Unsupported(format!(
+                "CAP.MQES allows {} queue entries (at least 2 needed)",
+                cap.max_queue_entries
+            )));
+        }
         if !cap.nvm_command_set {
             return Err(InitError::Unsupported("controller lacks the NVM command set".into()));
         }
@@ -239,8 +259,8 @@ impl Controller {
             )));
         }
         let vs = regs.read32(reg::VS);
-        let next_iova = AtomicU64::new(IOVA_START);
-        let mem = alloc_region(&*iommu, &next_iova, ADMIN_REGION, opts.hugepages)?;
+        let iova = Mutex::new(IovaSpace::new(&iommu.iova_ranges()));
+        let mem = alloc_region(&*iommu, &iova, ADMIN_REGION, opts.hugepages)?;
         let admin =
             AdminQueue { mem, entries: ADMIN_ENTRIES, tail: 0, head: 0, phase: true, next_cid: 0 };
         let info = ControllerInfo {
@@ -255,6 +275,7 @@ impl Controller {
             namespaces: Vec::new(),
             io_queues: 0,
             cap,
+            rtd3e_us: 0,
         };
         let ctrl = Controller {
             regs,
@@ -265,7 +286,8 @@ impl Controller {
             admin: Mutex::new(admin),
             generation: AtomicU64::new(0),
             failed: AtomicBool::new(false),
-            next_iova,
+            dma_stopped: AtomicBool::new(false),
+            iova,
             qids: Mutex::new(Vec::new()),
             pools: Mutex::new(Vec::new()),
         };
@@ -275,7 +297,19 @@ impl Controller {
         }
         let mut ctrl = ctrl;
         ctrl.identify()?;
-        let granted = ctrl.set_num_queues()?;
+        let granted = {
+            let mut aq = ctrl.admin.lock().expect("admin lock");
+            ctrl.set_num_queues(&mut aq)?
+        };
+        // Every doorbell of the granted queues must lie inside the register space.
+        let last = cap.cq_doorbell(granted) + 4;
+        if last > ctrl.regs.bar_bytes() {
+            return Err(InitError::Unsupported(format!(
+                "doorbells of {granted} queues at stride {} end at {last:#x}, beyond the {:#x}-byte BAR",
+                4 << cap.dstrd,
+                ctrl.regs.bar_bytes()
+            )));
+        }
         ctrl.info.io_queues = granted;
         *ctrl.qids.lock().expect("qid lock") = vec![false; granted as usize + 1];
         log::info!(
@@ -311,21 +345,33 @@ impl Controller {
     /// Disables the controller (CC.EN = 0) and waits for CSTS.RDY = 0.
     fn disable(&self) -> Result<(), InitError> {
         let cc = self.regs.read32(reg::CC);
+        if cc == u32::MAX {
+            return Err(InitError::NotResponding);
+        }
         if cc & reg::CC_EN != 0 {
+            // Clearing EN while an enable is still in progress (RDY not yet 1) is
+            // undefined on some controllers: let it finish first (bounded; a controller
+            // that never gets ready is disabled anyway).
+            let _ = self.wait_csts(|c| c & (reg::CSTS_RDY | reg::CSTS_CFS) != 0, "ready", None);
             self.regs.write32(reg::CC, cc & !reg::CC_EN);
         }
-        self.wait_csts(|c| c & reg::CSTS_RDY == 0, "not ready")
+        self.wait_csts(|c| c & reg::CSTS_RDY == 0, "not ready", None)
     }
 
-    fn wait_csts(&self, ok: impl Fn(u32) -> bool, want: &'static str) -> Result<(), InitError> {
+    /// Waits until CSTS satisfies `ok`, for `ms` or CAP.TO.
+    fn wait_csts(
+        &self,
+        ok: impl Fn(u32) -> bool,
+        want: &'static str,
+        ms: Option<u64>,
+    ) -> Result<(), InitError> {
         // CAP.TO is the worst case; a controller reporting 0 still gets 500 ms.
-        let ms = self.info.cap.timeout_ms.max(500);
+        let ms = ms.unwrap_or(self.info.cap.timeout_ms).max(500);
         let deadline = Instant::now() + Duration::from_millis(ms);
         loop {
             let csts = self.regs.read32(reg::CSTS);
             if csts == u32::MAX {
-                // All ones: the device is gone from the bus.
-                return Err(InitError::NotReady { want, ms, csts });
+                return Err(InitError::NotResponding);
             }
             if ok(csts) {
                 return Ok(());
@@ -351,7 +397,7 @@ impl Controller {
         // CSS = NVM (0), MPS = 4 KiB (0), AMS = round robin, IOSQES = 2^6, IOCQES = 2^4.
         let cc = (6 << 16) | (4 << 20) | reg::CC_EN;
         self.regs.write32(reg::CC, cc);
-        self.wait_csts(|c| c & (reg::CSTS_RDY | reg::CSTS_CFS) != 0, "ready")?;
+        self.wait_csts(|c| c & (reg::CSTS_RDY | reg::CSTS_CFS) != 0, "ready", None)?;
         if self.regs.read32(reg::CSTS) & reg::CSTS_CFS != 0 {
             return Err(InitError::Fatal);
         }
@@ -456,9 +502,17 @@ impl Controller {
         self.info.serial = trimmed(&id[4..24]);
         self.info.model = trimmed(&id[24..64]);
         self.info.firmware = trimmed(&id[64..72]);
-        let mdts = id[77];
-        self.info.max_transfer_bytes =
-            (mdts != 0).then(|| (1usize << mdts) << self.info.cap.mps_min_shift);
+        let mdts = u32::from(id[77]);
+        self.info.max_transfer_bytes = match mdts {
+            0 => None,
+            m => Some(
+                1usize
+                    .checked_shl(m + u32::from(self.info.cap.mps_min_shift))
+                    .filter(|&b| b <= 1 << 40)
+                    .ok_or_else(|| InitError::Unsupported(format!("MDTS {m} is out of range")))?,
+            ),
+        };
+        self.info.rtd3e_us = u32::from_le_bytes([id[88], id[89], id[90], id[91]]);
         let (sqes, cqes) = (id[512], id[513]);
         if sqes & 0xf > 6 || cqes & 0xf > 4 {
             return Err(InitError::Unsupported(format!(
@@ -494,32 +548,49 @@ impl Controller {
                 );
                 continue;
             }
+            if lbas.checked_mul(1 << lbads).is_none() {
+                log::warn!("{}: namespace {nsid} reports {lbas} blocks; skipped", self.name);
+                continue;
+            }
             nss.push(NamespaceInfo { nsid, lba_bytes: 1 << lbads, lbas });
         }
         self.info.namespaces = nss;
         Ok(())
     }
 
-    fn set_num_queues(&self) -> Result<u16, InitError> {
+    fn set_num_queues(&self, aq: &mut AdminQueue) -> Result<u16, InitError> {
         let want = u32::from(self.opts.io_queues.max(1)) - 1;
         let mut sqe = Sqe::zeroed();
         sqe.set_opcode_cid(admin_opcode::SET_FEATURES, 0);
         sqe.cdw10 = FEATURE_NUM_QUEUES;
         sqe.cdw11 = (want << 16) | want;
-        let c = self.admin(sqe, None)?;
+        let c = self.admin_cmd(aq, sqe, None)?;
         let nsq = (c.dw0 & 0xffff) + 1;
         let ncq = (c.dw0 >> 16) + 1;
         Ok(nsq.min(ncq).min(u32::from(self.opts.io_queues.max(1))) as u16)
     }
 
     pub(crate) fn alloc_region(&self, len: usize) -> Result<DmaRegion, InitError> {
-        alloc_region(&*self.iommu, &self.next_iova, len, self.opts.hugepages)
+        alloc_region(&*self.iommu, &self.iova, len, self.opts.hugepages)
+    }
+
+    /// Unmaps a region and gives its IOVA space back (the controller no longer reaches
+    /// it). The memory is freed when the region drops.
+    pub(crate) fn free_region(&self, region: &DmaRegion) {
+        match self.iommu.unmap(region.iova, region.len()) {
+            Ok(()) => self.iova.lock().expect("iova lock").free(region.iova, region.len() as u64),
+            Err(e) => log::error!("{}: {e}", self.name),
+        }
     }
 
     /// IOVA space (no memory) for a queue pair's per-command mappings.
-    pub(crate) fn reserve_iova(&self, len: u64) -> u64 {
-        let len = len.next_multiple_of(2 << 20);
-        self.next_iova.fetch_add(len, Ordering::Relaxed)
+    pub(crate) fn reserve_iova(&self, len: u64) -> Result<u64, InitError> {
+        self.iova.lock().expect("iova lock").alloc(len).ok_or(InitError::NoIova(len))
+    }
+
+    /// Gives back space from `reserve_iova` (nothing may be mapped in it any more).
+    pub(crate) fn release_iova(&self, start: u64, len: u64) {
+        self.iova.lock().expect("iova lock").free(start, len);
     }
 
     /// # Safety
@@ -542,7 +613,7 @@ impl Controller {
         }
         let (va, len) = pool.region();
         let len = len.next_multiple_of(4096);
-        let iova = self.reserve_iova(len as u64);
+        let iova = self.reserve_iova(len as u64)?;
         // SAFETY: the keepalive stored with the mapping keeps the pool's memory until the
         // controller unmaps it on drop; buffers reach it through raw pointers (DmaBuf).
         unsafe { self.iommu.map(va, len, iova) }?;
@@ -568,29 +639,45 @@ impl Controller {
 
     /// Creates I/O completion queue `qid` then its submission queue, both of
     /// `entries` at the given IOVAs, polled (no interrupt).
+    ///
+    /// Runs under the admin lock, so no reset comes between; returns the controller
+    /// generation the queues belong to.
     pub(crate) fn create_io_queue(
         &self,
         qid: u16,
         entries: u32,
         sq_iova: u64,
         cq_iova: u64,
-    ) -> Result<(), InitError> {
+    ) -> Result<u64, InitError> {
+        let mut aq = self.admin.lock().expect("admin lock");
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.failed.load(Ordering::Acquire) {
+            return Err(InitError::Failed);
+        }
         let mut cq = Sqe::zeroed();
         cq.set_opcode_cid(admin_opcode::CREATE_CQ, 0);
         cq.prp1 = cq_iova;
         cq.cdw10 = ((entries - 1) << 16) | u32::from(qid);
         cq.cdw11 = 1; // physically contiguous, interrupts off
-        self.admin(cq, None)?;
+        self.admin_cmd(&mut aq, cq, None)?;
         let mut sq = Sqe::zeroed();
         sq.set_opcode_cid(admin_opcode::CREATE_SQ, 0);
         sq.prp1 = sq_iova;
         sq.cdw10 = ((entries - 1) << 16) | u32::from(qid);
         sq.cdw11 = (u32::from(qid) << 16) | 1; // this CQ, contiguous
-        if let Err(e) = self.admin(sq, None) {
-            let _ = self.delete_queue(admin_opcode::DELETE_CQ, qid);
+        if let Err(e) = self.admin_cmd(&mut aq, sq, None) {
+            let mut del = Sqe::zeroed();
+            del.set_opcode_cid(admin_opcode::DELETE_CQ, 0);
+            del.cdw10 = u32::from(qid);
+            if let Err(d) = self.admin_cmd(&mut aq, del, None) {
+                return Err(InitError::Admin {
+                    opcode: admin_opcode::DELETE_CQ,
+                    why: format!("{e}; then deleting the completion queue: {d}"),
+                });
+            }
             return Err(e);
         }
-        Ok(())
+        Ok(generation)
     }
 
     pub(crate) fn delete_io_queue(&self, qid: u16) -> Result<(), InitError> {
@@ -620,21 +707,20 @@ impl Controller {
     /// notice the new generation, fail what they had in flight and recreate their
     /// queues. A controller that does not come back is marked failed: every queue pair
     /// then reports `DeviceGone`.
-    pub fn reset(&self, why: &str) -> Result<(), InitError> {
+    pub fn reset(&self, seen_generation: u64, why: &str) -> Result<(), InitError> {
+        let mut aq = self.admin.lock().expect("admin lock");
         if self.failed.load(Ordering::Acquire) {
             return Err(InitError::Failed);
         }
-        let gen_before = self.generation.load(Ordering::Acquire);
-        let mut aq = self.admin.lock().expect("admin lock");
-        if self.generation.load(Ordering::Acquire) != gen_before {
-            // Another queue pair reset it while we waited for the lock.
+        if self.generation.load(Ordering::Acquire) != seen_generation {
+            // Someone reset it since the caller looked: its trouble is already handled.
             return Ok(());
         }
         log::warn!("{}: resetting the controller: {why}", self.name);
-        let r = self.enable(&mut aq);
-        drop(aq);
-        let r = r.and_then(|()| {
-            let granted = self.set_num_queues()?;
+        // Enable, number of queues and the new generation all under the admin lock: no
+        // queue pair creates a queue in between.
+        let r = self.enable(&mut aq).and_then(|()| {
+            let granted = self.set_num_queues(&mut aq)?;
             if granted < self.info.io_queues {
                 return Err(InitError::Unsupported(format!(
                     "after reset the controller grants {granted} I/O queues, had {}",
@@ -651,8 +737,15 @@ impl Controller {
             }
             Err(e) => {
                 log::error!("{}: controller reset failed ({e}); the device is gone", self.name);
+                let stopped = self.disable().is_ok() || self.regs.stop_dma();
+                if !stopped {
+                    log::error!(
+                        "{}: its DMA could not be stopped: the memory it was given is kept, never reused",
+                        self.name
+                    );
+                }
+                self.dma_stopped.store(stopped, Ordering::Release);
                 self.failed.store(true, Ordering::Release);
-                let _ = self.disable();
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 Err(e)
             }
@@ -666,20 +759,35 @@ impl Controller {
         if cc & reg::CC_EN == 0 {
             return Ok(());
         }
+        if self.regs.read32(reg::CSTS) & reg::CSTS_RDY == 0 {
+            // Never became ready (or failed): there is nothing to shut down in order.
+            return self.disable();
+        }
         self.regs.write32(reg::CC, (cc & !reg::CC_SHN_MASK) | reg::CC_SHN_NORMAL);
-        self.wait_csts(|c| c & reg::CSTS_SHST_MASK == reg::CSTS_SHST_COMPLETE, "shut down")
+        // The drive's own RTD3 entry latency, CAP.TO, or 10 s, whichever is longest.
+        let ms = (u64::from(self.info.rtd3e_us) / 1000)
+            .max(self.info.cap.timeout_ms)
+            .max(MIN_SHUTDOWN_MS);
+        self.wait_csts(
+            |c| c & reg::CSTS_SHST_MASK == reg::CSTS_SHST_COMPLETE,
+            "shut down",
+            Some(ms),
+        )
     }
 }
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        let clean = match self.shutdown() {
-            Ok(()) => true,
-            Err(e) => {
-                log::warn!("{}: shutdown: {e}; disabling", self.name);
-                self.disable().is_ok()
-            }
-        };
+        let wedged =
+            self.failed.load(Ordering::Acquire) && !self.dma_stopped.load(Ordering::Acquire);
+        let clean = !wedged
+            && match self.shutdown() {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("{}: shutdown: {e}; disabling", self.name);
+                    self.disable().is_ok() || self.regs.stop_dma()
+                }
+            };
         if !clean {
             // The controller may still reach our memory: keep it (leak) rather than
             // let the allocator reuse pages a device could write.
@@ -700,7 +808,7 @@ impl Drop for Controller {
 
 fn alloc_region(
     iommu: &dyn DmaMapper,
-    next_iova: &AtomicU64,
+    space: &Mutex<IovaSpace>,
     len: usize,
     hugepages: bool,
 ) -> Result<DmaRegion, InitError> {
@@ -708,11 +816,15 @@ fn alloc_region(
     let pool = DmaPool::new(len, 1, PoolOptions { hugepages }).map_err(InitError::Memory)?;
     let buf = pool.alloc().expect("a fresh pool of one has one buffer");
     let cap = buf.capacity();
-    let iova = next_iova.fetch_add((cap as u64).next_multiple_of(2 << 20), Ordering::Relaxed);
+    let iova =
+        space.lock().expect("iova lock").alloc(cap as u64).ok_or(InitError::NoIova(cap as u64))?;
     let region = DmaRegion { buf, iova };
     region.zero();
     // SAFETY: the region lives in the controller or a queue pair, which unmap it before
     // freeing it (or leak it when the controller may still reach it).
-    unsafe { iommu.map(region.ptr(0), cap, iova) }?;
+    if let Err(e) = unsafe { iommu.map(region.ptr(0), cap, iova) } {
+        space.lock().expect("iova lock").free(iova, cap as u64);
+        return Err(e.into());
+    }
     Ok(region)
 }

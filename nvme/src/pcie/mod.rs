@@ -27,6 +27,7 @@
 //! and to reset a hung controller.
 
 mod controller;
+pub mod iova;
 pub mod model;
 pub mod prp;
 mod queue;
@@ -120,6 +121,17 @@ pub trait Regs: Send + Sync {
     fn read32(&self, offset: usize) -> u32;
     fn write32(&self, offset: usize, value: u32);
 
+    /// Bytes of register space (BAR0's size): doorbells must lie inside.
+    fn bar_bytes(&self) -> usize;
+
+    /// Stops the device's DMA for good, below the NVMe level (clears PCI bus
+    /// mastering). For a controller that no longer answers CC.EN = 0: until its DMA is
+    /// stopped, none of the memory it was given may be reused. Returns whether it was
+    /// done.
+    fn stop_dma(&self) -> bool {
+        false
+    }
+
     fn read64(&self, offset: usize) -> u64 {
         let lo = u64::from(self.read32(offset));
         let hi = u64::from(self.read32(offset + 4));
@@ -156,4 +168,9 @@ pub trait DmaMapper: Send + Sync {
     unsafe fn map(&self, va: *mut u8, len: usize, iova: u64) -> Result<(), MapError>;
     /// Removes the mapping made at `iova` with this `len`.
     fn unmap(&self, iova: u64, len: usize) -> Result<(), MapError>;
+
+    /// The IOVA ranges, `[start, end)`, the device may use.
+    fn iova_ranges(&self) -> Vec<(u64, u64)> {
+        iova::default_ranges()
+    }
 }

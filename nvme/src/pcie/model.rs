@@ -84,6 +84,10 @@ impl ModelIommu {
 
 impl DmaMapper for Arc<ModelIommu> {
     unsafe fn map(&self, va: *mut u8, len: usize, iova: u64) -> Result<(), MapError> {
+        // Like an x86 IOMMU: the MSI window is reserved, and addresses are 39 bits.
+        if iova < MSI_END && iova + len as u64 > MSI_START || iova + len as u64 > 1 << 39 {
+            return Err(MapError { iova, len, why: "reserved or beyond the address width".into() });
+        }
         let mut maps = self.maps.lock().expect("iommu lock");
         if maps.iter().any(|&(b, _, n)| iova < b + n as u64 && b < iova + len as u64) {
             return Err(MapError { iova, len, why: "overlaps an existing mapping".into() });
@@ -102,6 +106,9 @@ impl DmaMapper for Arc<ModelIommu> {
         Ok(())
     }
 }
+
+const MSI_START: u64 = 0xfee0_0000;
+const MSI_END: u64 = 0xfef0_0000;
 
 #[derive(Debug)]
 struct Sq {
@@ -143,6 +150,10 @@ pub struct ModelStats {
     pub resets: u64,
     pub aborts: u64,
     pub shutdowns: u64,
+    /// Bus mastering turned off (the driver stopping a dead controller's DMA).
+    pub dma_stops: u64,
+    /// Data commands longer than MDTS (refused with Invalid Field).
+    pub over_mdts: u64,
 }
 
 #[derive(Debug)]
@@ -163,6 +174,7 @@ struct State {
     fail_next: Vec<(bool, u8, Status)>,
     lose_next: u32,
     lost: Vec<(u16, Sqe)>,
+    dma_stoppable: bool,
     stats: ModelStats,
 }
 
@@ -195,6 +207,7 @@ impl ModelController {
                 fail_next: Vec::new(),
                 lose_next: 0,
                 lost: Vec::new(),
+                dma_stoppable: true,
                 stats: ModelStats::default(),
             }),
             iommu: Arc::new(ModelIommu::default()),
@@ -231,7 +244,13 @@ impl ModelController {
         self.st().hung = true;
     }
 
-    /// Hangs for good: the controller never becomes ready again.
+    /// Whether turning bus mastering off stops this controller (default true).
+    pub fn set_dma_stoppable(&self, yes: bool) {
+        self.st().dma_stoppable = yes;
+    }
+
+    /// Hangs for good: the controller stops answering, ignores CC.EN = 0 while ready
+    /// (only turning bus mastering off stops it) and never becomes ready again.
     pub fn kill(&self) {
         let mut s = self.st();
         s.hung = true;
@@ -311,6 +330,10 @@ impl ModelController {
     }
 
     fn disable(&self, s: &mut State) {
+        if s.dead && s.csts & reg::CSTS_RDY != 0 {
+            // Wedged: ignores CC.EN = 0, keeps its queues and could still do DMA.
+            return;
+        }
         if !s.sqs.is_empty() {
             s.stats.resets += 1;
         }
@@ -632,6 +655,10 @@ impl ModelController {
                     return Some((generic(status::SC_LBA_OUT_OF_RANGE), 0));
                 }
                 let len = (nlb * bs) as usize;
+                if s.cfg.mdts != 0 && len > (4096usize << s.cfg.mdts) {
+                    s.stats.over_mdts += 1;
+                    return Some((generic(status::SC_INVALID_FIELD), 0));
+                }
                 let mut list_pages = std::collections::HashSet::new();
                 let segs = {
                     let me = self;
@@ -717,6 +744,21 @@ fn pad<const N: usize>(s: &[u8]) -> [u8; N] {
 }
 
 impl Regs for Arc<ModelController> {
+    fn bar_bytes(&self) -> usize {
+        0x4000
+    }
+
+    fn stop_dma(&self) -> bool {
+        let mut s = self.st();
+        if !s.dma_stoppable {
+            return false;
+        }
+        s.hung = true;
+        s.dead = true;
+        s.stats.dma_stops += 1;
+        true
+    }
+
     fn read32(&self, offset: usize) -> u32 {
         let mut s = self.st();
         let cap = ModelController::cap(&s.cfg).encode();

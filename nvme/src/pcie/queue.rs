@@ -48,6 +48,9 @@ struct Req {
     result: Result<(), IoError>,
 }
 
+/// PRP list pages per command identifier, at most (a 1 MiB part needs one).
+const MAX_LIST_PAGES: usize = 4;
+
 /// One NVMe command identifier.
 struct Slot {
     busy: bool,
@@ -81,8 +84,10 @@ pub struct NvmeDevice {
     free: Vec<u16>,
     reqs: Box<[Req]>,
     free_reqs: Vec<u16>,
-    /// Largest NVMe command (MDTS, and 65536 device blocks), in Sluice blocks.
+    /// Largest NVMe data command (MDTS, and 65536 device blocks), in Sluice blocks.
     part_blocks: u64,
+    /// Most NVMe commands one caller command may take (`depth` of them always fit).
+    max_parts: usize,
     /// Requests accepted and not yet handed back.
     in_flight: usize,
     /// Completions made without the controller (trim on a device without DSM, failures
@@ -91,6 +96,7 @@ pub struct NvmeDevice {
     pools: Vec<Mapped>,
     window_iova: u64,
     window_stride: u64,
+    window_bytes: u64,
     generation: u64,
     dead: bool,
     polls: u64,
@@ -169,7 +175,7 @@ impl Controller {
             Some(d) => u32::try_from(d.max(1) * full_parts + 1).unwrap_or(u32::MAX),
             None => self.opts.io_queue_entries,
         }
-        .clamp(3, self.info.cap.max_queue_entries);
+        .clamp(2, self.info.cap.max_queue_entries);
         // The ring keeps one entry free: one command identifier per other entry.
         let cids = entries as usize - 1;
         // A caller command may take up to `max_parts` identifiers; `depth` such commands
@@ -183,16 +189,54 @@ impl Controller {
         let sq_bytes = (entries as usize * 64).next_multiple_of(4096);
         let cq_bytes = (entries as usize * 16).next_multiple_of(4096);
         let lists_off = sq_bytes + cq_bytes;
-        let mem = self.alloc_region(lists_off + cids * list_pages * 4096)?;
-        let mapped = pools.iter().map(|p| self.map_pool(p)).collect::<Result<Vec<_>, _>>()?;
+        assert!(list_pages <= MAX_LIST_PAGES, "{list_pages} PRP list pages per command");
         let window_stride = (max_bytes as u64).next_multiple_of(4096);
-        let window_iova = self.reserve_iova(window_stride * depth as u64);
+        let window_bytes = window_stride * depth as u64;
         let qid = self.take_qid()?;
-        let generation = self.generation.load(Ordering::Acquire);
-        if let Err(e) = self.create_io_queue(qid, entries, mem.iova, mem.iova + sq_bytes as u64) {
+        let mem = match self.alloc_region(lists_off + cids * list_pages * 4096) {
+            Ok(m) => m,
+            Err(e) => {
+                self.put_qid(qid);
+                return Err(e);
+            }
+        };
+        // Undo what was set up so far when a later step fails.
+        let undo = |mem: &DmaRegion, window: Option<u64>| {
+            self.free_region(mem);
+            if let Some(w) = window {
+                self.release_iova(w, window_bytes);
+            }
             self.put_qid(qid);
-            return Err(e);
-        }
+        };
+        let mapped = match pools.iter().map(|p| self.map_pool(p)).collect::<Result<Vec<_>, _>>() {
+            Ok(m) => m,
+            Err(e) => {
+                undo(&mem, None);
+                return Err(e);
+            }
+        };
+        let window_iova = match self.reserve_iova(window_bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                undo(&mem, None);
+                return Err(e);
+            }
+        };
+        let generation =
+            match self.create_io_queue(qid, entries, mem.iova, mem.iova + sq_bytes as u64) {
+                Ok(g) => g,
+                Err(InitError::Admin { opcode: 0x04, why }) => {
+                    // The completion queue exists at the controller and could not be
+                    // deleted: it may still write there. Keep the memory.
+                    log::error!("{}: {why}; leaking the queue's memory", self.name);
+                    std::mem::forget(mem);
+                    return Err(InitError::Admin { opcode: 0x04, why });
+                }
+                Err(e) => {
+                    undo(&mem, Some(window_iova));
+                    return Err(e);
+                }
+            };
         let cap = self.info.cap;
         let now = Instant::now();
         let info = DeviceInfo {
@@ -240,11 +284,13 @@ impl Controller {
                 .collect(),
             free_reqs: (0..depth as u16).rev().collect(),
             part_blocks: part_blocks as u64,
+            max_parts,
             in_flight: 0,
             local: VecDeque::new(),
             pools: mapped,
             window_iova,
             window_stride,
+            window_bytes,
             generation,
             dead: false,
             polls: 0,
@@ -270,9 +316,10 @@ impl NvmeDevice {
         self.qid
     }
 
-    fn list_iovas(&self, cid: u16) -> Vec<u64> {
+    /// The IOVAs of command `cid`'s PRP list pages (the first `list_pages` entries).
+    fn list_iovas(&self, cid: u16) -> [u64; MAX_LIST_PAGES] {
         let base = self.lists_off + cid as usize * self.list_pages * 4096;
-        (0..self.list_pages).map(|i| self.mem.iova + (base + i * 4096) as u64).collect()
+        std::array::from_fn(|i| self.mem.iova + (base + i * 4096) as u64)
     }
 
     fn list_ptr(&self, cid: u16, page: usize, slot: usize) -> *mut u64 {
@@ -315,6 +362,9 @@ impl NvmeDevice {
     /// recreates the queues if the controller is back.
     fn recover(&mut self) {
         let dead = self.ctrl.failed.load(Ordering::Acquire);
+        // A failed controller whose DMA could not be stopped may still write what it was
+        // given: those buffers are kept (leaked), never handed back for reuse.
+        let keep_buffers = dead && !self.ctrl.dma_stopped.load(Ordering::Acquire);
         let mut timed_out = vec![false; self.reqs.len()];
         for slot in self.slots.iter_mut() {
             if slot.busy && slot.timed_out {
@@ -339,7 +389,11 @@ impl NvmeDevice {
             } else {
                 IoError::Aborted
             });
-            self.local.push_back(Completion { tag: q.tag, result, buf: q.buf.take() });
+            let mut buf = q.buf.take();
+            if keep_buffers {
+                std::mem::forget(buf.take());
+            }
+            self.local.push_back(Completion { tag: q.tag, result, buf });
             self.free_reqs.push(r as u16);
         }
         self.in_flight = 0;
@@ -356,13 +410,20 @@ impl NvmeDevice {
         self.mem.zero();
         let sq = self.mem.iova;
         let cq = self.mem.iova + self.cq_off as u64;
-        if let Err(e) = self.ctrl.create_io_queue(self.qid, self.entries, sq, cq) {
-            log::error!("{}: recreating queue {} after reset: {e}", self.info.name, self.qid);
-            self.dead = true;
+        match self.ctrl.create_io_queue(self.qid, self.entries, sq, cq) {
+            Ok(generation) => self.generation = generation,
+            Err(e) => {
+                log::error!("{}: recreating queue {} after reset: {e}", self.info.name, self.qid);
+                self.dead = true;
+            }
         }
     }
 
     fn check_timeouts(&mut self, now: Instant) {
+        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+            // Reset since we last looked: the next poll fails and recreates, no abort.
+            return;
+        }
         let timeout = self.ctrl.opts.io_timeout;
         let mut reset = None;
         for cid in 0..self.slots.len() {
@@ -399,7 +460,7 @@ impl NvmeDevice {
             }
         }
         if let Some(why) = reset {
-            let _ = self.ctrl.reset(&why);
+            let _ = self.ctrl.reset(self.generation, &why);
         }
     }
 
@@ -511,7 +572,7 @@ impl NvmeDevice {
         let (prp1, prp2) = match data {
             Some(iova) => {
                 let lists = self.list_iovas(cid);
-                prp::build(iova, len, &lists, &mut |page, slot, v| {
+                prp::build(iova, len, &lists[..self.list_pages], &mut |page, slot, v| {
                     // SAFETY: the slot's list pages are ours until the command completes.
                     unsafe { std::ptr::write_volatile(self.list_ptr(cid, page, slot), v) }
                 })
@@ -561,12 +622,23 @@ impl BlockDevice for NvmeDevice {
             _ => {}
         }
         // Data commands above the controller's limit go as several NVMe commands.
+        // Write zeroes moves no data, so MDTS does not limit it; NLB (16 bits) does.
+        let part_blocks = match cmd {
+            IoCommand::WriteZeroes { .. } => 65536 / self.scale,
+            _ => self.part_blocks,
+        };
         let parts = match cmd {
-            IoCommand::Read { blocks, .. } | IoCommand::Write { blocks, .. } => {
-                blocks.0.div_ceil(self.part_blocks) as usize
-            }
+            IoCommand::Read { blocks, .. }
+            | IoCommand::Write { blocks, .. }
+            | IoCommand::WriteZeroes { blocks, .. } => blocks.0.div_ceil(part_blocks) as usize,
             _ => 1,
         };
+        if parts > self.max_parts {
+            return Err(SubmitError {
+                reason: RejectReason::Invalid("write-zeroes range longer than this queue can take"),
+                buf,
+            });
+        }
         if self.free.len() < parts || self.free_reqs.is_empty() {
             return Err(SubmitError { reason: RejectReason::QueueFull, buf });
         }
@@ -590,18 +662,23 @@ impl BlockDevice for NvmeDevice {
         for k in 0..parts {
             let cid = self.free[n - 1 - k];
             let (part, iova, len) = match cmd {
-                IoCommand::Read { lba, blocks } | IoCommand::Write { lba, blocks, .. } => {
-                    let off = k as u64 * self.part_blocks;
-                    let nb = BlockCount(self.part_blocks.min(blocks.0 - off));
+                IoCommand::Read { lba, blocks }
+                | IoCommand::Write { lba, blocks, .. }
+                | IoCommand::WriteZeroes { lba, blocks } => {
+                    let off = k as u64 * part_blocks;
+                    let nb = BlockCount(part_blocks.min(blocks.0 - off));
                     let plba = Lba(lba.0 + off);
                     let part = match cmd {
                         IoCommand::Write { fua, .. } => {
                             IoCommand::Write { lba: plba, blocks: nb, fua }
                         }
+                        IoCommand::WriteZeroes { .. } => {
+                            IoCommand::WriteZeroes { lba: plba, blocks: nb }
+                        }
                         _ => IoCommand::Read { lba: plba, blocks: nb },
                     };
                     let iova = data.map(|d| d + off * BLOCK_SIZE_BYTES as u64);
-                    (part, iova, nb.bytes() as usize)
+                    (part, iova, if data.is_some() { nb.bytes() as usize } else { 0 })
                 }
                 other => (other, None, 0),
             };
@@ -623,7 +700,7 @@ impl BlockDevice for NvmeDevice {
             let cid = self.free.pop().expect("counted above");
             let s = &mut self.slots[cid as usize];
             debug_assert!(!s.busy);
-            let lba = Lba(first_lba.0 + k as u64 * self.part_blocks);
+            let lba = Lba(first_lba.0 + k as u64 * part_blocks);
             *s = Slot { busy: true, req, lba, deadline, timed_out: false, abort_deadline: None };
         }
         self.sq_tail = (self.sq_tail + parts as u32) % self.entries;
@@ -637,7 +714,8 @@ impl BlockDevice for NvmeDevice {
 
     fn kick(&mut self) -> Result<(), IoError> {
         if self.dead {
-            return if self.in_flight == 0 { Err(IoError::DeviceGone) } else { Ok(()) };
+            // Completions still to hand out (those of a reset) come from poll.
+            return if self.in_flight() == 0 { Err(IoError::DeviceGone) } else { Ok(()) };
         }
         if self.sq_tail != self.sq_doorbell_at {
             // The SQEs (and PRP lists) must be visible before the doorbell.
@@ -688,6 +766,7 @@ impl Drop for NvmeDevice {
         // disabled for good), the controller reaches none of this queue's memory.
         let quiet = if self.dead {
             self.ctrl.failed.load(Ordering::Acquire)
+                && self.ctrl.dma_stopped.load(Ordering::Acquire)
         } else {
             match self.ctrl.delete_io_queue(self.qid) {
                 Ok(()) => true,
@@ -703,9 +782,8 @@ impl Drop for NvmeDevice {
                 self.release_mapping(own);
             }
             self.ctrl.put_qid(self.qid);
-            if let Err(e) = self.ctrl.unmap(self.mem.iova, self.mem.len()) {
-                log::error!("{}: {e}", self.info.name);
-            }
+            self.ctrl.free_region(&self.mem);
+            self.ctrl.release_iova(self.window_iova, self.window_bytes);
             return;
         }
         // Commands may still be at the controller: leave their memory allocated and
