@@ -150,6 +150,21 @@ fn cli_reads_writes_and_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
     c.ok(&["pool", "set", "rbd", "pg_num", "16"]);
     assert_eq!(c.json(&["pool", "get", "rbd", "pg_num"])["pg_num"], 16);
+    // Where an object lives (it need not exist); names are escaped on the way.
+    let m = c.json(&["osd", "map", "rbd", "a b/c?&=%"]);
+    assert_eq!(m["object"], "a b/c?&=%");
+    assert_eq!(m["pool"], "rbd");
+    assert!(m["pg"].as_str().unwrap().starts_with(&format!("{}.", m["pool_id"])), "{m}");
+    assert_eq!(m["up"], serde_json::json!([0]));
+    assert_eq!(m["primary"], 0);
+    let out = c.sluice(&["osd", "map", "rbd", "obj"]);
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("object 'obj' -> pg") && line.contains("primary osd.0"), "{line}");
+    let out = c.sluice(&["osd", "map", "nope", "obj"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no pool named")
+    );
     let out = c.sluice(&["pool", "rm", "rbd"]);
     assert_eq!(out.status.code(), Some(2), "rm needs the confirmation flag");
     c.ok(&["pool", "rm", "rbd", "--yes-i-really-mean-it"]);

@@ -138,6 +138,22 @@ pub struct OsdView {
     pub down_at: u64,
 }
 
+/// `GET /v1/osd/map?pool=P&object=O`: where an object lives at the current epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ObjectMapView {
+    pub epoch: u64,
+    pub pool: String,
+    pub pool_id: u32,
+    pub object: String,
+    /// `POOL.PG` with the PG in hex, as everywhere.
+    pub pg: String,
+    /// The OSDs the PG's replicas belong on, in replica order (up or not).
+    pub placement: Vec<u32>,
+    /// The up subset, primary first.
+    pub up: Vec<u32>,
+    pub primary: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolView {
     pub id: u32,

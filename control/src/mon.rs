@@ -722,9 +722,8 @@ enum Need {
 fn need_of(path: &str) -> Need {
     use sluice_auth::Perms;
     match path {
-        "/v1/status" | "/v1/mon" | "/v1/osdmap" | "/v1/config" | "/v1/subscribe" => {
-            Need::Caps(Perms::R)
-        }
+        "/v1/status" | "/v1/mon" | "/v1/osdmap" | "/v1/osd/map" | "/v1/config"
+        | "/v1/subscribe" => Need::Caps(Perms::R),
         "/v1/command" => Need::Command,
         "/v1/osd/boot" | "/v1/osd/beacon" | "/v1/osd/failure" => Need::Caps(Perms::X),
         // Liveness, health and metrics are open; the auth endpoints and OSD registration
@@ -828,6 +827,7 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/mon", get(mon_stat))
         .route("/v1/osdmap", get(osdmap))
+        .route("/v1/osd/map", get(osd_map))
         .route("/v1/config", get(config))
         .route("/v1/command", post(command))
         .route("/v1/subscribe", get(subscribe))
@@ -909,6 +909,37 @@ async fn mon_stat(State(m): St) -> axum::Json<api::MonStatus> {
 
 async fn osdmap(State(m): St) -> axum::Json<api::MapView> {
     axum::Json(api::MapView::of(&m.sm.shared.read().expect("state lock").cluster.osdmap))
+}
+
+#[derive(Debug, Deserialize)]
+struct ObjectMapQuery {
+    pool: String,
+    object: String,
+}
+
+/// Where an object lives: its PG, the PG's placement, up set and primary.
+async fn osd_map(
+    State(m): St,
+    Query(q): Query<ObjectMapQuery>,
+) -> Result<axum::Json<api::ObjectMapView>, Failure> {
+    use crate::maps::placement::{object_pg, pg_mapping};
+    let st = m.sm.shared.read().expect("state lock");
+    let map = &st.cluster.osdmap;
+    let pool = map
+        .pool_by_name(&q.pool)
+        .ok_or_else(|| Failure::new(ErrorKind::Rejected, format!("no pool named {:?}", q.pool)))?;
+    let pg = object_pg(pool, &q.object);
+    let mapping = pg_mapping(map, pool, pg);
+    Ok(axum::Json(api::ObjectMapView {
+        epoch: map.epoch,
+        pool: pool.name.clone(),
+        pool_id: pool.id.0,
+        object: q.object,
+        pg: pg.to_string(),
+        placement: mapping.placement.iter().map(|o| o.0).collect(),
+        up: mapping.up.iter().map(|o| o.0).collect(),
+        primary: mapping.primary().map(|o| o.0),
+    }))
 }
 
 async fn config(State(m): St) -> axum::Json<BTreeMap<String, String>> {

@@ -4,20 +4,24 @@
 //! * **Object to PG**: a 64-bit hash of the name, reduced by a *stable modulo* over the
 //!   pool's `pg_num` (Ceph's `ceph_stable_mod`): growing `pg_num` only splits PGs, so
 //!   objects move only into the new PGs.
-//! * **PG to OSDs**: *straw2* over the host/rack hierarchy. Every candidate draws
-//!   `log2(u) / weight` with `u` a hash of (pool, pg, replica, candidate); the largest draw
-//!   wins. Changing one candidate's weight moves data only to or from that candidate, and
-//!   the result depends on nothing but the map. Replicas go to distinct failure domains
-//!   (the pool's `failure_domain`); OSDs that are out (or weigh 0) take no data.
-//! * **Up set and primary**: the placement minus OSDs that are down; the first is the
-//!   primary. A PG with no up OSD has no primary (its I/O waits for a map change).
+//! * **PG to OSDs**: weighted rendezvous hashing (straw2 draws) over every OSD, with
+//!   the host/rack hierarchy as a constraint. Every OSD draws `log2(u) / weight` with `u`
+//!   a hash of (pool, pg, OSD); in descending order of draws, replicas go to OSDs whose
+//!   failure domain (the pool's `failure_domain`) holds none yet. Changing one OSD's
+//!   weight moves data only to or from that OSD, and the result depends on nothing but
+//!   the map. OSDs that are out (or weigh 0) take no data.
+//! * **Up set and primary**: the placement minus OSDs that are down. The primary is the
+//!   first up OSD that accepts by its *primary affinity* (1.0 always, 0.0 never unless
+//!   no other can, in between: a hash of (pg, osd) decides, so that fraction of the PGs
+//!   it would lead stays with it); it moves to the front of the up set. A PG with no up
+//!   OSD has no primary (its I/O waits for a map change).
 //! * **PG to core**: a hash of (pool, pg) modulo the OSD's core count, so a client sends an
 //!   op straight to the core that owns the PG.
 //!
 //! All arithmetic is integer (the logarithm too), so every platform and build computes
 //! the same placement: it is part of the on-disk and on-wire contract.
 
-use super::osdmap::{FailureDomain, OsdId, OsdInfo, OsdMap, Pool, PoolId};
+use super::osdmap::{FailureDomain, ONE, OsdId, OsdInfo, OsdMap, Pool, PoolId};
 
 /// A placement group: a pool and the PG number within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,96 +123,49 @@ fn eligible(o: &OsdInfo) -> bool {
     o.is_in && o.weight > 0
 }
 
-/// The hierarchy of eligible OSDs: racks -> hosts -> OSDs, each level with its summed
-/// weight, in a fixed (name) order.
-struct Tree<'a> {
-    racks: Vec<Bucket<'a, Bucket<'a, (OsdId, u64)>>>,
-}
-
-/// A named bucket: (name, summed weight, children).
-type Bucket<'a, T> = (&'a str, u64, Vec<T>);
-
-impl<'a> Tree<'a> {
-    fn new(map: &'a OsdMap) -> Tree<'a> {
-        let mut racks: Vec<Bucket<'_, Bucket<'_, (OsdId, u64)>>> = Vec::new();
-        for (rack, hosts) in map.hierarchy() {
-            let mut hs = Vec::new();
-            for (host, ids) in hosts {
-                let osds: Vec<(OsdId, u64)> = ids
-                    .iter()
-                    .filter_map(|id| map.osd(*id))
-                    .filter(|o| eligible(o))
-                    .map(|o| (o.id, u64::from(o.weight)))
-                    .collect();
-                let w = osds.iter().map(|o| o.1).sum();
-                if w > 0 {
-                    hs.push((host, w, osds));
-                }
-            }
-            let w = hs.iter().map(|h| h.1).sum();
-            if w > 0 {
-                racks.push((rack, w, hs));
-            }
-        }
-        Tree { racks }
-    }
-}
-
-/// Salts per level so a rack and an OSD with the same index draw differently.
-const SALT_RACK: u64 = 1;
-const SALT_HOST: u64 = 2;
+/// Salt of the OSD draws.
 const SALT_OSD: u64 = 3;
 
-fn name_key(s: &str) -> u64 {
-    hash_name(s.as_bytes())
-}
-
-fn pick<T>(items: &[T], key: impl Fn(&T) -> (u64, u64), x: u64, r: u64, salt: u64) -> usize {
-    let mut best = 0;
-    let mut best_draw = i128::MIN;
-    for (i, it) in items.iter().enumerate() {
-        let (id, w) = key(it);
-        let d = draw(hash4(x, r, id, salt), w);
-        if i == 0 || d > best_draw {
-            best = i;
-            best_draw = d;
-        }
-    }
-    best
-}
-
-/// Attempts per replica before giving up on finding a distinct failure domain.
-const TRIES: u64 = 50;
-
-/// The OSDs a PG is placed on (up to `pool.size`, fewer if the hierarchy has too few
-/// failure domains), in replica order, whether up or not.
+/// The OSDs a PG is placed on (up to `pool.size`, fewer if the map has too few failure
+/// domains), in replica order, whether up or not.
+///
+/// Weighted rendezvous hashing over every eligible OSD, with the pool's failure domain
+/// as a constraint: each OSD draws `log2(u) / weight` for the PG (`u` a hash of pool,
+/// PG and OSD); in descending order of draws, an OSD is taken unless its host (or rack)
+/// already holds a replica. A draw is `-Exp(weight)`, and the best of a host's OSDs is
+/// distributed as one draw of their summed weight, so hosts and racks get replicas in
+/// proportion to their weights as in a hierarchical straw2. Unlike the hierarchy,
+/// adding an OSD moves replicas only to it, and removing one only from it: no other
+/// OSD's draw changes, and the greedy choice over the others keeps its order.
 pub fn pg_placement(map: &OsdMap, pool: &Pool, pg: PgId) -> Vec<OsdId> {
-    let tree = Tree::new(map);
     let x = hash4(0x9e37, u64::from(pg.pool.0), u64::from(pg.pg), 0);
-    let mut out: Vec<OsdId> = Vec::with_capacity(usize::from(pool.size));
-    let mut domains: Vec<(usize, usize)> = Vec::new();
-    if tree.racks.is_empty() {
-        return out;
-    }
-    for rep in 0..u64::from(pool.size) {
-        for attempt in 0..TRIES {
-            let r = rep + attempt * u64::from(pool.size);
-            let ri = pick(&tree.racks, |r| (name_key(r.0), r.1), x, r, SALT_RACK);
-            let hosts = &tree.racks[ri].2;
-            let hi = pick(hosts, |h| (name_key(h.0), h.1), x, r, SALT_HOST);
-            let osds = &hosts[hi].2;
-            let oi = pick(osds, |o| (u64::from(o.0.0), o.1), x, r, SALT_OSD);
-            let osd = osds[oi].0;
-            let clash = match pool.failure_domain {
-                FailureDomain::Rack => domains.iter().any(|d| d.0 == ri),
-                FailureDomain::Host => domains.contains(&(ri, hi)),
-                FailureDomain::Osd => out.contains(&osd),
-            };
-            if !clash && !out.contains(&osd) {
-                out.push(osd);
-                domains.push((ri, hi));
-                break;
+    let mut cands: Vec<(i128, &OsdInfo)> = map
+        .osds
+        .values()
+        .filter(|o| eligible(o))
+        .map(|o| (draw(hash4(x, u64::from(o.id.0), 0, SALT_OSD), u64::from(o.weight)), o))
+        .collect();
+    let size = usize::from(pool.size);
+    let mut out: Vec<OsdId> = Vec::with_capacity(size);
+    let mut used: Vec<&OsdInfo> = Vec::with_capacity(size);
+    while out.len() < size && !cands.is_empty() {
+        // The best remaining draw (ties: the lower id, so every platform agrees).
+        let best = (0..cands.len())
+            .max_by(|&i, &j| {
+                cands[i].0.cmp(&cands[j].0).then_with(|| cands[j].1.id.cmp(&cands[i].1.id))
+            })
+            .expect("non-empty");
+        let (_, o) = cands.swap_remove(best);
+        let clash = used.iter().any(|u| match pool.failure_domain {
+            FailureDomain::Rack => u.location.rack == o.location.rack,
+            FailureDomain::Host => {
+                u.location.rack == o.location.rack && u.location.host == o.location.host
             }
+            FailureDomain::Osd => false,
+        });
+        if !clash {
+            out.push(o.id);
+            used.push(o);
         }
     }
     out
@@ -230,8 +187,37 @@ impl PgMapping {
 
 pub fn pg_mapping(map: &OsdMap, pool: &Pool, pg: PgId) -> PgMapping {
     let placement = pg_placement(map, pool, pg);
-    let up = placement.iter().copied().filter(|id| map.osd(*id).is_some_and(|o| o.up)).collect();
+    let mut up: Vec<OsdId> =
+        placement.iter().copied().filter(|id| map.osd(*id).is_some_and(|o| o.up)).collect();
+    let p = choose_primary(map, pg, &up);
+    if p > 0 {
+        let primary = up.remove(p);
+        up.insert(0, primary);
+    }
     PgMapping { pg, placement, up }
+}
+
+const SALT_PRIMARY: u64 = 4;
+
+/// Index in `up` of the primary by primary affinity (16.16, `ONE` = always): the first
+/// OSD whose hash of (pg, osd) falls under its affinity; failing that, the first with a
+/// non-zero affinity; failing that, the first.
+fn choose_primary(map: &OsdMap, pg: PgId, up: &[OsdId]) -> usize {
+    let x = hash4(0x9e37, u64::from(pg.pool.0), u64::from(pg.pg), 0);
+    let mut nonzero = None;
+    for (i, id) in up.iter().enumerate() {
+        let a = map.osd(*id).map_or(ONE, |o| o.primary_affinity);
+        if a >= ONE {
+            return i;
+        }
+        if a > 0 {
+            if (hash4(x, u64::from(id.0), 0, SALT_PRIMARY) & 0xffff) < u64::from(a) {
+                return i;
+            }
+            nonzero.get_or_insert(i);
+        }
+    }
+    nonzero.unwrap_or(0)
 }
 
 /// Primaries of PGs at one map epoch, each computed once (placement walks the whole
@@ -263,7 +249,7 @@ pub fn object_primary(map: &OsdMap, pool: PoolId, name: &str) -> Option<(PgId, O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::osdmap::{Location, Maintenance, ONE};
+    use crate::maps::osdmap::{Location, Maintenance};
     use proptest::prelude::*;
 
     fn map_with(osds: &[(u32, &str, &str, u32)]) -> OsdMap {
@@ -324,8 +310,10 @@ mod tests {
 
     const PIN_HASH: u64 = 0x16fe_05a1_c75b_cd0f;
     const PIN_PG: u32 = 7;
+    // Changed once, before any release, from hierarchical straw2 to rendezvous hashing
+    // with failure-domain filtering (issue 7: adding an OSD moved 1.3x the minimum).
     const PIN_PLACEMENT: [[u32; 2]; 8] =
-        [[1, 0], [1, 0], [1, 2], [0, 1], [0, 2], [0, 2], [2, 0], [2, 1]];
+        [[2, 0], [0, 1], [0, 1], [1, 2], [2, 1], [0, 1], [1, 0], [1, 2]];
 
     #[test]
     fn known_values_never_change() {
@@ -424,7 +412,114 @@ mod tests {
         assert!(!out.placement.contains(&first));
     }
 
+    #[test]
+    fn primary_affinity_shifts_primaries_and_only_them() {
+        let mut m = map_with(&[(0, "r", "h0", ONE), (1, "r", "h1", ONE), (2, "r", "h2", ONE)]);
+        let p = pool(3, 3000, FailureDomain::Host);
+        let primaries = |m: &OsdMap| {
+            let mut n = [0usize; 3];
+            for pg in 0..3000 {
+                let map = pg_mapping(m, &p, PgId { pool: PoolId(1), pg });
+                n[map.primary().unwrap().0 as usize] += 1;
+            }
+            n
+        };
+        let before = primaries(&m);
+        assert!(before.iter().all(|&n| (900..1100).contains(&n)), "{before:?}");
+        // Affinity 0: never primary while another up OSD can be.
+        m.osds.get_mut(&OsdId(0)).unwrap().primary_affinity = 0;
+        let none = primaries(&m);
+        assert_eq!(none[0], 0, "{none:?}");
+        // Affinity 0.5: about half the PGs it would lead.
+        m.osds.get_mut(&OsdId(0)).unwrap().primary_affinity = ONE / 2;
+        let half = primaries(&m);
+        assert!((400..600).contains(&half[0]), "{half:?}");
+        for pg in 0..300 {
+            let id = PgId { pool: PoolId(1), pg };
+            let a = pg_mapping(&m, &p, id);
+            // The placement (where data lives) never depends on affinity; the up set is
+            // the same OSDs with the primary in front.
+            assert_eq!(a.placement, pg_placement(&m, &p, id));
+            let mut x = a.up.clone();
+            let mut y = a.placement.clone();
+            x.sort();
+            y.sort();
+            assert_eq!(x, y);
+        }
+        // With every OSD at 0 a primary is still chosen: the first up.
+        for o in m.osds.values_mut() {
+            o.primary_affinity = 0;
+        }
+        let id = PgId { pool: PoolId(1), pg: 9 };
+        assert_eq!(pg_mapping(&m, &p, id).primary(), Some(pg_placement(&m, &p, id)[0]));
+    }
+
+    /// Replicas (PG, OSD) that are in `b` but were not in `a`, over all PGs.
+    fn moved(a: &OsdMap, b: &OsdMap, p: &Pool) -> usize {
+        (0..p.pg_num)
+            .map(|pg| {
+                let id = PgId { pool: p.id, pg };
+                let old = pg_placement(a, p, id);
+                pg_placement(b, p, id).iter().filter(|o| !old.contains(o)).count()
+            })
+            .sum()
+    }
+
+    fn random_map(hosts: &[(u8, u8, u32)]) -> OsdMap {
+        // (rack, OSDs on the host, weight in 1/4 units)
+        let mut spec = Vec::new();
+        let mut id = 0;
+        for (h, &(rack, n, w)) in hosts.iter().enumerate() {
+            for _ in 0..n.max(1) {
+                spec.push((id, format!("r{rack}"), format!("h{h}"), w.max(1) * ONE / 4));
+                id += 1;
+            }
+        }
+        let spec: Vec<(u32, &str, &str, u32)> =
+            spec.iter().map(|(i, r, h, w)| (*i, r.as_str(), h.as_str(), *w)).collect();
+        map_with(&spec)
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// Adding or removing an OSD moves close to the minimum: the replicas that
+        /// change OSD are at most 1.2x the share of the weight that changed (plus a
+        /// small allowance for sampling), for size-3 pools with host failure domains.
+        #[test]
+        fn adding_or_removing_an_osd_moves_close_to_the_minimum(
+            hosts in proptest::collection::vec((0u8..3, 1u8..4, 2u32..8), 6..14),
+            new_host in 0usize..20,
+            new_weight in 2u32..8,
+            remove_pick in 0usize..1000,
+        ) {
+            let p = pool(3, 2048, FailureDomain::Host);
+            let replicas = (p.pg_num as usize * 3) as f64;
+            let base = random_map(&hosts);
+            let total: u64 = base.osds.values().map(|o| u64::from(o.weight)).sum();
+            // Add one OSD, on an existing host or a new one.
+            let mut grown = base.clone();
+            let id = OsdId(base.osds.len() as u32);
+            let host = if new_host < hosts.len() { format!("h{new_host}") } else { "hnew".into() };
+            let rack = if new_host < hosts.len() { format!("r{}", hosts[new_host].0) } else { "r0".into() };
+            let mut o = base.osds.values().next().unwrap().clone();
+            o.id = id;
+            o.uuid = [0xee; 16];
+            o.location = Location { rack, host };
+            o.weight = new_weight * ONE / 4;
+            grown.osds.insert(id, o);
+            let share = f64::from(new_weight * ONE / 4) / (total + u64::from(new_weight * ONE / 4)) as f64;
+            let got = moved(&base, &grown, &p) as f64 / replicas;
+            prop_assert!(got <= 1.2 * share + 0.01, "add: moved {got:.4}, ideal {share:.4}");
+            // Remove one (mark it out).
+            let victim = OsdId((remove_pick % base.osds.len()) as u32);
+            let mut shrunk = base.clone();
+            shrunk.osds.get_mut(&victim).unwrap().is_in = false;
+            let share = f64::from(base.osd(victim).unwrap().weight) / total as f64;
+            let got = moved(&base, &shrunk, &p) as f64 / replicas;
+            prop_assert!(got <= 1.2 * share + 0.01, "remove: moved {got:.4}, ideal {share:.4}");
+        }
+
         #[test]
         fn adding_an_osd_moves_data_only_to_it(n in 2u32..8, seed in 0u64..1000) {
             let osds: Vec<(u32, String)> = (0..n).map(|i| (i, format!("h{i}"))).collect();

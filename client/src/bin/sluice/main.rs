@@ -135,6 +135,9 @@ enum OsdCmd {
     },
     /// How willing an OSD is to be primary, 0.0..=1.0.
     PrimaryAffinity { id: String, value: f64 },
+    /// Where an object lives: its PG, the PG's OSDs (placement), the up set and the
+    /// primary, at the current map epoch. The object need not exist.
+    Map { pool: String, object: String },
     /// Set a cluster flag.
     Set { flag: FlagArg },
     /// Clear a cluster flag.
@@ -283,6 +286,19 @@ async fn client(cli: &Cli) -> Result<MonClient, Fail> {
         c.set_credentials(Some(creds));
     }
     Ok(c)
+}
+
+/// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -575,6 +591,27 @@ async fn osd(cli: &Cli, cmd: &OsdCmd, json: bool) -> Result<(), Fail> {
             let location = Location { rack: rack.clone(), host: host.clone() };
             let r = command(&c, Command::SetLocation { id: osd_id(id)?, location }).await?;
             done(&r, &format!("moved {id} to {rack}/{host}"));
+        }
+        OsdCmd::Map { pool, object } => {
+            let path =
+                format!("/v1/osd/map?pool={}&object={}", query_escape(pool), query_escape(object));
+            let v: api::ObjectMapView = c.get(&path).await?;
+            if json {
+                print_json(&v);
+            } else {
+                let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                println!(
+                    "osdmap e{} pool '{}' ({}) object '{}' -> pg {} -> up [{}] primary {} (placement [{}])",
+                    v.epoch,
+                    v.pool,
+                    v.pool_id,
+                    v.object,
+                    v.pg,
+                    list(&v.up),
+                    v.primary.map_or("none".to_string(), |p| format!("osd.{p}")),
+                    list(&v.placement)
+                );
+            }
         }
         OsdCmd::PrimaryAffinity { id, value } => {
             if !(0.0..=1.0).contains(value) {
