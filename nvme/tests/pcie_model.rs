@@ -342,10 +342,8 @@ fn a_hung_controller_is_reset_and_serves_again() {
     assert_eq!(model.io_queues(), vec![a.qid().min(b.qid()), a.qid().max(b.qid())]);
 }
 
-#[test]
-fn a_dead_controller_reports_device_gone_and_its_dma_is_stopped() {
-    let (model, mut dev) = device(ModelConfig::default(), fast_timeouts());
-    model.kill();
+/// Reads block 1 and waits for the completion.
+fn read_one_block(dev: &mut NvmeDevice) -> sluice_nvme::Completion {
     dev.submit(
         IoCommand::Read { lba: Lba(1), blocks: BlockCount(1) },
         Some(sluice_nvme::DmaBuf::new(4096)),
@@ -353,7 +351,14 @@ fn a_dead_controller_reports_device_gone_and_its_dma_is_stopped() {
     )
     .unwrap();
     dev.kick().unwrap();
-    let c = reap_one(&mut dev);
+    reap_one(dev)
+}
+
+#[test]
+fn a_dead_controller_reports_device_gone_and_its_dma_is_stopped() {
+    let (model, mut dev) = device(ModelConfig::default(), fast_timeouts());
+    model.kill();
+    let c = read_one_block(&mut dev);
     assert_eq!(c.result, Err(IoError::Timeout));
     // It ignored CC.EN = 0; bus mastering off stopped it, so the buffer may be reused.
     assert_eq!(model.stats().dma_stops, 1);
@@ -368,14 +373,7 @@ fn memory_a_wedged_controller_may_still_write_is_never_handed_back() {
     let (model, mut dev) = device(ModelConfig::default(), fast_timeouts());
     model.set_dma_stoppable(false);
     model.kill();
-    dev.submit(
-        IoCommand::Read { lba: Lba(1), blocks: BlockCount(1) },
-        Some(sluice_nvme::DmaBuf::new(4096)),
-        1,
-    )
-    .unwrap();
-    dev.kick().unwrap();
-    let c = reap_one(&mut dev);
+    let c = read_one_block(&mut dev);
     assert_eq!(c.result, Err(IoError::Timeout));
     assert!(c.buf.is_none(), "the controller may still DMA into it: kept, not returned");
     let mappings = model.iommu().mappings();

@@ -5,12 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-echo "== vm-test: static guest binaries"
-# The initramfs has no libc: link glibc statically. An explicit --target keeps RUSTFLAGS away
-# from build scripts and proc macros and puts the output in target/x86_64-unknown-linux-gnu/.
-# sluice-osd (in sluice-dataplane) and sluice-bench have the `vfio` feature on by default.
+echo "== vm-test: the static test binary (sluice-vm-test)"
+# Linked with glibc statically. An explicit --target keeps RUSTFLAGS away from build scripts
+# and proc macros and puts the output in target/x86_64-unknown-linux-gnu/.
 RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu \
-  -p sluice-vmtest -p sluice-dataplane -p sluice-bench --bins
+  -p sluice-vmtest
+
+echo "== vm-test: the tools (sluice-osd, sluice-bench: the release build, vfio on by default)"
+# The same command as .ci/run's release build, so nothing is rebuilt there; run.sh copies
+# the tools' shared libraries into the guest.
+cargo build --release --bins
 
 echo "== vm-test: QEMU TCG guest with two emulated NVMe controllers over VFIO"
-VM_BINS=target/x86_64-unknown-linux-gnu/release ./scripts/vm-test/run.sh
+VM_BINS=target/x86_64-unknown-linux-gnu/release VM_TOOLS=target/release ./scripts/vm-test/run.sh

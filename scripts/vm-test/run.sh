@@ -14,8 +14,10 @@
 # Prints "VM-TEST PASS" and exits 0, or "VM-TEST FAIL: <reasons>" and exits 1.
 #
 # Environment:
-#   VM_BINS        dir with static guest binaries sluice-vm-test sluice-osd sluice-bench
+#   VM_BINS        dir with the static test binary sluice-vm-test
 #                  (default target/x86_64-unknown-linux-gnu/release)
+#   VM_TOOLS       dir with sluice-osd and sluice-bench (default target/release); they may
+#                  be dynamically linked: their shared libraries go into the initramfs
 #   VM_WORK        cache and work dir (default target/vm-test): kernel, initramfs, disk
 #                  images, serial logs boot1-write.log / boot2-verify.log
 #   VM_MEM         guest RAM (default 1536M)
@@ -30,13 +32,15 @@ cd "$here/../.."
 
 VM_WORK=${VM_WORK:-target/vm-test}
 VM_BINS=${VM_BINS:-target/x86_64-unknown-linux-gnu/release}
+VM_TOOLS=${VM_TOOLS:-target/release}
 VM_MEM=${VM_MEM:-1536M}
 BOOT1_TIMEOUT=${BOOT1_TIMEOUT:-240}
 BOOT2_TIMEOUT=${BOOT2_TIMEOUT:-180}
 ACK_GRACE=${ACK_GRACE:-3}
 ACK_MAX=${ACK_MAX:-2000}
 VM_QUIET=${VM_QUIET:-0}
-GUEST_BINS="sluice-vm-test sluice-osd sluice-bench"
+TEST_BIN=sluice-vm-test
+TOOLS="sluice-osd sluice-bench"
 # Fixed PCI slots for the controllers (guest-init.sh finds them by serial, these are its
 # fallback and keep the addresses stable across runs).
 SLOT_A=04; SLOT_B=05
@@ -54,17 +58,17 @@ KROOT=$VM_WORK/kroot
 PATH=$PATH:/sbin:/usr/sbin
 
 # ---- 1. initramfs ----------------------------------------------------------------------------
-# Check the guest binaries first: the initramfs has no libc, so ELF binaries must be static.
+# Check the guest binaries first. The test binary is static; the tools may be dynamic
+# (their shared libraries are copied in below).
 [ -d "$VM_BINS" ] || die "VM_BINS=$VM_BINS is not a directory (build the guest binaries first)"
-for b in $GUEST_BINS; do
-  f=$VM_BINS/$b
+for f in "$VM_BINS/$TEST_BIN" $(for b in $TOOLS; do echo "$VM_TOOLS/$b"; done); do
   [ -f "$f" ] || die "guest binary $f is missing"
   [ -x "$f" ] || die "guest binary $f is not executable"
-  if [ "$(head -c4 "$f" | od -An -c | tr -d ' ')" = '177ELF' ] && command -v readelf >/dev/null &&
-     readelf -l "$f" 2>/dev/null | grep -q 'Requesting program interpreter'; then
-    die "guest binary $f is dynamically linked (build with RUSTFLAGS='-C target-feature=+crt-static')"
-  fi
 done
+f=$VM_BINS/$TEST_BIN
+if command -v readelf >/dev/null && readelf -l "$f" 2>/dev/null | grep -q 'Requesting program interpreter'; then
+  die "the test binary $f is dynamically linked (build with RUSTFLAGS='-C target-feature=+crt-static')"
+fi
 
 build_initramfs() {
   local ir=$VM_WORK/initramfs m p rel
@@ -89,7 +93,16 @@ build_initramfs() {
   cp "$here/guest-init.sh" "$ir/init"
   cp "$here/guest-test.sh" "$ir/bin/guest-test.sh"
   # Without debug info: a smaller initramfs unpacks faster in the guest.
-  for b in $GUEST_BINS; do strip --strip-debug -o "$ir/bin/$b" "$VM_BINS/$b"; done
+  strip --strip-debug -o "$ir/bin/$TEST_BIN" "$VM_BINS/$TEST_BIN"
+  for b in $TOOLS; do strip --strip-debug -o "$ir/bin/$b" "$VM_TOOLS/$b"; done
+  # The tools' shared libraries (and the dynamic loader) at the paths they are linked
+  # against: the guest runs the host's own glibc.
+  for b in $TOOLS; do
+    ldd "$VM_TOOLS/$b" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'
+  done | sort -u | while read -r lib; do
+    mkdir -p "$ir$(dirname "$lib")"
+    cp -L "$lib" "$ir$lib"
+  done
   chmod +x "$ir/init" "$ir/bin/"*
   (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -1) > "$VM_WORK/initramfs.cpio.gz"
   say "initramfs $(du -h "$VM_WORK/initramfs.cpio.gz" | cut -f1): modules" \
