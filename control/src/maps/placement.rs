@@ -465,6 +465,13 @@ mod tests {
             .sum()
     }
 
+    /// Replicas `osd` holds over all PGs.
+    fn held(m: &OsdMap, p: &Pool, osd: OsdId) -> usize {
+        (0..p.pg_num)
+            .filter(|&pg| pg_placement(m, p, PgId { pool: p.id, pg }).contains(&osd))
+            .count()
+    }
+
     fn random_map(hosts: &[(u8, u8, u32)]) -> OsdMap {
         // (rack, OSDs on the host, weight in 1/4 units)
         let mut spec = Vec::new();
@@ -483,9 +490,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-        /// Adding or removing an OSD moves close to the minimum: the replicas that
-        /// change OSD are at most 1.2x the share of the weight that changed (plus a
-        /// small allowance for sampling), for size-3 pools with host failure domains.
+        /// Adding or removing an OSD moves close to the minimum, for size-3 pools with
+        /// host failure domains over random maps. The minimum is what must change hands:
+        /// the replicas the added OSD holds afterwards, or those the removed one held.
+        /// (Not its weight share: a host heavier than a third of the cluster can hold
+        /// only one replica of each PG, so the others hold more than their weight.)
+        /// The replicas that change OSD must be at most 1.2x that; a hierarchical
+        /// straw2 failed this (1.33x when an OSD joined an existing host).
         #[test]
         fn adding_or_removing_an_osd_moves_close_to_the_minimum(
             hosts in proptest::collection::vec((0u8..3, 1u8..4, 2u32..8), 6..14),
@@ -496,7 +507,6 @@ mod tests {
             let p = pool(3, 2048, FailureDomain::Host);
             let replicas = (p.pg_num as usize * 3) as f64;
             let base = random_map(&hosts);
-            let total: u64 = base.osds.values().map(|o| u64::from(o.weight)).sum();
             // Add one OSD, on an existing host or a new one.
             let mut grown = base.clone();
             let id = OsdId(base.osds.len() as u32);
@@ -508,16 +518,16 @@ mod tests {
             o.location = Location { rack, host };
             o.weight = new_weight * ONE / 4;
             grown.osds.insert(id, o);
-            let share = f64::from(new_weight * ONE / 4) / (total + u64::from(new_weight * ONE / 4)) as f64;
+            let share = held(&grown, &p, id) as f64 / replicas;
             let got = moved(&base, &grown, &p) as f64 / replicas;
-            prop_assert!(got <= 1.2 * share + 0.01, "add: moved {got:.4}, ideal {share:.4}");
+            prop_assert!(got <= 1.2 * share, "add: moved {got:.4}, minimum {share:.4}");
             // Remove one (mark it out).
             let victim = OsdId((remove_pick % base.osds.len()) as u32);
             let mut shrunk = base.clone();
             shrunk.osds.get_mut(&victim).unwrap().is_in = false;
-            let share = f64::from(base.osd(victim).unwrap().weight) / total as f64;
+            let share = held(&base, &p, victim) as f64 / replicas;
             let got = moved(&base, &shrunk, &p) as f64 / replicas;
-            prop_assert!(got <= 1.2 * share + 0.01, "remove: moved {got:.4}, ideal {share:.4}");
+            prop_assert!(got <= 1.2 * share, "remove: moved {got:.4}, minimum {share:.4}");
         }
 
         #[test]
