@@ -7,7 +7,7 @@
 //! off the hot path, from the heap ([`DmaBuf::new`]).
 //!
 //! ```text
-//!   pool region (one mmap, IOVA = VA for VFIO, one fixed buffer for io_uring)
+//!   pool region (one mmap: one fixed buffer for io_uring, one IOMMU mapping for VFIO)
 //!   +---------+---------+---------+---------+
 //!   | slot 0  | slot 1  | slot 2  | slot 3  |   each slot: buf_size bytes, 4 KiB aligned
 //!   +---------+---------+---------+---------+
@@ -82,8 +82,8 @@ impl DmaBuf {
         self.len = len;
     }
 
-    /// The address a device uses for this buffer. For VFIO the IOVA equals the virtual
-    /// address (the pool region is mapped 1:1).
+    /// The buffer's address in this process (what io_uring is given). A VFIO device
+    /// reaches it at an IOVA its driver assigned (`pcie::NvmeDevice` translates).
     pub fn dma_addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }

@@ -92,6 +92,12 @@ pub fn preflight(spec: &NvmeSpec, hugepages: bool) -> Result<Preflight, String> 
     preflight_at(Path::new("/"), spec, hugepages)
 }
 
+/// The last component of the symlink at `path` (a sysfs driver or group), if any.
+fn link_name(path: &Path) -> Option<String> {
+    let target = std::fs::read_link(path).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
 /// [`preflight`] against a file system root (tests use a fake sysfs).
 pub fn preflight_at(root: &Path, spec: &NvmeSpec, hugepages: bool) -> Result<Preflight, String> {
     let a = &spec.addr;
@@ -106,12 +112,8 @@ pub fn preflight_at(root: &Path, spec: &NvmeSpec, hugepages: bool) -> Result<Pre
             class.trim()
         ));
     }
-    let driver = std::fs::read_link(dev.join("driver"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let group = std::fs::read_link(dev.join("iommu_group"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let driver = link_name(&dev.join("driver"));
+    let group = link_name(&dev.join("iommu_group"));
     let Some(group) = group else {
         return Err(format!(
             "{spec}: {a} has no IOMMU group: turn the IOMMU on (kernel command line \
@@ -135,9 +137,7 @@ pub fn preflight_at(root: &Path, spec: &NvmeSpec, hugepages: bool) -> Result<Pre
             if &other == a {
                 continue;
             }
-            let d = std::fs::read_link(e.path().join("driver"))
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+            let d = link_name(&e.path().join("driver"));
             if let Some(d) = d
                 && d != "vfio-pci"
                 && d != "pcieport"

@@ -85,12 +85,8 @@ impl Regs for Bar0 {
     fn stop_dma(&self) -> bool {
         // Bus Master Enable off in the PCI command register: the function can no
         // longer start DMA, whatever its controller state.
-        let mut cmd = [0u8; 2];
-        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
-        let v = u16::from_le_bytes(cmd) & !0x4;
-        self.device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &v.to_le_bytes(), 4);
-        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
-        u16::from_le_bytes(cmd) & 0x4 == 0
+        set_pci_command(&self.device, pci_command(&self.device) & !PCI_COMMAND_MASTER);
+        pci_command(&self.device) & PCI_COMMAND_MASTER == 0
     }
 
     fn read32(&self, offset: usize) -> u32 {
@@ -109,6 +105,21 @@ impl Drop for Bar0 {
         // SAFETY: ptr/len are the mapping made in `open`, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// PCI command register bits: memory space, bus master.
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_MASTER: u16 = 0x4;
+
+/// The PCI command register (configuration space offset 4).
+fn pci_command(device: &VfioDevice) -> u16 {
+    let mut cmd = [0u8; 2];
+    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
+    u16::from_le_bytes(cmd)
+}
+
+fn set_pci_command(device: &VfioDevice, value: u16) {
+    device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &value.to_le_bytes(), 4);
 }
 
 /// The VFIO container's IOMMU (type1).
@@ -248,10 +259,7 @@ pub fn open(spec: &NvmeSpec, opts: Options) -> Result<Arc<Controller>, OpenError
         return Err(dev_err(format!("mmap BAR0: {}", std::io::Error::last_os_error())));
     }
     // Memory space and bus master enable in the PCI command register.
-    let mut cmd = [0u8; 2];
-    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
-    let v = u16::from_le_bytes(cmd) | 0x6;
-    device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &v.to_le_bytes(), 4);
+    set_pci_command(&device, pci_command(&device) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
     let bar = Bar0 { ptr: ptr.cast(), len: size, device };
     log::info!(
         "{addr}: VFIO group {}, BAR0 {size:#x} bytes mapped, {}",

@@ -213,17 +213,25 @@ fn powercut_write(dev: &DeviceSpec) -> anyhow::Result<()> {
     }
 }
 
+/// Object `i`'s content, `None` if the store has no such object.
+fn read_object(
+    shard: &mut Shard<sluice_nvme::pcie::NvmeDevice>,
+    i: u64,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    match run_query(shard, Query::Read { coll: COLL, name: name(i), offset: 0, len: u64::MAX }) {
+        Ok(Answer::Data(d)) => Ok(Some(d.data().to_vec())),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Ok(other) => bail!("object {i}: unexpected answer {other:?}"),
+        Err(e) => bail!("object {i}: {e}"),
+    }
+}
+
 fn powercut_verify(dev: &DeviceSpec, acked: u64) -> anyhow::Result<()> {
     let n = nvme(dev)?;
     let mut shard = open_shard(n)?;
     for i in 0..=acked {
-        let got = match run_query(
-            &mut shard,
-            Query::Read { coll: COLL, name: name(i), offset: 0, len: u64::MAX },
-        ) {
-            Ok(Answer::Data(d)) => d.data().to_vec(),
-            Ok(other) => bail!("object {i}: unexpected answer {other:?}"),
-            Err(e) => bail!("object {i} was acknowledged before the power cut and is lost: {e}"),
+        let Some(got) = read_object(&mut shard, i)? else {
+            bail!("object {i} was acknowledged before the power cut and is lost");
         };
         if got != object(i) {
             bail!("object {i}: content differs ({} bytes, want {})", got.len(), object(i).len());
@@ -232,19 +240,11 @@ fn powercut_verify(dev: &DeviceSpec, acked: u64) -> anyhow::Result<()> {
     // Writes in flight at the cut may or may not have made it; those that did are whole.
     let mut extra = 0;
     for i in acked + 1..acked + 1 + 64 {
-        match run_query(
-            &mut shard,
-            Query::Read { coll: COLL, name: name(i), offset: 0, len: u64::MAX },
-        ) {
-            Ok(Answer::Data(d)) => {
-                if d.data() != object(i).as_slice() {
-                    bail!("object {i} (in flight at the cut) is there but torn");
-                }
-                extra += 1;
+        if let Some(got) = read_object(&mut shard, i)? {
+            if got != object(i) {
+                bail!("object {i} (in flight at the cut) is there but torn");
             }
-            Err(StoreError::NotFound(_)) => {}
-            Ok(other) => bail!("object {i}: unexpected answer {other:?}"),
-            Err(e) => bail!("object {i}: {e}"),
+            extra += 1;
         }
     }
     println!(

@@ -220,8 +220,8 @@ fn choose_primary(map: &OsdMap, pg: PgId, up: &[OsdId]) -> usize {
     nonzero.unwrap_or(0)
 }
 
-/// Primaries of PGs at one map epoch, each computed once (placement walks the whole
-/// hierarchy; a request should not). A map is identified by its epoch: maps change only
+/// Primaries of PGs at one map epoch, each computed once (placement draws for every
+/// OSD of the map; a request should not). A map is identified by its epoch: maps change only
 /// through incrementals, so two maps of one epoch are the same map.
 #[derive(Debug, Default)]
 pub struct PrimaryCache {

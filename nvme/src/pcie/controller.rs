@@ -84,6 +84,10 @@ pub enum InitError {
     NotResponding,
     #[error("no I/O virtual address space left for {0} bytes")]
     NoIova(u64),
+    /// Creating queue `qid` failed and its completion queue could not be deleted: the
+    /// controller may still write the queue's memory, which must be kept.
+    #[error("queue {qid}: {why}")]
+    QueueStuck { qid: u16, why: String },
 }
 
 /// One namespace, from Identify Namespace.
@@ -666,12 +670,9 @@ impl Controller {
         sq.cdw10 = ((entries - 1) << 16) | u32::from(qid);
         sq.cdw11 = (u32::from(qid) << 16) | 1; // this CQ, contiguous
         if let Err(e) = self.admin_cmd(&mut aq, sq, None) {
-            let mut del = Sqe::zeroed();
-            del.set_opcode_cid(admin_opcode::DELETE_CQ, 0);
-            del.cdw10 = u32::from(qid);
-            if let Err(d) = self.admin_cmd(&mut aq, del, None) {
-                return Err(InitError::Admin {
-                    opcode: admin_opcode::DELETE_CQ,
+            if let Err(d) = self.delete_queue_locked(&mut aq, admin_opcode::DELETE_CQ, qid) {
+                return Err(InitError::QueueStuck {
+                    qid,
                     why: format!("{e}; then deleting the completion queue: {d}"),
                 });
             }
@@ -686,10 +687,20 @@ impl Controller {
     }
 
     fn delete_queue(&self, opcode: u8, qid: u16) -> Result<(), InitError> {
+        let mut aq = self.admin.lock().expect("admin lock");
+        self.delete_queue_locked(&mut aq, opcode, qid)
+    }
+
+    fn delete_queue_locked(
+        &self,
+        aq: &mut AdminQueue,
+        opcode: u8,
+        qid: u16,
+    ) -> Result<(), InitError> {
         let mut sqe = Sqe::zeroed();
         sqe.set_opcode_cid(opcode, 0);
         sqe.cdw10 = u32::from(qid);
-        self.admin(sqe, None).map(|_| ())
+        self.admin_cmd(aq, sqe, None).map(|_| ())
     }
 
     /// Asks the controller to abort command `cid` of submission queue `qid`. `Ok(true)`:

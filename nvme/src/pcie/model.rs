@@ -357,26 +357,21 @@ impl ModelController {
         }
         let idx = rel / stride;
         let qid = (idx / 2) as u16;
-        if idx.is_multiple_of(2) {
-            let Some(sq) = s.sqs.get_mut(&qid) else {
-                s.stats.bad_doorbells += 1;
-                return;
-            };
-            if value >= sq.entries {
-                s.stats.bad_doorbells += 1;
-                return;
-            }
-            sq.tail = value;
+        let is_sq = idx.is_multiple_of(2);
+        // The SQ tail or CQ head being written, if that queue exists and the value fits.
+        let slot = if is_sq {
+            s.sqs.get_mut(&qid).map(|q| (q.entries, &mut q.tail))
         } else {
-            let Some(cq) = s.cqs.get_mut(&qid) else {
-                s.stats.bad_doorbells += 1;
-                return;
-            };
-            if value >= cq.entries {
+            s.cqs.get_mut(&qid).map(|q| (q.entries, &mut q.head))
+        };
+        match slot {
+            Some((entries, at)) if value < entries => *at = value,
+            _ => {
                 s.stats.bad_doorbells += 1;
                 return;
             }
-            cq.head = value;
+        }
+        if !is_sq {
             self.flush_pending(s, qid);
         }
         if !s.hung && s.csts & reg::CSTS_RDY != 0 {

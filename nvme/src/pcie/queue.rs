@@ -94,9 +94,9 @@ pub struct NvmeDevice {
     /// after a reset).
     local: VecDeque<Completion>,
     pools: Vec<Mapped>,
+    /// IOVA space for per-command mappings: one `window_stride` per request slot.
     window_iova: u64,
     window_stride: u64,
-    window_bytes: u64,
     generation: u64,
     dead: bool,
     polls: u64,
@@ -225,12 +225,11 @@ impl Controller {
         let generation =
             match self.create_io_queue(qid, entries, mem.iova, mem.iova + sq_bytes as u64) {
                 Ok(g) => g,
-                Err(InitError::Admin { opcode: 0x04, why }) => {
-                    // The completion queue exists at the controller and could not be
-                    // deleted: it may still write there. Keep the memory.
-                    log::error!("{}: {why}; leaking the queue's memory", self.name);
+                Err(e @ InitError::QueueStuck { .. }) => {
+                    // The controller may still write there: keep the memory.
+                    log::error!("{}: {e}; leaking the queue's memory", self.name);
                     std::mem::forget(mem);
-                    return Err(InitError::Admin { opcode: 0x04, why });
+                    return Err(e);
                 }
                 Err(e) => {
                     undo(&mem, Some(window_iova));
@@ -290,7 +289,6 @@ impl Controller {
             pools: mapped,
             window_iova,
             window_stride,
-            window_bytes,
             generation,
             dead: false,
             polls: 0,
@@ -783,7 +781,7 @@ impl Drop for NvmeDevice {
             }
             self.ctrl.put_qid(self.qid);
             self.ctrl.free_region(&self.mem);
-            self.ctrl.release_iova(self.window_iova, self.window_bytes);
+            self.ctrl.release_iova(self.window_iova, self.window_stride * self.reqs.len() as u64);
             return;
         }
         // Commands may still be at the controller: leave their memory allocated and
