@@ -56,13 +56,25 @@ pub struct AgentAuth {
     pub keyring: std::path::PathBuf,
     /// Who registers this OSD when its keyring has no key yet, and that entity's keyring.
     pub bootstrap: Option<(sluice_auth::EntityName, std::path::PathBuf)>,
-    /// Where the OSD service's rotating secrets go (the dataplane cores).
+    /// Where the OSD service's rotating secrets and this OSD's own OSD service ticket go
+    /// (the dataplane cores: they check clients' tickets with the first and present the
+    /// second to peer OSDs).
     pub on_secrets: SecretsSink,
 }
 
-/// Where the agent hands the OSD service's rotating secrets.
+/// What the agent hands the dataplane for authentication.
+#[derive(Debug, Clone)]
+pub enum DataplaneAuth {
+    /// The OSD service's rotating secrets (to check the tickets of clients and peers).
+    Secrets(sluice_auth::RotatingSecrets),
+    /// This OSD's own ticket for the OSD service, after every login or renewal (to
+    /// present to peer OSDs).
+    Ticket(sluice_auth::kdc::ServiceTicket),
+}
+
+/// Where the agent hands [`DataplaneAuth`] updates.
 #[derive(Clone)]
-pub struct SecretsSink(pub std::sync::Arc<dyn Fn(sluice_auth::RotatingSecrets) + Send + Sync>);
+pub struct SecretsSink(pub std::sync::Arc<dyn Fn(DataplaneAuth) + Send + Sync>);
 
 impl std::fmt::Debug for SecretsSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -471,6 +483,9 @@ async fn auth_step(
         tracing::debug!("logged in as {entity} (global id {})", creds.global_id);
         // Boots, beacons, reports and the map subscription are signed with it.
         mon.set_credentials(Some(creds.clone()));
+        // The cores present its OSD ticket to peer OSDs (replication).
+        let t = creds.ticket(Service::Osd).map_err(|e| format!("login as {entity}: {e}"))?;
+        (run.cfg.on_secrets.0)(DataplaneAuth::Ticket(t.clone()));
         run.creds = Some(creds);
     }
     // A quarter of the lifetime, between a second and ten minutes.
@@ -488,7 +503,7 @@ async fn auth_step(
                 "OSD secrets up to id {} handed to the dataplane",
                 secrets.entries().last().map_or(0, |e| e.id)
             );
-            (run.cfg.on_secrets.0)(secrets.clone());
+            (run.cfg.on_secrets.0)(DataplaneAuth::Secrets(secrets.clone()));
             run.sent = Some(secrets);
         }
     }

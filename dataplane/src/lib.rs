@@ -22,6 +22,8 @@ pub mod mailbox;
 #[cfg(not(loom))]
 pub mod osd;
 pub mod park;
+#[cfg(not(loom))]
+pub mod peers;
 pub mod reactor;
 pub mod ring;
 pub mod store;

@@ -7,7 +7,8 @@
 //! and features, sequence numbers and acks, exactly-once replay after a reconnect,
 //! keepalives; sans-IO) and the kernel TCP transport ([`tcp`]: non-blocking sockets
 //! polled by their owner, each server with its own epoll set to park on), and the object
-//! protocol between clients and OSDs ([`ops`]), and secure mode ([`secure`]: the byte
+//! protocol between clients and OSDs ([`ops`]), the replication protocol between OSDs
+//! ([`rep`]), and secure mode ([`secure`]: the byte
 //! stream of a connection sealed with AES-128-GCM under per-connection keys); see
 //! `docs/ARCHITECTURE.md`.
 
@@ -17,6 +18,7 @@ pub mod auth_phase;
 pub mod frame;
 pub mod message;
 pub mod ops;
+pub mod rep;
 pub mod secure;
 pub mod session;
 pub mod tcp;

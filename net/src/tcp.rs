@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -417,7 +417,29 @@ impl ClientConn {
     }
 
     pub fn connect_timeout(&mut self, timeout: Duration) -> io::Result<()> {
-        let mut c = Connection::new(TcpStream::connect_timeout(&self.addr, timeout)?)?;
+        self.start(TcpStream::connect_timeout(&self.addr, timeout)?)
+    }
+
+    /// Starts connecting without waiting (for a reactor, which must never block): the
+    /// handshake is queued and goes out once the socket connects; a refused or failed
+    /// connection shows as an error of a later [`Self::poll`].
+    pub fn connect_nonblocking(&mut self) -> io::Result<()> {
+        use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+        let family = match self.addr {
+            SocketAddr::V4(_) => AddressFamily::Inet,
+            SocketAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+        let fd = socket::socket(family, SockType::Stream, flags, None).map_err(io::Error::from)?;
+        match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(self.addr)) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.start(TcpStream::from(fd))
+    }
+
+    fn start(&mut self, stream: TcpStream) -> io::Result<()> {
+        let mut c = Connection::new(stream)?;
         match &self.ticket {
             // The session handshake follows once the server proved itself.
             Some(t) => {

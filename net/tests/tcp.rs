@@ -351,3 +351,45 @@ fn large_messages_both_ways_interleave_with_control_frames_intact() {
         .collect();
     assert!(closed.is_empty(), "connections closed: {closed:?}");
 }
+
+#[test]
+fn a_non_blocking_connect_delivers_once_connected_and_reports_a_refusal_at_poll() {
+    let (addr, rx, stop) = server(Limits::DEFAULT);
+    let mut c = ClientConn::new(addr, 91, F, Limits::DEFAULT);
+    // Queued before the connection exists, sent once the socket connects.
+    for i in 0..50 {
+        c.send(1, &payload(i)).unwrap();
+    }
+    c.connect_nonblocking().unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.session.unacked() > 0 {
+        assert!(Instant::now() < end, "{} messages never acked", c.session.unacked());
+        c.poll(|_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        match rx.recv_timeout(Duration::from_secs(30)).expect("a message") {
+            Seen::Msg(_, _, p) => got.push(p),
+            Seen::Closed(why) => panic!("closed: {why}"),
+        }
+    }
+    assert!(got.iter().enumerate().all(|(i, p)| *p == payload(i)));
+    stop.store(true, Ordering::Relaxed);
+
+    // Nobody listens on a port just released: the refusal shows at poll, not at connect.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut c = ClientConn::new(free, 92, F, Limits::DEFAULT);
+    c.send(1, b"x").unwrap();
+    c.connect_nonblocking().unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < end, "a refused connection was never reported");
+        if c.poll(|_| {}).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!c.connected(), "the failed connection is dropped");
+    assert_eq!(c.session.unacked(), 1, "the message is kept for the next connection");
+}

@@ -245,3 +245,18 @@ impl Raw {
         })
     }
 }
+
+impl Cluster {
+    /// `sluice-osd dump` of a stopped OSD's device: its PGs' objects and logs.
+    pub fn dump(&self, osd: u64) -> String {
+        let dev = self.path().join(format!("osd.{osd}.dev"));
+        let out = Command::new(bin_dir().join("sluice-osd"))
+            .arg("dump")
+            .arg("--dev")
+            .arg(&dev)
+            .output()
+            .expect("run sluice-osd dump");
+        assert!(out.status.success(), "dump of osd.{osd} failed: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+}

@@ -220,22 +220,27 @@ fn choose_primary(map: &OsdMap, pg: PgId, up: &[OsdId]) -> usize {
     nonzero.unwrap_or(0)
 }
 
-/// Primaries of PGs at one map epoch, each computed once (placement draws for every
-/// OSD of the map; a request should not). A map is identified by its epoch: maps change only
-/// through incrementals, so two maps of one epoch are the same map.
+/// Mappings (up set, primary first) of PGs at one map epoch, each computed once
+/// (placement draws for every OSD of the map; a request should not). A map is
+/// identified by its epoch: maps change only through incrementals, so two maps of one
+/// epoch are the same map.
 #[derive(Debug, Default)]
 pub struct PrimaryCache {
     epoch: u64,
-    pgs: std::collections::HashMap<PgId, Option<OsdId>>,
+    pgs: std::collections::HashMap<PgId, PgMapping>,
 }
 
 impl PrimaryCache {
-    pub fn primary(&mut self, map: &OsdMap, pool: &Pool, pg: PgId) -> Option<OsdId> {
+    pub fn mapping(&mut self, map: &OsdMap, pool: &Pool, pg: PgId) -> &PgMapping {
         if self.epoch != map.epoch {
             self.pgs.clear();
             self.epoch = map.epoch;
         }
-        *self.pgs.entry(pg).or_insert_with(|| pg_mapping(map, pool, pg).primary())
+        self.pgs.entry(pg).or_insert_with(|| pg_mapping(map, pool, pg))
+    }
+
+    pub fn primary(&mut self, map: &OsdMap, pool: &Pool, pg: PgId) -> Option<OsdId> {
+        self.mapping(map, pool, pg).primary()
     }
 }
 

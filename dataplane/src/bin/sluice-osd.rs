@@ -2,6 +2,7 @@
 //!
 //! * `mkfs` creates a store on a device file or block device;
 //! * `fsck` checks it without writing;
+//! * `dump` prints every PG's objects (size, crc32c, xattrs) and log, to compare replicas;
 //! * `run` opens every shard on its own reactor, exactly as `fsck` reads it, and serves.
 
 #![forbid(unsafe_code)]
@@ -13,7 +14,7 @@ use std::sync::mpsc;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use sluice_control::maps::{OsdId, OsdMap};
-use sluice_control::osd_agent::{AgentAuth, MapSink, SecretsSink};
+use sluice_control::osd_agent::{AgentAuth, DataplaneAuth, MapSink, SecretsSink};
 use sluice_dataplane::osd::{CoreAuth, CoreMsg, MapView, OsdCore};
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, CpuPlan, PollArgs, PollMode, ReactorConfig};
@@ -70,6 +71,20 @@ enum Cmd {
         /// Also read every data block and verify its checksum.
         #[arg(long)]
         deep: bool,
+    },
+    /// Print every PG's objects (size, crc32c of the data, xattrs) and PG log (without
+    /// entries peering rolled back), in PG and name order, one line each: the same PG on two OSDs prints the same lines when the
+    /// replicas are identical (`diff` them). The OSD must be stopped; the store is
+    /// opened as `run` opens it (which writes a fresh checkpoint, as every mount does).
+    Dump {
+        #[command(flatten)]
+        dev: DevArgs,
+        /// Only this PG, as `sluice osd map` prints it (POOL.PG, the PG in hex: 1.1f).
+        #[arg(long)]
+        pg: Option<String>,
+        /// Leave out the PG log entries.
+        #[arg(long)]
+        no_log: bool,
     },
     /// Open the store and serve. Each shard runs on its own reactor thread.
     Run {
@@ -179,6 +194,7 @@ fn main() {
                 2
             }
         },
+        Cmd::Dump { dev, pg, no_log } => report(dump(&dev, pg.as_deref(), !no_log)),
         Cmd::Run { dev, cpus, poll, mount_retries, buffered, cluster } => {
             report(run(&dev, &cpus, poll.mode(), mount_retries, buffered, &cluster))
         }
@@ -283,6 +299,119 @@ fn fsck(dev: &DevArgs, deep: bool) -> anyhow::Result<bool> {
         println!("{path}: {} problem(s)", r.problems.len());
     }
     Ok(r.is_clean())
+}
+
+fn dump(dev: &DevArgs, only: Option<&str>, with_log: bool) -> anyhow::Result<()> {
+    use sluice_control::maps::placement::PgId;
+    use sluice_dataplane::osd::LogEntry;
+    use sluice_dataplane::store::{Answer, CollId, Query, blocking};
+    use std::io::Write as _;
+    let mut probe = open_dev(dev)?;
+    let dsb = store::read_device_superblock(&mut probe).map_err(anyhow::Error::new)?;
+    drop(probe);
+    let mut lines: Vec<(PgId, String)> = Vec::new();
+    let name = dev.name();
+    for shard in 0..dsb.shards.len() as u16 {
+        let d = open_dev(dev)?;
+        let mut s = Shard::open(d, shard, StoreConfig::default())
+            .map_err(|f| anyhow::anyhow!("{name}: shard {shard}: {}", f.error))?;
+        let mut q = |q: Query| {
+            blocking::run_query(&mut s, q)
+                .map_err(|e| anyhow::anyhow!("{name}: shard {shard}: {e}"))
+        };
+        let Answer::Collections(colls) = q(Query::ListCollections)? else {
+            bail!("ListCollections answered something else")
+        };
+        for coll in colls {
+            let pg = PgId::from_collection(coll.0);
+            if only.is_some_and(|o| o != pg.to_string()) {
+                continue;
+            }
+            let mut after = None;
+            loop {
+                let Answer::List { names, next } =
+                    q(Query::List { coll: CollId(coll.0), after: after.clone(), max: 1024 })?
+                else {
+                    bail!("List answered something else")
+                };
+                for obj in &names {
+                    let Answer::Data(d) =
+                        q(Query::Read { coll, name: obj.clone(), offset: 0, len: u64::MAX })?
+                    else {
+                        bail!("Read answered something else")
+                    };
+                    let Answer::Xattrs(x) = q(Query::GetXattrs { coll, name: obj.clone() })? else {
+                        bail!("GetXattrs answered something else")
+                    };
+                    let xattrs: Vec<String> = x
+                        .iter()
+                        .map(|(k, v)| format!("{}={:08x}", escape(k), crc32c::crc32c(v)))
+                        .collect();
+                    lines.push((
+                        pg,
+                        format!(
+                            "pg {pg} object {} size {} crc32c {:08x} xattrs [{}]",
+                            escape(obj),
+                            d.data().len(),
+                            crc32c::crc32c(d.data()),
+                            xattrs.join(" ")
+                        ),
+                    ));
+                }
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            if with_log {
+                let mut after = None;
+                loop {
+                    let Answer::PgLog(entries) = q(Query::PgLog { coll, after, max: 4096 })? else {
+                        bail!("PgLog answered something else")
+                    };
+                    let Some(&(last, _)) = entries.last() else { break };
+                    for (v, e) in &entries {
+                        let line = match LogEntry::decode(e) {
+                            // Undone by peering: as if absent (later writes reuse the key).
+                            Some(e) if e.op == LogEntry::ROLLED_BACK => continue,
+                            Some(e) => format!(
+                                "pg {pg} log {v} client {:016x} tid {} op {} object {}",
+                                e.client,
+                                e.tid,
+                                e.op,
+                                escape(&e.object)
+                            ),
+                            None => format!("pg {pg} log {v} UNDECODABLE {} bytes", e.len()),
+                        };
+                        lines.push((pg, line));
+                    }
+                    after = Some(last);
+                }
+            }
+        }
+    }
+    // PG order, then the lines of each PG as they came (objects by name, then the log).
+    lines.sort_by_key(|(pg, _)| (pg.pool.0, pg.pg));
+    let mut out = std::io::stdout().lock();
+    for (_, l) in lines {
+        writeln!(out, "{l}")?;
+    }
+    Ok(())
+}
+
+/// Object names and keys may hold anything: spaces, newlines and `%` are escaped.
+fn escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '%' || c.is_whitespace() || c.is_control() {
+            for b in c.to_string().bytes() {
+                o.push_str(&format!("%{b:02x}"));
+            }
+        } else {
+            o.push(c);
+        }
+    }
+    o
 }
 
 /// The per-core poller that owns a shard. It gains the network side with the serving path.
@@ -475,7 +604,7 @@ fn run(
                     w.wake();
                 }
             }));
-            let secrets = SecretsSink(Arc::new(move |s: sluice_auth::RotatingSecrets| {
+            let secrets = SecretsSink(Arc::new(move |s: DataplaneAuth| {
                 for (tx, w) in secret_txs.iter().zip(&wakers) {
                     let _ = tx.send(s.clone());
                     w.wake();

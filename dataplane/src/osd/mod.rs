@@ -16,6 +16,21 @@
 //! answered when the original finishes. The log keeps the last [`LOG_KEEP`] entries per
 //! PG; replication (peering, recovery) builds on the same log.
 //!
+//! **Replication.** The PG's acting set is its up set (placement minus down OSDs,
+//! primary first). The primary takes a write only while the acting set has at least
+//! the pool's `min_size` members (else `Again`: the client retries until its deadline),
+//! assigns the version, submits the transaction to its own store and sends the same
+//! request with its PG log entry (version, trim point) to every other acting member
+//! ([`sluice_net::rep`], over [`crate::peers`] connections to the core that owns the PG
+//! there). Each replica applies it as one store transaction with the same log entry and
+//! answers once it is durable; the client is answered once the primary's copy and every
+//! acting replica's are durable. A map that takes a replica out of the acting set (down,
+//! or at a new address) stops the write waiting for it; if fewer than `min_size` copies
+//! are then durable the client is told to retry (`Again`) and the write is not recorded
+//! as done. A replica checks that the sender authenticated as an OSD, that versions
+//! arrive in order (a gap means it missed writes: logged, counted, for recovery), and
+//! recognises a version it already applied (a resend after a reconnect).
+//!
 //! **Reads** go to the store, which answers with committed data only.
 //!
 //! **Authentication** (with [`CoreAuth`]): the server runs the ticket handshake on every
@@ -30,26 +45,32 @@
 //! Threads: an [`OsdCore`] lives on its reactor thread; maps arrive through a channel
 //! (sent by the cluster agent, which wakes the reactor), other cores through the mailbox.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use sluice_auth::{Caps, Perms, RotatingSecrets, Service};
+use sluice_auth::{AuthTicket, Caps, EntityKind, Perms, Service};
 use sluice_control::maps::placement::{self, PgId, PrimaryCache};
-use sluice_control::maps::{OsdId, OsdMap, PoolId};
+use sluice_control::maps::{OsdId, OsdMap, Pool, PoolId};
+use sluice_control::osd_agent::DataplaneAuth;
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
+use sluice_net::rep::{self, RepOp, RepReply};
 use sluice_net::tcp::{Server, ServerAuth, ServerEvent};
 use sluice_nvme::BlockDevice;
 use sluice_vocab::{CoreId, MonoTime};
 
+use crate::peers::{self, Peers, Received};
+
+mod peering;
 use crate::store::{
     Answer, CollId, Missing, Query, Shard, StoreError, StoreEvent, Transaction, TxOp, blocking,
     txn_data,
 };
 use crate::{Context, Inbox, Outbox, PollResult, Poller};
+pub use peering::{MAX_HELD, MAX_PUSHES_PER_PEER};
 
 /// PG log entries kept per PG (the window in which a resent write is recognised).
 pub const LOG_KEEP: u64 = 2000;
@@ -69,12 +90,13 @@ pub struct MapView {
 
 /// Authentication on a core's server: every connection must present a ticket for the
 /// OSD service, sealed with one of the rotating secrets that arrive on `secrets` (the
-/// first before the OSD boots; until then every op is refused as unauthenticated).
+/// first before the OSD boots; until then every op is refused as unauthenticated). The
+/// same channel brings this OSD's own OSD ticket, which the core presents to peers.
 #[derive(Debug)]
 pub struct CoreAuth {
     /// Connections continue in secure mode (AEAD records) after the handshake.
     pub secure: bool,
-    pub secrets: mpsc::Receiver<RotatingSecrets>,
+    pub secrets: mpsc::Receiver<DataplaneAuth>,
 }
 
 /// Messages between the cores of one OSD.
@@ -95,38 +117,80 @@ enum Origin {
     Core(u16, u64),
 }
 
-/// A PG log entry: what the store keeps per write, with the request id.
+/// A PG log entry: what the store keeps per write, with the request id and the map
+/// epoch its primary assigned the version in. Entries compare by (epoch, version), as
+/// Ceph's eversion: a primary cut off from the cluster may go on logging writes at old
+/// epochs that the new primary's newer epochs override.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
     pub client: u64,
     pub tid: u64,
+    /// The op code ([`Op::code`]); [`LogEntry::ROLLED_BACK`] for an entry undone by
+    /// peering (a write that never reached the authoritative log).
     pub op: u8,
     pub object: String,
+    pub epoch: u64,
 }
 
-const LOG_ENTRY_VERSION: u8 = 1;
+/// Format 1 had no epoch (read as epoch 0).
+const LOG_ENTRY_VERSION: u8 = 2;
 
 impl LogEntry {
+    pub const ROLLED_BACK: u8 = 0;
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(18 + self.object.len());
+        let mut v = Vec::with_capacity(26 + self.object.len());
         v.push(LOG_ENTRY_VERSION);
         v.push(self.op);
         v.extend_from_slice(&self.client.to_le_bytes());
         v.extend_from_slice(&self.tid.to_le_bytes());
+        v.extend_from_slice(&self.epoch.to_le_bytes());
         v.extend_from_slice(self.object.as_bytes());
         v
     }
 
     pub fn decode(b: &[u8]) -> Option<LogEntry> {
-        if b.len() < 18 || b[0] != LOG_ENTRY_VERSION {
-            return None;
-        }
+        let (epoch, name_at) = match *b.first()? {
+            1 if b.len() >= 18 => (0, 18),
+            2 if b.len() >= 26 => (u64::from_le_bytes(b[18..26].try_into().ok()?), 26),
+            _ => return None,
+        };
         Some(LogEntry {
             op: b[1],
             client: u64::from_le_bytes(b[2..10].try_into().ok()?),
             tid: u64::from_le_bytes(b[10..18].try_into().ok()?),
-            object: String::from_utf8(b[18..].to_vec()).ok()?,
+            epoch,
+            object: String::from_utf8(b[name_at..].to_vec()).ok()?,
         })
+    }
+}
+
+/// A PG log entry as a core keeps it in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Logged {
+    pub reqid: ReqId,
+    pub epoch: u64,
+    pub op: u8,
+    pub object: String,
+}
+
+impl Logged {
+    fn from_entry(e: LogEntry) -> Logged {
+        Logged { reqid: (e.client, e.tid), epoch: e.epoch, op: e.op, object: e.object }
+    }
+
+    fn entry(&self) -> LogEntry {
+        LogEntry {
+            client: self.reqid.0,
+            tid: self.reqid.1,
+            op: self.op,
+            object: self.object.clone(),
+            epoch: self.epoch,
+        }
+    }
+
+    fn rolled_back(&self) -> bool {
+        self.op == LogEntry::ROLLED_BACK
     }
 }
 
@@ -139,21 +203,106 @@ struct Pg {
     exists: bool,
     /// The last version handed out.
     version: u64,
-    /// Versions in the log, oldest first, with their request ids.
-    log: VecDeque<(u64, ReqId)>,
+    /// The durable log, by version.
+    log: BTreeMap<u64, Logged>,
     /// Request ids in the log -> the version they were applied at.
     done: HashMap<ReqId, u64>,
     /// Request ids being applied -> the op slot.
     inflight: HashMap<ReqId, usize>,
+    /// As primary: peering (ops are held until it is active again).
+    peering: Option<Box<peering::Peering>>,
+    /// As primary: the acting set the PG last went active with.
+    active_with: Option<Vec<OsdId>>,
+    /// As primary: peer once the writes in flight are done.
+    want_peer: bool,
+    /// Client requests held while the PG peers, to route again when it is active.
+    held: VecDeque<(Origin, Vec<u8>)>,
+    /// As primary: writes durable here but on fewer than min_size members when replicas
+    /// left; answered when the PG is active with min_size members again.
+    parked: Vec<Parked>,
+    /// As replica: the newest interval a primary peered for (older primaries' writes are
+    /// refused), and queries to answer once the writes in flight are durable.
+    interval_epoch: u64,
+    queries: Vec<(u64, rep::PgQuery)>,
+}
+
+impl Pg {
+    fn insert_log(&mut self, version: u64, l: Logged) {
+        if let Some(old) = self.log.insert(version, l.clone())
+            && self.done.get(&old.reqid) == Some(&version)
+        {
+            self.done.remove(&old.reqid);
+        }
+        if !l.rolled_back() {
+            self.done.insert(l.reqid, version);
+        }
+    }
 }
 
 #[derive(Debug)]
 enum Kind {
-    Write { pg: PgId, reqid: ReqId, version: u64, created: bool },
+    /// A client's write on its primary.
+    Write(Box<WriteState>),
+    /// A primary's write applied on this replica, for the peer session `origin`.
+    RepWrite {
+        pg: PgId,
+        version: u64,
+        created: bool,
+        logged: Logged,
+    },
+    /// Recovery reading an object to push: its data (`data` None), then its xattrs.
+    RecoveryRead {
+        pg: PgId,
+        object: String,
+        to: peering::PushTo,
+        data: Option<Vec<u8>>,
+    },
+    /// Recovery applying a pushed object or log (`reply`: the pushing primary's session;
+    /// None on the primary recovering itself). `version`: the PG's version afterwards.
+    PushApply {
+        pg: PgId,
+        epoch: u64,
+        entries: Vec<(u64, Logged)>,
+        version: Option<u64>,
+        created: bool,
+        reply: Option<u64>,
+    },
     Read,
     Stat,
     List,
     GetXattr,
+}
+
+/// A write whose reply waits for its PG (see [`Pg::parked`]).
+#[derive(Debug)]
+struct Parked {
+    origin: Origin,
+    tid: u64,
+    dups: Vec<(Origin, u64)>,
+    version: u64,
+    reqid: ReqId,
+}
+
+/// A write on its primary: the local copy and the replicas it waits for.
+#[derive(Debug)]
+struct WriteState {
+    pg: PgId,
+    reqid: ReqId,
+    version: u64,
+    /// Its log entry, logged in memory once durable.
+    logged: Logged,
+    created: bool,
+    /// The local transaction's outcome, once known.
+    local: Option<Result<(), StoreError>>,
+    /// Acting replicas that have not answered yet.
+    waiting: Vec<OsdId>,
+    /// Replicas that made it durable.
+    acked: usize,
+    /// Replicas it was sent to.
+    sent: usize,
+    min_size: usize,
+    /// The first replica's refusal.
+    replica_error: Option<(Status, String)>,
 }
 
 #[derive(Debug)]
@@ -178,6 +327,13 @@ pub struct OsdStats {
     /// Ops refused for their caps, and for having no valid ticket.
     pub denied: u64,
     pub unauthenticated: u64,
+    /// Writes sent to replicas (one per replica), and applied here for a primary.
+    pub rep_sent: u64,
+    pub rep_applied: u64,
+    /// Replicated writes whose version skipped some: this replica missed writes.
+    pub rep_gaps: u64,
+    /// Writes that waited for fewer than `min_size` acting members.
+    pub below_min_size: u64,
 }
 
 /// A request from a newer epoch than ours, with the caps to check it against once the
@@ -206,8 +362,8 @@ struct Core<D: BlockDevice> {
     waiting: VecDeque<Waiting>,
     /// Bytes of their payloads (bounded: [`MAX_WAITING_BYTES`]).
     waiting_bytes: usize,
-    /// Replies for local sessions, encoded back to back: (cookie, end offset).
-    replies: Vec<(u64, usize)>,
+    /// Replies for local sessions, encoded back to back: (cookie, message type, end).
+    replies: Vec<(u64, u16, usize)>,
     reply_buf: Vec<u8>,
     /// Mailbox messages the receiver had no room for yet.
     stalled: VecDeque<(CoreId, CoreMsg)>,
@@ -217,6 +373,14 @@ struct Core<D: BlockDevice> {
     stats: OsdStats,
     /// Every request must come from a session with a valid ticket.
     auth_required: bool,
+    /// Connections to peer OSDs' cores, and the writes waiting for their replies by
+    /// (PG, version) -> op slot.
+    peers: Peers,
+    rep_waiting: HashMap<(PgId, u64), usize>,
+    /// Messages the peers sent, handled after polling them.
+    received: Vec<Received>,
+    /// The clock of the current poll.
+    now: MonoTime,
 }
 
 /// The serving poller of one core. See the module documentation.
@@ -229,9 +393,13 @@ pub struct OsdCore<D: BlockDevice> {
     new_view: Option<MapView>,
     auth: Option<CoreAuth>,
     /// Secrets taken while preparing to park, for the next poll.
-    new_secrets: Option<RotatingSecrets>,
+    new_auth: Option<DataplaneAuth>,
     /// A timer is set to expire requests waiting for a map.
     wait_timer: bool,
+    /// A timer is set to reconnect to peers after their backoff.
+    peer_timer: bool,
+    /// The clock of the last poll.
+    last_now: MonoTime,
     park: Epoll,
     /// When idle sessions were last expired (the reactor's clock: no clock read per pass).
     last_expire: MonoTime,
@@ -290,12 +458,12 @@ impl<D: BlockDevice> OsdCore<D> {
                 let Some(&(last, _)) = entries.last() else { break };
                 for (key, entry) in &entries {
                     let e = LogEntry::decode(entry).ok_or(OpenError::BadLog { coll, key: *key })?;
-                    pg.log.push_back((*key, (e.client, e.tid)));
-                    pg.done.insert((e.client, e.tid), *key);
-                    pg.version = pg.version.max(*key);
+                    pg.insert_log(*key, Logged::from_entry(e));
                 }
                 after = Some(last);
             }
+            // Entries rolled back past the last real one are overwritten by later writes.
+            pg.version = pg.log.iter().rev().find(|(_, l)| !l.rolled_back()).map_or(0, |(v, _)| *v);
             pgs.insert(PgId::from_collection(coll.0), pg);
         }
         let park = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -323,13 +491,19 @@ impl<D: BlockDevice> OsdCore<D> {
                 events: Vec::new(),
                 stats: OsdStats::default(),
                 auth_required: auth.is_some(),
+                peers: Peers::new(auth.is_some()),
+                rep_waiting: HashMap::new(),
+                received: Vec::new(),
+                now: MonoTime::ZERO,
             },
             inbox,
             maps,
             new_view: None,
             auth,
-            new_secrets: None,
+            new_auth: None,
             wait_timer: false,
+            peer_timer: false,
+            last_now: MonoTime::ZERO,
             park,
             last_expire: MonoTime::ZERO,
             last_stats_log: Instant::now(),
@@ -349,11 +523,21 @@ impl<D: BlockDevice> OsdCore<D> {
     /// replace the set (tickets under the previous, current and next are accepted).
     fn take_secrets(&mut self) -> bool {
         let Some(auth) = &self.auth else { return false };
-        let mut newest = self.new_secrets.take();
-        while let Ok(s) = auth.secrets.try_recv() {
-            newest = Some(s);
+        let mut newest = None;
+        let mut got = false;
+        for u in self
+            .new_auth
+            .take()
+            .into_iter()
+            .chain(std::iter::from_fn(|| auth.secrets.try_recv().ok()))
+        {
+            got = true;
+            match u {
+                DataplaneAuth::Secrets(s) => newest = Some(s),
+                DataplaneAuth::Ticket(t) => self.c.peers.set_ticket(t),
+            }
         }
-        let Some(secrets) = newest else { return false };
+        let Some(secrets) = newest else { return got };
         tracing::debug!(
             "core {}: OSD secrets up to id {}",
             self.c.core,
@@ -382,6 +566,8 @@ impl<D: BlockDevice> OsdCore<D> {
             self.c.view = Some(v);
         }
         if got {
+            self.c.on_new_map();
+            self.c.peer_all();
             self.c.retry_waiting(now);
         }
         got
@@ -393,9 +579,9 @@ impl<D: BlockDevice> OsdCore<D> {
             return false;
         }
         let mut start = 0;
-        for &(cookie, end) in &self.c.replies {
+        for &(cookie, msg_type, end) in &self.c.replies {
             let payload = &self.c.reply_buf[start..end];
-            if self.server.send(cookie, ops::MSG_REPLY, payload).is_none() {
+            if self.server.send(cookie, msg_type, payload).is_none() {
                 tracing::debug!("reply for a session that is gone (cookie {cookie:#x})");
             }
             start = end;
@@ -413,6 +599,8 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> PollResult {
         let now = cx.now;
+        self.last_now = now;
+        self.c.now = now;
         let mut busy = self.take_secrets();
         busy |= self.take_maps(now);
         // Other cores: forwarded requests and replies to forwarded requests.
@@ -458,6 +646,12 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
                              ticket (is auth = \"none\" in the client's configuration?)",
                         ),
                     }
+                } else if matches!(
+                    msg_type,
+                    rep::MSG_REP_OP | rep::MSG_PG_QUERY | rep::MSG_PULL | rep::MSG_PUSH
+                ) {
+                    let allowed = peer_check(c.auth_required, peer, now_ms);
+                    c.handle_peer_msg(cookie, msg_type, payload, allowed);
                 } else {
                     c.stats.bad_requests += 1;
                     c.kick.push((cookie, format!("unexpected message type {msg_type:#x}")));
@@ -474,6 +668,13 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         for (cookie, why) in self.c.kick.drain(..) {
             tracing::warn!("core {}: dropping session {cookie:#x}: {why}", self.c.core);
             self.server.kick(cookie);
+        }
+        // Peer OSDs: replies of replicas (and connections to make).
+        busy |= self.c.peers.poll(now, &self.park, &mut self.c.received);
+        busy |= self.c.handle_received();
+        if self.c.peers.reconnect_pending() && !self.peer_timer {
+            self.peer_timer = true;
+            cx.schedule_after(peers::RECONNECT_BACKOFF, 1);
         }
         // The store.
         busy |= self.c.poll_store();
@@ -517,17 +718,25 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         if let Some(a) = &self.auth
             && let Ok(s) = a.secrets.try_recv()
         {
-            self.new_secrets = Some(s);
+            self.new_auth = Some(s);
+            return false;
+        }
+        if self.c.peers.needs_poll(self.last_now) || !self.c.received.is_empty() {
             return false;
         }
         // Acks held back for a reply to carry them go out now: nothing else will.
         self.server.flush_acks();
+        self.c.peers.flush_acks();
         self.c.shard.prepare_park()
     }
 
-    fn on_timer(&mut self, _token: u64, _cx: &mut Context<'_>) {
-        // The poll that follows expires requests that waited too long for a map.
-        self.wait_timer = false;
+    fn on_timer(&mut self, token: u64, _cx: &mut Context<'_>) {
+        // The poll that follows expires requests that waited too long for a map, or
+        // reconnects to peers.
+        match token {
+            0 => self.wait_timer = false,
+            _ => self.peer_timer = false,
+        }
     }
 
     fn after_park(&mut self) {
@@ -541,6 +750,95 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
     fn park_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.park.0.as_fd())
     }
+}
+
+/// Whether a session may send replicated writes: with authentication on, only an OSD
+/// with a valid ticket.
+fn peer_check(
+    auth_required: bool,
+    peer: Option<&AuthTicket>,
+    now_ms: u64,
+) -> Result<(), (Status, String)> {
+    match (auth_required, peer) {
+        (false, _) => Ok(()),
+        (true, Some(t)) if now_ms >= t.expires_ms => Err((
+            Status::Unauthenticated,
+            format!("the ticket of {} expired: renew it and reconnect", t.entity),
+        )),
+        (true, Some(t)) if t.entity.kind() == EntityKind::Osd => Ok(()),
+        (true, Some(t)) => Err((
+            Status::PermissionDenied,
+            format!("{} is not an OSD: only OSDs send replicated writes", t.entity),
+        )),
+        (true, None) => Err((Status::Unauthenticated, "authentication required".into())),
+    }
+}
+
+/// What a write does to a PG's log besides appending its entry.
+#[derive(Debug, Clone, Copy)]
+enum Trim {
+    /// Every 64 writes past [`LOG_KEEP`] entries, trim to the last `LOG_KEEP` (primary).
+    Auto,
+    /// As the primary said (0: none).
+    Upto(u64),
+}
+
+/// The store transaction of a write at `version` (assigned at map `epoch`), with its PG
+/// log entry (and a trim), applying the trim to the PG's log in memory; returns the
+/// transaction, whether it creates the PG's collection, the trim point (0: none) and
+/// the entry to log once durable.
+fn write_txn(
+    pg: &mut Pg,
+    pgid: PgId,
+    req: &Request<'_>,
+    version: u64,
+    epoch: u64,
+    trim: Trim,
+) -> (Transaction, bool, u64, Logged) {
+    let coll = CollId(pgid.collection());
+    let name = req.object.to_string();
+    let mut txn = Transaction { ops: Vec::with_capacity(4) };
+    let created = !pg.exists;
+    if created {
+        txn.ops.push(TxOp::CreateCollection { coll });
+        pg.exists = true;
+    }
+    let op = match req.op {
+        Op::WriteFull { data } => TxOp::WriteFull { coll, name, data: txn_data(data) },
+        Op::Write { offset, data } => TxOp::Write { coll, name, offset, data: data.to_vec() },
+        Op::Delete => TxOp::Delete { coll, name },
+        Op::SetXattr { key, value } => {
+            TxOp::SetXattr { coll, name, key: key.to_string(), value: value.to_vec() }
+        }
+        _ => unreachable!("not a write: {}", req.op.name()),
+    };
+    txn.ops.push(op);
+    let logged = Logged {
+        reqid: (req.client, req.tid),
+        epoch,
+        op: req.op.code(),
+        object: req.object.into(),
+    };
+    txn.ops.push(TxOp::PgLogAppend { coll, key: version, entry: logged.entry().encode() });
+    let upto = match trim {
+        // Trim in steps of 64 so most writes carry no trim.
+        Trim::Auto if pg.log.len() as u64 >= LOG_KEEP + 64 => {
+            let keep_from = pg.log.keys().nth(pg.log.len() - LOG_KEEP as usize);
+            keep_from.expect("counted") - 1
+        }
+        Trim::Auto => 0,
+        Trim::Upto(u) => u,
+    };
+    if upto > 0 {
+        txn.ops.push(TxOp::PgLogTrim { coll, upto });
+        let kept = pg.log.split_off(&(upto + 1));
+        for (v, l) in std::mem::replace(&mut pg.log, kept) {
+            if pg.done.get(&l.reqid) == Some(&v) {
+                pg.done.remove(&l.reqid);
+            }
+        }
+    }
+    (txn, created, upto, logged)
 }
 
 fn status_of(e: &StoreError) -> Status {
@@ -567,7 +865,7 @@ impl<D: BlockDevice> Core<D> {
         match origin {
             Origin::Local(cookie) => {
                 r.encode(&mut self.reply_buf);
-                self.replies.push((cookie, self.reply_buf.len()));
+                self.replies.push((cookie, ops::MSG_REPLY, self.reply_buf.len()));
             }
             Origin::Core(core, cookie) => {
                 let mut payload = Vec::new();
@@ -710,6 +1008,14 @@ impl<D: BlockDevice> Core<D> {
             let m = CoreMsg::Forward { from: self.core, cookie, payload: payload.to_vec() };
             return self.send_to_core(CoreId(owner), m);
         }
+        let acting = self.primaries.mapping(&view.map, pool, pg).up.clone();
+        if self.must_hold(pg, &acting) {
+            return self.hold(pg, origin, req.tid, payload);
+        }
+        if req.op.is_write() {
+            let pool = pool.clone();
+            return self.write(origin, &req, payload, pg, &view, &pool);
+        }
         self.execute(origin, &req, pg);
     }
 
@@ -717,9 +1023,6 @@ impl<D: BlockDevice> Core<D> {
         let coll = CollId(pg.collection());
         let name = req.object;
         let tid = req.tid;
-        if req.op.is_write() {
-            return self.write(origin, req, pg);
-        }
         self.stats.reads += 1;
         let exists = self.pgs.get(&pg).is_some_and(|p| p.exists);
         let (q, kind) = match req.op {
@@ -758,7 +1061,17 @@ impl<D: BlockDevice> Core<D> {
         self.shard.query(q, slot as u64);
     }
 
-    fn write(&mut self, origin: Origin, req: &Request<'_>, pgid: PgId) {
+    /// A client's write on the primary: applied locally and sent to every other acting
+    /// member; answered when all have it durable ([`Self::finish_write`]).
+    fn write(
+        &mut self,
+        origin: Origin,
+        req: &Request<'_>,
+        payload: &[u8],
+        pgid: PgId,
+        view: &MapView,
+        pool: &Pool,
+    ) {
         self.stats.writes += 1;
         let reqid = (req.client, req.tid);
         let epoch = self.epoch();
@@ -782,56 +1095,404 @@ impl<D: BlockDevice> Core<D> {
             }
             return;
         }
-        let coll = CollId(pgid.collection());
-        let name = req.object.to_string();
+        if let Some(w) = pg.parked.iter_mut().find(|w| w.reqid == reqid) {
+            // Durable here, waiting for enough members: answered with the original.
+            self.stats.dedup_hits += 1;
+            w.dups.push((origin, req.tid));
+            return;
+        }
         if matches!(req.op, Op::Delete) && !pg.exists {
             return self.error(origin, req.tid, Status::NotFound, "no such object");
         }
-        let mut txn = Transaction { ops: Vec::with_capacity(4) };
-        let created = !pg.exists;
-        if created {
-            txn.ops.push(TxOp::CreateCollection { coll });
-            pg.exists = true;
+        let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
+        let min_size = usize::from(pool.min_size);
+        debug_assert!(self.pgs[&pgid].peering.is_none(), "writes wait while a PG peers");
+        if acting.len() < min_size {
+            self.stats.below_min_size += 1;
+            let m = format!(
+                "PG {pgid} has {} of min_size {min_size} OSDs up at epoch {}: writes wait",
+                acting.len(),
+                view.map.epoch
+            );
+            return self.error(origin, req.tid, Status::Again, &m);
         }
-        let op = match req.op {
-            Op::WriteFull { data } => TxOp::WriteFull { coll, name, data: txn_data(data) },
-            Op::Write { offset, data } => TxOp::Write { coll, name, offset, data: data.to_vec() },
-            Op::Delete => TxOp::Delete { coll, name },
-            Op::SetXattr { key, value } => {
-                TxOp::SetXattr { coll, name, key: key.to_string(), value: value.to_vec() }
-            }
-            _ => unreachable!("not a write: {}", req.op.name()),
+        debug_assert_eq!(acting.first(), Some(&view.me), "only the primary takes writes");
+        let pg = self.pgs.get_mut(&pgid).expect("entered above");
+        let version = pg.version + 1;
+        let (txn, created, trim_upto, logged) =
+            write_txn(pg, pgid, req, version, view.map.epoch, Trim::Auto);
+        pg.version = version;
+        let replicas: Vec<OsdId> = acting.iter().copied().filter(|o| *o != view.me).collect();
+        let state = WriteState {
+            pg: pgid,
+            reqid,
+            version,
+            logged,
+            created,
+            local: None,
+            waiting: Vec::new(),
+            acked: 0,
+            sent: 0,
+            min_size,
+            replica_error: None,
         };
-        txn.ops.push(op);
-        pg.version += 1;
-        let version = pg.version;
-        let entry = LogEntry {
-            client: req.client,
-            tid: req.tid,
-            op: req.op.code(),
-            object: req.object.into(),
-        };
-        txn.ops.push(TxOp::PgLogAppend { coll, key: version, entry: entry.encode() });
-        if pg.log.len() as u64 >= LOG_KEEP + 64 {
-            // Trim in steps of 64 so most writes carry no trim.
-            let upto = pg.log[pg.log.len() - LOG_KEEP as usize].0 - 1;
-            txn.ops.push(TxOp::PgLogTrim { coll, upto });
-            while pg.log.front().is_some_and(|(v, _)| *v <= upto) {
-                let (_, id) = pg.log.pop_front().expect("checked");
-                pg.done.remove(&id);
-            }
-        }
-        let kind = Kind::Write { pg: pgid, reqid, version, created };
+        let kind = Kind::Write(Box::new(state));
         let slot = self.ops.insert(Pending { origin, tid: req.tid, kind, dups: Vec::new() });
         if let Err(e) = self.shard.submit(txn, slot as u64) {
-            // Refused before queueing: nothing happened.
+            // Refused before queueing: nothing happened here or anywhere.
             let p = self.ops.remove(slot);
-            if created && let Some(pg) = self.pgs.get_mut(&pgid) {
+            let pg = self.pgs.get_mut(&pgid).expect("entered above");
+            pg.version -= 1;
+            if created {
                 pg.exists = false;
             }
             return self.error(p.origin, p.tid, status_of(&e), &e.to_string());
         }
         self.pgs.get_mut(&pgid).expect("entered above").inflight.insert(reqid, slot);
+        if replicas.is_empty() {
+            return;
+        }
+        let op = RepOp {
+            epoch: view.map.epoch,
+            pool: pgid.pool.0,
+            pg: pgid.pg,
+            version,
+            trim_upto,
+            request: payload,
+        };
+        let mut head = Vec::with_capacity(64);
+        let tail = op.encode_head(&mut head);
+        let mut waiting = Vec::with_capacity(replicas.len());
+        for osd in replicas {
+            let sent = peers::core_addr(&view.map, osd, |n| placement::pg_core(pgid, n))
+                .ok_or_else(|| format!("{osd} has no address at epoch {}", view.map.epoch))
+                .and_then(|addr| self.peers.send(osd, addr, rep::MSG_REP_OP, &[&head, tail]));
+            match sent {
+                Ok(()) => {
+                    self.stats.rep_sent += 1;
+                    waiting.push(osd);
+                }
+                Err(e) => tracing::warn!("PG {pgid} v{version}: not sent to {osd}: {e}"),
+            }
+        }
+        let Kind::Write(w) = &mut self.ops[slot].kind else { unreachable!("inserted above") };
+        w.sent = waiting.len();
+        w.waiting = waiting;
+        self.rep_waiting.insert((pgid, version), slot);
+    }
+
+    /// Answers a client's write once its local copy is durable (or failed) and no acting
+    /// replica is still to answer.
+    fn finish_write(&mut self, slot: usize) {
+        let ready = matches!(&self.ops[slot].kind, Kind::Write(w) if w.local.is_some() && w.waiting.is_empty());
+        if !ready {
+            return;
+        }
+        let p = self.ops.remove(slot);
+        let Kind::Write(w) = p.kind else { unreachable!("checked above") };
+        self.rep_waiting.remove(&(w.pg, w.version));
+        let epoch = self.epoch();
+        let st = self.pgs.get_mut(&w.pg).expect("a PG with writes in flight stays");
+        st.inflight.remove(&w.reqid);
+        let failure = match w.local.expect("checked above") {
+            Err(e) => {
+                if w.created || matches!(e, StoreError::NotFound(Missing::Collection(_))) {
+                    st.exists = false;
+                }
+                if w.sent == 0 && st.version == w.version {
+                    // Nothing after it was handed a version and no replica saw it:
+                    // reuse it, so the log stays dense when no failure overlaps another.
+                    st.version -= 1;
+                }
+                Some((status_of(&e), e.to_string()))
+            }
+            Ok(()) => {
+                // In the log on disk, so in the log here (peering and trims follow it);
+                // recorded as done only if every copy made it.
+                st.log.insert(w.version, w.logged);
+                if let Some(f) = w.replica_error {
+                    Some(f)
+                } else if 1 + w.acked < w.min_size {
+                    // Replicas left and fewer than min_size copies are durable: the write
+                    // waits for the PG to be active with min_size members again (peering
+                    // copies it to them, or rolls it back). Never failed, never applied
+                    // twice.
+                    tracing::info!(
+                        "PG {} v{}: {} of min_size {} copies; the reply waits for the PG",
+                        w.pg,
+                        w.version,
+                        1 + w.acked,
+                        w.min_size
+                    );
+                    st.parked.push(Parked {
+                        origin: p.origin,
+                        tid: p.tid,
+                        dups: p.dups,
+                        version: w.version,
+                        reqid: w.reqid,
+                    });
+                    let pgid = w.pg;
+                    return self.after_writes(pgid);
+                } else {
+                    st.done.insert(w.reqid, w.version);
+                    None
+                }
+            }
+        };
+        let pgid = w.pg;
+        match failure {
+            None => {
+                let reply = Reply {
+                    tid: p.tid,
+                    epoch,
+                    status: Status::Ok,
+                    version: w.version,
+                    message: "",
+                    body: Body::None,
+                };
+                self.reply(p.origin, &reply);
+                for (o, tid) in p.dups {
+                    self.reply(o, &Reply { tid, ..reply.clone() });
+                }
+            }
+            Some((status, m)) => {
+                self.error(p.origin, p.tid, status, &m);
+                for (o, tid) in p.dups {
+                    self.error(o, tid, status, &m);
+                }
+            }
+        }
+        self.after_writes(pgid);
+    }
+
+    /// A primary's write for a PG this core owns (a replica's side).
+    fn handle_rep(&mut self, cookie: u64, payload: &[u8], allowed: Result<(), (Status, String)>) {
+        let op = match RepOp::decode(payload) {
+            Ok(op) => op,
+            Err(e) => {
+                self.stats.bad_requests += 1;
+                self.kick.push((cookie, format!("bad replicated write: {e}")));
+                return;
+            }
+        };
+        let pgid = PgId { pool: PoolId(op.pool), pg: op.pg };
+        let refuse = |c: &mut Self, status, m: &str| {
+            let r = RepReply { pool: op.pool, pg: op.pg, version: op.version, status, message: m };
+            c.rep_reply(cookie, &r);
+        };
+        if let Err((status, m)) = allowed {
+            self.stats.denied += 1;
+            return refuse(self, status, &m);
+        }
+        let req = match Request::decode(op.request) {
+            Ok(r) if r.op.is_write() => r,
+            Ok(r) => {
+                return refuse(self, Status::Invalid, &format!("{} is not a write", r.op.name()));
+            }
+            Err(e) => return refuse(self, Status::Invalid, &format!("undecodable request: {e}")),
+        };
+        let owner = placement::pg_core(pgid, self.cores) as u16;
+        if owner != self.core {
+            let m = format!("PG {pgid} belongs to core {owner} of this OSD, not {}", self.core);
+            return refuse(self, Status::Invalid, &m);
+        }
+        let reqid = (req.client, req.tid);
+        let pg = self.pgs.entry(pgid).or_default();
+        if op.epoch < pg.interval_epoch {
+            // From a primary of an interval that a newer primary has peered past.
+            let m = format!(
+                "PG {pgid}: a write of epoch {} is older than the interval of epoch {}",
+                op.epoch, pg.interval_epoch
+            );
+            return refuse(self, Status::Again, &m);
+        }
+        if op.version <= pg.version {
+            // Seen before: a resend after the primary's session was reset.
+            if pg.done.get(&reqid) == Some(&op.version) {
+                self.stats.dedup_hits += 1;
+                return refuse(self, Status::Ok, "");
+            }
+            if let Some(&slot) = pg.inflight.get(&reqid) {
+                self.stats.dedup_hits += 1;
+                self.ops[slot].dups.push((Origin::Local(cookie), 0));
+                return;
+            }
+            let m = format!(
+                "version {} of PG {pgid} is taken by another write here (at {})",
+                op.version, pg.version
+            );
+            tracing::error!("replicated write refused: {m}");
+            return refuse(self, Status::Invalid, &m);
+        }
+        if op.version > pg.version + 1 {
+            // Writes this replica never saw: recovery's job (the log says from where).
+            self.stats.rep_gaps += 1;
+            tracing::warn!(
+                "PG {pgid}: replicated write v{} after v{}: this replica missed {} write(s)",
+                op.version,
+                pg.version,
+                op.version - pg.version - 1
+            );
+        }
+        let (txn, created, _, logged) =
+            write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(op.trim_upto));
+        let kind = Kind::RepWrite { pg: pgid, version: op.version, created, logged };
+        let slot = self.ops.insert(Pending {
+            origin: Origin::Local(cookie),
+            tid: 0,
+            kind,
+            dups: Vec::new(),
+        });
+        if let Err(e) = self.shard.submit(txn, slot as u64) {
+            self.ops.remove(slot);
+            if created && let Some(pg) = self.pgs.get_mut(&pgid) {
+                pg.exists = false;
+            }
+            return refuse(self, status_of(&e), &e.to_string());
+        }
+        let pg = self.pgs.get_mut(&pgid).expect("entered above");
+        pg.version = op.version;
+        pg.inflight.insert(reqid, slot);
+    }
+
+    fn rep_reply(&mut self, cookie: u64, r: &RepReply<'_>) {
+        self.rep_reply_as(cookie, rep::MSG_REP_REPLY, r)
+    }
+
+    fn rep_reply_as(&mut self, cookie: u64, msg_type: u16, r: &RepReply<'_>) {
+        r.encode(&mut self.reply_buf);
+        self.replies.push((cookie, msg_type, self.reply_buf.len()));
+    }
+
+    /// A message from a peer OSD on this core's server: replicated writes, and peering
+    /// and recovery from a primary.
+    fn handle_peer_msg(
+        &mut self,
+        cookie: u64,
+        msg_type: u16,
+        payload: &[u8],
+        allowed: Result<(), (Status, String)>,
+    ) {
+        if msg_type == rep::MSG_REP_OP {
+            return self.handle_rep(cookie, payload, allowed);
+        }
+        if let Err((_, why)) = &allowed {
+            // Only OSDs peer: the session goes.
+            self.stats.denied += 1;
+            self.kick.push((cookie, format!("peering message refused: {why}")));
+            return;
+        }
+        let r = match msg_type {
+            rep::MSG_PG_QUERY => rep::PgQuery::decode(payload).map(|q| self.on_pg_query(cookie, q)),
+            rep::MSG_PULL => rep::Pull::decode(payload).map(|p| self.on_pull(cookie, p)),
+            rep::MSG_PUSH => rep::Push::decode(payload).map(|p| self.on_push(Some(cookie), p)),
+            _ => unreachable!("dispatched above"),
+        };
+        if let Err(e) = r {
+            self.stats.bad_requests += 1;
+            self.kick.push((cookie, format!("bad peering message {msg_type:#x}: {e}")));
+        }
+    }
+
+    /// Replies of replicas.
+    fn handle_received(&mut self) -> bool {
+        if self.received.is_empty() {
+            return false;
+        }
+        let mut received = std::mem::take(&mut self.received);
+        for m in received.drain(..) {
+            match m.msg_type {
+                rep::MSG_REP_REPLY => {}
+                rep::MSG_PG_INFO => {
+                    match rep::PgInfo::decode(&m.payload) {
+                        Ok(info) => self.on_pg_info(m.from, info),
+                        Err(e) => tracing::warn!("{} sent an undecodable PG info: {e}", m.from),
+                    }
+                    continue;
+                }
+                rep::MSG_PUSH => {
+                    match rep::Push::decode(&m.payload) {
+                        Ok(p) => self.on_pulled(m.from, p),
+                        Err(e) => tracing::warn!("{} sent an undecodable push: {e}", m.from),
+                    }
+                    continue;
+                }
+                rep::MSG_PUSH_ACK => {
+                    match RepReply::decode(&m.payload) {
+                        Ok(r) if r.version == 0 => self.on_pull_failed(m.from, r),
+                        Ok(r) => self.on_push_ack(m.from, r),
+                        Err(e) => tracing::warn!("{} sent an undecodable push ack: {e}", m.from),
+                    }
+                    continue;
+                }
+                t => {
+                    tracing::warn!("{} sent unexpected message type {t:#x}", m.from);
+                    continue;
+                }
+            }
+            let r = match RepReply::decode(&m.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("{} sent an undecodable replica reply: {e}", m.from);
+                    continue;
+                }
+            };
+            let pgid = PgId { pool: PoolId(r.pool), pg: r.pg };
+            let Some(&slot) = self.rep_waiting.get(&(pgid, r.version)) else {
+                // The write stopped waiting for it (a map change).
+                tracing::debug!("late reply from {} for PG {pgid} v{}", m.from, r.version);
+                continue;
+            };
+            let Kind::Write(w) = &mut self.ops[slot].kind else {
+                unreachable!("rep_waiting holds writes only")
+            };
+            let before = w.waiting.len();
+            w.waiting.retain(|o| *o != m.from);
+            if w.waiting.len() == before {
+                continue;
+            }
+            if r.status == Status::Ok {
+                w.acked += 1;
+            } else {
+                tracing::warn!("PG {pgid} v{}: {} refused it: {}", r.version, m.from, r.message);
+                if w.replica_error.is_none() {
+                    w.replica_error =
+                        Some((r.status, format!("replica {}: {}", m.from, r.message)));
+                }
+            }
+            self.finish_write(slot);
+        }
+        self.received = received;
+        true
+    }
+
+    /// A new map: writes stop waiting for replicas that left their PG's acting set (or
+    /// whose connection went with their old address).
+    fn on_new_map(&mut self) {
+        let Some(view) = self.view.clone() else { return };
+        let gone = self.peers.retain_map(&view.map);
+        let slots: Vec<usize> = self.rep_waiting.values().copied().collect();
+        for slot in slots {
+            let Kind::Write(w) = &mut self.ops[slot].kind else {
+                unreachable!("rep_waiting holds writes only")
+            };
+            let acting = match view.map.pools.get(&w.pg.pool) {
+                Some(pool) => self.primaries.mapping(&view.map, pool, w.pg).up.clone(),
+                None => Vec::new(),
+            };
+            let before = w.waiting.len();
+            w.waiting.retain(|o| acting.contains(o) && !gone.contains(o));
+            if w.waiting.len() != before {
+                tracing::info!(
+                    "PG {} v{}: {} replica(s) left the acting set at epoch {}",
+                    w.pg,
+                    w.version,
+                    before - w.waiting.len(),
+                    view.map.epoch
+                );
+                self.finish_write(slot);
+            }
+        }
     }
 
     fn poll_store(&mut self) -> bool {
@@ -850,8 +1511,20 @@ impl<D: BlockDevice> Core<D> {
             StoreEvent::Query { token, result } => (token, result.map(Some)),
         };
         let slot = token as usize;
-        let Some(p) = self.ops.try_remove(slot) else {
+        let Some(p) = self.ops.get_mut(slot) else {
             panic!("store completed token {token} that is not in flight");
+        };
+        if let Kind::Write(w) = &mut p.kind {
+            w.local = Some(result.map(|_| ()));
+            return self.finish_write(slot);
+        }
+        let p = self.ops.remove(slot);
+        let p = match p.kind {
+            Kind::RecoveryRead { pg, object, to, data } => {
+                return self.recovery_read_done(pg, object, to, data, result);
+            }
+            kind @ Kind::PushApply { .. } => return self.push_applied(kind, result.map(|_| ())),
+            kind => Pending { kind, ..p },
         };
         let epoch = self.epoch();
         let ok = |version, body| Reply {
@@ -863,35 +1536,31 @@ impl<D: BlockDevice> Core<D> {
             body,
         };
         match (p.kind, result) {
-            (Kind::Write { pg, reqid, version, created }, r) => {
+            (Kind::Write(_) | Kind::RecoveryRead { .. } | Kind::PushApply { .. }, _) => {
+                unreachable!("handled above")
+            }
+            (Kind::RepWrite { pg, version, created, logged }, r) => {
                 let st = self.pgs.get_mut(&pg).expect("a PG with writes in flight stays");
-                st.inflight.remove(&reqid);
-                match r {
+                st.inflight.remove(&logged.reqid);
+                let (status, m) = match r {
                     Ok(_) => {
-                        st.log.push_back((version, reqid));
-                        st.done.insert(reqid, version);
-                        let reply = ok(version, Body::None);
-                        self.reply(p.origin, &reply);
-                        for (o, tid) in p.dups {
-                            self.reply(o, &Reply { tid, ..reply.clone() });
-                        }
+                        self.stats.rep_applied += 1;
+                        st.insert_log(version, logged);
+                        (Status::Ok, String::new())
                     }
                     Err(e) => {
                         if created || matches!(e, StoreError::NotFound(Missing::Collection(_))) {
                             st.exists = false;
                         }
-                        if st.version == version {
-                            // Nothing after it was handed a version: reuse it, so the
-                            // log stays dense when no failure overlaps another write.
-                            st.version -= 1;
-                        }
-                        let m = e.to_string();
-                        self.error(p.origin, p.tid, status_of(&e), &m);
-                        for (o, tid) in p.dups {
-                            self.error(o, tid, status_of(&e), &m);
-                        }
+                        (status_of(&e), e.to_string())
                     }
+                };
+                let r = RepReply { pool: pg.pool.0, pg: pg.pg, version, status, message: &m };
+                for o in std::iter::once(p.origin).chain(p.dups.into_iter().map(|(o, _)| o)) {
+                    let Origin::Local(cookie) = o else { unreachable!("peers are local sessions") };
+                    self.rep_reply(cookie, &r);
                 }
+                self.after_writes(pg);
             }
             (_, Err(e)) => {
                 let m = e.to_string();

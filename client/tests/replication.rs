@@ -1,0 +1,246 @@
+//! Replication on a real cluster: `sluice dev up` with three OSDs on three hosts, a pool
+//! of size 3 and min_size 2, failures made with `sluice dev kill`. Replicas are compared
+//! with `sluice-osd dump` once the OSDs are stopped. States are awaited, never timed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Cluster, wait_for};
+use sluice_client::{Completion, Io, Op, Options};
+
+fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An object's data and xattrs.
+type Object = (Vec<u8>, BTreeMap<String, Vec<u8>>);
+
+/// What every object should hold, or nothing (deleted).
+#[derive(Default)]
+struct Model {
+    objects: BTreeMap<String, Option<Object>>,
+}
+
+/// Runs `n` ops from `start` with up to `qd` in flight; every one must succeed.
+/// Ops: whole writes of 0..200 KiB, partial writes, xattrs and deletes over 60 objects.
+fn workload(io: &mut Io, model: &mut Model, start: u64, n: u64, qd: usize) {
+    let mut in_flight: BTreeMap<u64, String> = BTreeMap::new();
+    let mut out = Vec::new();
+    let mut next = start;
+    while next < start + n || !in_flight.is_empty() {
+        while next < start + n && in_flight.len() < qd {
+            let i = next;
+            next += 1;
+            // One op per object at a time, so the model's order is the OSD's.
+            let name = format!("obj-{}", (i * 7) % 60);
+            if in_flight.values().any(|o| *o == name) {
+                continue;
+            }
+            let entry = model.objects.entry(name.clone()).or_default();
+            let op = match (i % 10, entry.is_some()) {
+                (0..=4, _) | (_, false) => {
+                    let data = pattern(((i * 7919) % (200 << 10)) as usize, i);
+                    *entry = Some((data.clone(), BTreeMap::new()));
+                    Op::WriteFull(Arc::from(data))
+                }
+                (5 | 6, true) => {
+                    let (data, _) = entry.as_mut().unwrap();
+                    let offset = (i * 331) % (data.len() as u64 + 5000);
+                    let piece = pattern(1 + (i as usize * 13) % 9000, i + 1);
+                    let end = offset as usize + piece.len();
+                    if data.len() < end {
+                        data.resize(end, 0);
+                    }
+                    data[offset as usize..end].copy_from_slice(&piece);
+                    Op::Write { offset, data: Arc::from(piece) }
+                }
+                (7 | 8, true) => {
+                    let (_, x) = entry.as_mut().unwrap();
+                    let key = format!("k{}", i % 3);
+                    let value = pattern(1 + (i as usize) % 100, i + 2);
+                    x.insert(key.clone(), value.clone());
+                    Op::SetXattr { key, value }
+                }
+                _ => {
+                    *entry = None;
+                    Op::Delete
+                }
+            };
+            let tid = io.submit("r", &name, op).unwrap();
+            in_flight.insert(tid, name);
+        }
+        io.poll(Duration::from_millis(100), &mut out);
+        for Completion { tid, result } in out.drain(..) {
+            let name = in_flight.remove(&tid).expect("a tid we submitted");
+            if let Err(e) = result {
+                panic!("op {tid} on {name} failed: {e}");
+            }
+        }
+    }
+}
+
+/// Reads every object back through the cluster and checks it against the model.
+fn verify(io: &mut Io, model: &Model) {
+    for (name, want) in &model.objects {
+        match want {
+            Some((data, xattrs)) => {
+                assert_eq!(&io.read_all("r", name).unwrap(), data, "{name}");
+                for (k, v) in xattrs {
+                    assert_eq!(&io.get_xattr("r", name, k).unwrap(), v, "{name} xattr {k}");
+                }
+            }
+            None => assert_eq!(io.stat("r", name), Err(sluice_client::Error::NotFound), "{name}"),
+        }
+    }
+}
+
+/// The object lines of a dump (no logs), for comparing against the model's count.
+fn objects_in(dump: &str) -> usize {
+    dump.lines().filter(|l| l.contains(" crc32c ")).count()
+}
+
+fn cluster() -> (Cluster, sluice_client::Cluster) {
+    let c = Cluster::up_with(1, 3, "256M");
+    c.ok(&["pool", "create", "r", "--size", "3", "--min-size", "2", "--pg-num", "8"]);
+    let opts = Options { op_timeout: Duration::from_secs(120), ..Options::default() };
+    let client = sluice_client::Cluster::connect_file(&c.conf(), opts).unwrap();
+    wait_for(60, "three OSDs up with ports and the pool in the map", || {
+        let m = client.map();
+        (m.pool_by_name("r").is_some()
+            && m.osds
+                .values()
+                .filter(|o| o.up && o.addrs.as_ref().is_some_and(|a| !a.core_ports.is_empty()))
+                .count()
+                == 3)
+            .then_some(())
+    });
+    (c, client)
+}
+
+#[test]
+fn writes_reach_every_replica_and_continue_when_one_is_killed() {
+    let (c, client) = cluster();
+    let mut io = client.io();
+    let mut model = Model::default();
+    workload(&mut io, &mut model, 0, 600, 16);
+    verify(&mut io, &model);
+
+    // kill -9 one OSD: once the map says it is down, its PGs have 2 of 3 members, which
+    // is min_size, and writes go on (ops in flight wait, none fails).
+    c.ok(&["dev", "kill", "osd.2"]);
+    c.ok(&["osd", "down", "osd.2"]);
+    workload(&mut io, &mut model, 600, 600, 16);
+    verify(&mut io, &model);
+
+    // A second OSD down leaves 1 of min_size 2: a write waits (and here times out).
+    c.ok(&["dev", "kill", "osd.1"]);
+    c.ok(&["osd", "down", "osd.1"]);
+    let live = model.objects.iter().find(|(_, v)| v.is_some()).unwrap().0.clone();
+    let quick = sluice_client::Cluster::connect_file(
+        &c.conf(),
+        Options { op_timeout: Duration::from_secs(3), ..Options::default() },
+    )
+    .unwrap();
+    let mut short = quick.io();
+    let r = short.write_full("r", &live, b"never".to_vec());
+    assert!(matches!(r, Err(sluice_client::Error::Timeout { .. })), "{r:?}");
+    // Reads need no quorum: the primary serves what is committed.
+    verify(&mut io, &model);
+
+    // The replicas that saw every write are identical, object for object and entry for
+    // entry of the PG logs.
+    c.ok(&["dev", "down"]);
+    let d0 = c.dump(0);
+    let d1 = c.dump(1);
+    let live = model.objects.values().filter(|v| v.is_some()).count();
+    assert_eq!(objects_in(&d0), live, "osd.0 holds every object:\n{d0}");
+    assert!(d0 == d1, "osd.0 and osd.1 differ:\n--- osd.0\n{d0}\n--- osd.1\n{d1}");
+}
+
+/// One write to every PG of pool `r`: each is answered only once its PG is active with
+/// the acting set of the client's map, i.e. once peering and recovery of that interval
+/// are done.
+fn touch_every_pg(client: &sluice_client::Cluster, io: &mut Io, model: &mut Model) {
+    use sluice_control::maps::placement;
+    let map = client.map();
+    let pool = map.pool_by_name("r").unwrap();
+    let mut left: std::collections::BTreeSet<u32> = (0..pool.pg_num).collect();
+    let mut i = 0u64;
+    while !left.is_empty() {
+        let name = format!("touch-{i}");
+        i += 1;
+        if left.remove(&placement::object_pg(pool, &name).pg) {
+            let data = pattern(100, i);
+            io.write_full("r", &name, data.clone()).unwrap();
+            model.objects.insert(name, Some((data, BTreeMap::new())));
+        }
+    }
+}
+
+#[test]
+fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (c, client) = cluster();
+    let done = AtomicU64::new(0);
+    let wait_ops = |n: u64| {
+        wait_for(120, "writes to progress", || (done.load(Ordering::Relaxed) >= n).then_some(()))
+    };
+    let mut model = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut io = client.io();
+            let mut model = Model::default();
+            for round in 0..30u64 {
+                workload(&mut io, &mut model, round * 100, 100, 16);
+                done.fetch_add(100, Ordering::Relaxed);
+            }
+            model
+        });
+        // kill -9 mid-write; the writes go on with two copies.
+        wait_ops(500);
+        c.ok(&["dev", "kill", "osd.2"]);
+        c.ok(&["osd", "down", "osd.2"]);
+        let at_kill = done.load(Ordering::Relaxed);
+        wait_ops(at_kill + 800);
+        // Back with the same store: peering finds what it missed in the logs.
+        c.ok(&["dev", "start", "osd.2"]);
+        writer.join().unwrap()
+    });
+    wait_for(120, "osd.2 up again in the client's map", || {
+        client.map().osds.values().filter(|o| o.up).count().eq(&3).then_some(())
+    });
+    let mut io = client.io();
+    touch_every_pg(&client, &mut io, &mut model);
+    verify(&mut io, &model);
+
+    c.ok(&["dev", "down"]);
+    let dumps: Vec<String> = (0..3).map(|i| c.dump(i)).collect();
+    let live = model.objects.values().filter(|v| v.is_some()).count();
+    assert_eq!(objects_in(&dumps[0]), live, "osd.0 holds every object:\n{}", dumps[0]);
+    for i in 1..3 {
+        assert!(
+            dumps[i] == dumps[0],
+            "osd.{i} differs from osd.0:\n--- osd.0\n{}\n--- osd.{i}\n{}",
+            dumps[0],
+            dumps[i]
+        );
+    }
+    // Every write was applied once: no request id is in a PG log twice (a write resent
+    // to a new primary after the kill was answered from the log, not applied again).
+    let mut ids = std::collections::HashSet::new();
+    for l in dumps[0].lines().filter(|l| l.contains(" log ")) {
+        let id: Vec<&str> = l.split_whitespace().skip(4).take(4).collect();
+        assert!(ids.insert(id.join(" ")), "applied twice: {l}");
+    }
+    assert!(ids.len() >= 3000, "{} log entries", ids.len());
+}

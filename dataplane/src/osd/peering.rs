@@ -1,0 +1,930 @@
+//! Peering and log-based recovery of the PGs a core leads.
+//!
+//! **When.** Every map in which this OSD is a PG's primary and the PG's acting set is
+//! not the one it last went active with (an OSD left or came back, the primary moved,
+//! the OSD just started) starts peering, once the PG's writes in flight are done.
+//! Client ops for the PG are held meanwhile (never failed) and routed again when it is
+//! active.
+//!
+//! **How.**
+//! 1. The primary asks every other acting member for its PG log ([`PgQuery`]). A member
+//!    answers once its own writes in flight for the PG are durable, and from then on
+//!    refuses replicated writes from older intervals (a primary that was cut off).
+//! 2. The authoritative log is the one whose newest entry is newest by (epoch, version)
+//!    (ties go to the primary): a write is acknowledged only once every acting member
+//!    has it, so every acknowledged write is in it.
+//! 3. If the primary is not authoritative, it pulls every object the authoritative log
+//!    names differently from its own ([`Pull`] -> [`Push`]), then writes the missing
+//!    entries into its own log: its divergent entries (writes never acknowledged) are
+//!    overwritten with the authoritative ones, or marked rolled back.
+//! 4. It pushes to every member that lacks entries each object those entries name (at
+//!    most [`MAX_PUSHES_PER_PEER`] in flight per member), then the entries themselves and
+//!    the version ([`Push`] without an object): the member is then at the primary's
+//!    version, and its divergent entries are rolled back.
+//! 5. The PG goes active and the held ops run.
+//!
+//! **Not built yet** (issue 7): backfill (a member behind the start of the
+//! authoritative log, or new to the PG, is reported and left out of recovery), members
+//! of prior intervals outside the acting set, throttling across PGs, PG states in
+//! `sluice pg`.
+
+use std::collections::BTreeSet;
+
+use sluice_net::rep::{ObjectState, PgInfo, PgQuery, Pull, Push};
+
+use super::*;
+
+/// Objects in flight per PG and member being recovered.
+pub const MAX_PUSHES_PER_PEER: usize = 4;
+
+/// Client ops held per PG while it peers (more are told to retry).
+pub const MAX_HELD: usize = 4096;
+
+/// A PG's peering on its primary.
+#[derive(Debug)]
+pub(crate) struct Peering {
+    /// The map epoch of the interval.
+    pub epoch: u64,
+    /// Primary first.
+    pub acting: Vec<OsdId>,
+    infos: HashMap<OsdId, Info>,
+    /// Members whose info has not arrived.
+    waiting: Vec<OsdId>,
+    phase: Phase,
+}
+
+#[derive(Debug)]
+struct Info {
+    version: u64,
+    log: BTreeMap<u64, Logged>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    GetInfo,
+    /// Pulling objects from the member with the authoritative log.
+    Pull {
+        from: OsdId,
+        objects: VecDeque<String>,
+        in_flight: usize,
+        entries: Vec<(u64, Logged)>,
+        version: u64,
+    },
+    /// The primary's own log catching up with the authoritative one (a transaction).
+    OwnLog,
+    Push(HashMap<OsdId, Target>),
+}
+
+/// What one member needs.
+#[derive(Debug)]
+struct Target {
+    objects: VecDeque<String>,
+    in_flight: usize,
+    entries: Vec<(u64, Logged)>,
+    log_sent: bool,
+    done: bool,
+}
+
+/// Where a recovery read's object goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushTo {
+    /// A member the primary recovers.
+    Peer(OsdId),
+    /// The primary that pulled it, on this server's session.
+    Session(u64),
+}
+
+/// The newest real entry (rolled-back markers do not count), as (epoch, version).
+fn last_of(log: &BTreeMap<u64, Logged>) -> (u64, u64) {
+    log.iter().rev().find(|(_, l)| !l.rolled_back()).map_or((0, 0), |(v, l)| (l.epoch, *v))
+}
+
+fn same(a: &Logged, b: &Logged) -> bool {
+    a.reqid == b.reqid && a.epoch == b.epoch && a.op == b.op && a.object == b.object
+}
+
+/// Objects to copy and log entries to write.
+type Plan = (BTreeSet<String>, Vec<(u64, Logged)>);
+
+/// What a member with `log` needs to match the authoritative `auth`: the objects to copy
+/// and the entries to write (authoritative ones, and rolled-back markers over its
+/// divergent entries). An error when the authoritative log no longer reaches back to
+/// the member's last version (only a backfill can help).
+fn plan(
+    auth: &BTreeMap<u64, Logged>,
+    log: &BTreeMap<u64, Logged>,
+    version: u64,
+) -> Result<Plan, String> {
+    let first = auth.keys().next().copied();
+    if let Some(f) = first
+        && version + 1 < f
+    {
+        return Err(format!(
+            "at version {version}, before the start of the authoritative log ({f})"
+        ));
+    }
+    let mut objects = BTreeSet::new();
+    let mut entries = Vec::new();
+    for (v, a) in auth {
+        match log.get(v) {
+            Some(m) if same(m, a) => {}
+            other => {
+                if !a.rolled_back() {
+                    objects.insert(a.object.clone());
+                }
+                if let Some(m) = other
+                    && !m.rolled_back()
+                {
+                    objects.insert(m.object.clone());
+                }
+                entries.push((*v, a.clone()));
+            }
+        }
+    }
+    for (v, m) in log.range(first.unwrap_or(0)..) {
+        if !auth.contains_key(v) && !m.rolled_back() {
+            objects.insert(m.object.clone());
+            let marker = Logged {
+                reqid: (0, 0),
+                epoch: 0,
+                op: LogEntry::ROLLED_BACK,
+                object: String::new(),
+            };
+            entries.push((*v, marker));
+        }
+    }
+    entries.sort_by_key(|(v, _)| *v);
+    Ok((objects, entries))
+}
+
+impl<D: BlockDevice> Core<D> {
+    /// A new map: every PG this core leads whose acting set changed peers (see the
+    /// module documentation); PGs it no longer leads stop peering and route their held
+    /// ops again (to a redirect).
+    pub(super) fn peer_all(&mut self) {
+        let Some(view) = self.view.clone() else { return };
+        let mut start = Vec::new();
+        for pool in view.map.pools.values() {
+            for n in 0..pool.pg_num {
+                let pgid = PgId { pool: pool.id, pg: n };
+                if placement::pg_core(pgid, self.cores) as u16 != self.core {
+                    continue;
+                }
+                let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
+                if acting.first() == Some(&view.me) {
+                    let pg = self.pgs.entry(pgid).or_default();
+                    let same_peering = pg.peering.as_ref().is_some_and(|p| p.acting == acting);
+                    if pg.active_with.as_ref() != Some(&acting) && !same_peering {
+                        start.push((pgid, acting));
+                    }
+                } else if let Some(pg) = self.pgs.get_mut(&pgid) {
+                    pg.active_with = None;
+                    pg.want_peer = false;
+                    if pg.peering.take().is_some() {
+                        tracing::info!("PG {pgid}: no longer its primary; peering stopped");
+                    }
+                    self.answer_parked(pgid, true);
+                    self.release_held(pgid);
+                }
+            }
+        }
+        // PGs of pools that are gone.
+        let gone: Vec<PgId> = self
+            .pgs
+            .iter()
+            .filter(|(id, pg)| {
+                !view.map.pools.contains_key(&id.pool)
+                    && (pg.peering.is_some() || !pg.held.is_empty())
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for pgid in gone {
+            let pg = self.pgs.get_mut(&pgid).expect("listed");
+            pg.peering = None;
+            pg.active_with = None;
+            self.release_held(pgid);
+        }
+        for (pgid, acting) in start {
+            self.start_peering(pgid, acting, view.map.epoch);
+        }
+    }
+
+    /// Whether ops for `pgid` must wait: this OSD leads it but it is not active with
+    /// this acting set yet.
+    pub(super) fn must_hold(&mut self, pgid: PgId, acting: &[OsdId]) -> bool {
+        let pg = self.pgs.entry(pgid).or_default();
+        if pg.active_with.as_deref() == Some(acting) {
+            return false;
+        }
+        if pg.peering.is_none() && !pg.want_peer {
+            // A map change not seen through `peer_all` (cannot happen, but never hold
+            // an op without peering under way).
+            let epoch = self.epoch();
+            self.start_peering(pgid, acting.to_vec(), epoch);
+            let pg = self.pgs.get(&pgid).expect("entered above");
+            return pg.active_with.as_deref() != Some(acting);
+        }
+        true
+    }
+
+    /// Holds a client op until the PG is active (or answers `Again` when too many wait).
+    pub(super) fn hold(&mut self, pgid: PgId, origin: Origin, tid: u64, payload: &[u8]) {
+        let pg = self.pgs.entry(pgid).or_default();
+        if pg.held.len() >= MAX_HELD {
+            let m = format!("PG {pgid} is peering and {MAX_HELD} ops wait for it already");
+            return self.error(origin, tid, Status::Again, &m);
+        }
+        pg.held.push_back((origin, payload.to_vec()));
+    }
+
+    /// Routes a PG's held ops again (it went active, or is not ours any more).
+    fn release_held(&mut self, pgid: PgId) {
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
+        let held = std::mem::take(&mut pg.held);
+        let now = self.now;
+        for (origin, payload) in held {
+            // Their caps were checked when they arrived.
+            self.handle(origin, &payload, now, None);
+        }
+    }
+
+    pub(super) fn start_peering(&mut self, pgid: PgId, acting: Vec<OsdId>, epoch: u64) {
+        let pg = self.pgs.entry(pgid).or_default();
+        if !pg.inflight.is_empty() {
+            // Started when the writes in flight are done (`after_writes`).
+            pg.want_peer = true;
+            pg.peering = None;
+            return;
+        }
+        pg.want_peer = false;
+        let replicas: Vec<OsdId> = acting[1..].to_vec();
+        tracing::debug!("PG {pgid}: peering at epoch {epoch} with acting set {acting:?}");
+        pg.peering = Some(Box::new(Peering {
+            epoch,
+            acting: acting.clone(),
+            infos: HashMap::new(),
+            waiting: replicas.clone(),
+            phase: Phase::GetInfo,
+        }));
+        if replicas.is_empty() {
+            return self.choose(pgid);
+        }
+        let mut b = Vec::new();
+        PgQuery { epoch, pool: pgid.pool.0, pg: pgid.pg }.encode(&mut b);
+        for osd in replicas {
+            self.send_peer(pgid, osd, rep::MSG_PG_QUERY, &b);
+        }
+    }
+
+    /// Sends to the core of `osd` that owns `pgid`; a member without an address is
+    /// logged (the map that took it away starts peering again).
+    fn send_peer(&mut self, pgid: PgId, osd: OsdId, msg_type: u16, payload: &[u8]) {
+        let Some(view) = &self.view else { return };
+        let r = peers::core_addr(&view.map, osd, |n| placement::pg_core(pgid, n))
+            .ok_or_else(|| format!("{osd} has no address at epoch {}", view.map.epoch))
+            .and_then(|addr| self.peers.send(osd, addr, msg_type, &[payload]));
+        if let Err(e) = r {
+            tracing::warn!("PG {pgid}: to {osd}: {e}");
+        }
+    }
+
+    /// The PG's writes in flight are done: peering that waited for them starts, and
+    /// queries that waited for them are answered.
+    pub(super) fn after_writes(&mut self, pgid: PgId) {
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
+        if !pg.inflight.is_empty() {
+            return;
+        }
+        for (cookie, q) in std::mem::take(&mut pg.queries) {
+            self.answer_query(cookie, q);
+        }
+        let pg = self.pgs.get_mut(&pgid).expect("checked above");
+        if pg.want_peer
+            && let Some(view) = self.view.clone()
+            && let Some(pool) = view.map.pools.get(&pgid.pool)
+        {
+            let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
+            if acting.first() == Some(&view.me) {
+                self.start_peering(pgid, acting, view.map.epoch);
+            } else if let Some(pg) = self.pgs.get_mut(&pgid) {
+                pg.want_peer = false;
+            }
+        }
+    }
+
+    /// A member's side: a primary asks for this PG's log.
+    pub(super) fn on_pg_query(&mut self, cookie: u64, q: PgQuery) {
+        let pgid = PgId { pool: PoolId(q.pool), pg: q.pg };
+        let pg = self.pgs.entry(pgid).or_default();
+        pg.interval_epoch = pg.interval_epoch.max(q.epoch);
+        if pg.inflight.is_empty() {
+            self.answer_query(cookie, q);
+        } else {
+            pg.queries.push((cookie, q));
+        }
+    }
+
+    fn answer_query(&mut self, cookie: u64, q: PgQuery) {
+        let pgid = PgId { pool: PoolId(q.pool), pg: q.pg };
+        let pg = self.pgs.entry(pgid).or_default();
+        let encoded: Vec<(u64, Vec<u8>)> =
+            pg.log.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
+        let info = PgInfo {
+            epoch: q.epoch,
+            pool: q.pool,
+            pg: q.pg,
+            last_version: pg.version,
+            entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
+        };
+        info.encode(&mut self.reply_buf);
+        self.replies.push((cookie, rep::MSG_PG_INFO, self.reply_buf.len()));
+    }
+
+    /// The primary's side: a member's log arrived.
+    pub(super) fn on_pg_info(&mut self, from: OsdId, info: PgInfo<'_>) {
+        let pgid = PgId { pool: PoolId(info.pool), pg: info.pg };
+        let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else {
+            return;
+        };
+        if p.epoch != info.epoch || !matches!(p.phase, Phase::GetInfo) {
+            return; // an earlier peering's answer
+        }
+        let Some(at) = p.waiting.iter().position(|o| *o == from) else { return };
+        let mut log = BTreeMap::new();
+        for (v, e) in &info.entries {
+            match LogEntry::decode(e) {
+                Some(e) => {
+                    log.insert(*v, Logged::from_entry(e));
+                }
+                None => {
+                    tracing::error!("PG {pgid}: {from} sent an undecodable log entry {v}");
+                    return;
+                }
+            }
+        }
+        p.waiting.swap_remove(at);
+        p.infos.insert(from, Info { version: info.last_version, log });
+        if p.waiting.is_empty() {
+            self.choose(pgid);
+        }
+    }
+
+    /// Every info is in: choose the authoritative log and recover.
+    fn choose(&mut self, pgid: PgId) {
+        let me = self.view.as_ref().expect("peering needs a map").me;
+        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
+        let p = pg.peering.as_mut().expect("peering");
+        let mine = last_of(&pg.log);
+        let auth = p
+            .infos
+            .iter()
+            .map(|(o, i)| (last_of(&i.log), *o))
+            .filter(|(last, _)| *last > mine)
+            .max()
+            .map(|(_, o)| o);
+        let Some(from) = auth else {
+            return self.start_push(pgid);
+        };
+        let info = &p.infos[&from];
+        match plan(&info.log, &pg.log, pg.version) {
+            Ok((objects, entries)) => {
+                tracing::info!(
+                    "PG {pgid}: {from} has the authoritative log (v{} against v{}): pulling {} object(s)",
+                    info.version,
+                    pg.version,
+                    objects.len()
+                );
+                p.phase = Phase::Pull {
+                    from,
+                    objects: objects.into_iter().collect(),
+                    in_flight: 0,
+                    entries,
+                    version: info.version,
+                };
+                self.pull_more(pgid);
+            }
+            Err(why) => {
+                // Only a backfill from `from` could bring this primary up to date.
+                tracing::error!(
+                    "PG {pgid}: this primary ({me}) is {why} of {from}: it needs a backfill, \
+                     which is not built; the PG stays peering"
+                );
+            }
+        }
+    }
+
+    fn pull_more(&mut self, pgid: PgId) {
+        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
+        let p = pg.peering.as_mut().expect("peering");
+        let epoch = p.epoch;
+        let Phase::Pull { from, objects, in_flight, entries, version } = &mut p.phase else {
+            return;
+        };
+        let from = *from;
+        let mut send = Vec::new();
+        while *in_flight < MAX_PUSHES_PER_PEER
+            && let Some(o) = objects.pop_front()
+        {
+            *in_flight += 1;
+            send.push(o);
+        }
+        if send.is_empty() && *in_flight == 0 {
+            // Every object is here: the log follows, in one transaction.
+            let entries = std::mem::take(entries);
+            let version = *version;
+            p.phase = Phase::OwnLog;
+            return self.apply_push(pgid, epoch, None, entries, version, None);
+        }
+        for object in send {
+            let mut b = Vec::new();
+            Pull { epoch, pool: pgid.pool.0, pg: pgid.pg, object: &object }.encode(&mut b);
+            self.send_peer(pgid, from, rep::MSG_PULL, &b);
+        }
+    }
+
+    /// The primary is authoritative: plan what each member needs and start pushing.
+    fn start_push(&mut self, pgid: PgId) {
+        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
+        let p = pg.peering.as_mut().expect("peering");
+        let mut targets = HashMap::new();
+        for (osd, info) in &p.infos {
+            match plan(&pg.log, &info.log, info.version) {
+                Ok((objects, entries)) if objects.is_empty() && entries.is_empty() => {}
+                Ok((objects, entries)) => {
+                    tracing::info!(
+                        "PG {pgid}: recovering {osd} (v{} -> v{}): {} object(s), {} log entries",
+                        info.version,
+                        pg.version,
+                        objects.len(),
+                        entries.len()
+                    );
+                    targets.insert(
+                        *osd,
+                        Target {
+                            objects: objects.into_iter().collect(),
+                            in_flight: 0,
+                            entries,
+                            log_sent: false,
+                            done: false,
+                        },
+                    );
+                }
+                Err(why) => tracing::error!(
+                    "PG {pgid}: {osd} is {why}: it needs a backfill, which is not built; \
+                     it stays behind"
+                ),
+            }
+        }
+        p.phase = Phase::Push(targets);
+        self.push_more(pgid);
+    }
+
+    /// Starts reads for the next objects of every member being recovered, sends the log
+    /// to members whose objects are all there, and activates when all are done.
+    fn push_more(&mut self, pgid: PgId) {
+        let version = self.pgs[&pgid].version;
+        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
+        let p = pg.peering.as_mut().expect("peering");
+        let epoch = p.epoch;
+        let Phase::Push(targets) = &mut p.phase else { return };
+        let mut reads = Vec::new();
+        let mut logs = Vec::new();
+        for (osd, t) in targets.iter_mut() {
+            while t.in_flight < MAX_PUSHES_PER_PEER
+                && let Some(o) = t.objects.pop_front()
+            {
+                t.in_flight += 1;
+                reads.push((*osd, o));
+            }
+            if t.objects.is_empty() && t.in_flight == 0 && !t.log_sent {
+                t.log_sent = true;
+                logs.push((*osd, std::mem::take(&mut t.entries)));
+            }
+        }
+        let all_done = targets.values().all(|t| t.done);
+        for (osd, entries) in logs {
+            let encoded: Vec<(u64, Vec<u8>)> =
+                entries.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
+            let push = Push {
+                epoch,
+                pool: pgid.pool.0,
+                pg: pgid.pg,
+                object: None,
+                entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
+                last_version: version,
+            };
+            let mut b = Vec::new();
+            push.encode(&mut b);
+            self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
+        }
+        for (osd, object) in reads {
+            self.recovery_read(pgid, object, PushTo::Peer(osd));
+        }
+        if all_done {
+            self.activate(pgid);
+        }
+    }
+
+    fn activate(&mut self, pgid: PgId) {
+        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
+        let p = pg.peering.take().expect("peering");
+        let members: Vec<String> = p.acting.iter().map(|o| o.to_string()).collect();
+        tracing::info!(
+            "PG {pgid}: active at epoch {} with [{}] (v{})",
+            p.epoch,
+            members.join(", "),
+            pg.version
+        );
+        let min_size = self
+            .view
+            .as_ref()
+            .and_then(|v| v.map.pools.get(&pgid.pool))
+            .map_or(usize::MAX, |pool| usize::from(pool.min_size));
+        let enough = p.acting.len() >= min_size;
+        pg.active_with = Some(p.acting);
+        if enough {
+            self.answer_parked(pgid, false);
+        }
+        self.release_held(pgid);
+    }
+
+    /// Answers the writes that waited for the PG: done if their entry is (still) in the
+    /// log, else (rolled back by peering, or `gone`: this OSD no longer leads the PG)
+    /// told to retry, which applies them once.
+    pub(super) fn answer_parked(&mut self, pgid: PgId, gone: bool) {
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
+        let parked = std::mem::take(&mut pg.parked);
+        let epoch = self.epoch();
+        for w in parked {
+            let pg = self.pgs.get_mut(&pgid).expect("checked above");
+            let logged = pg.log.get(&w.version).is_some_and(|l| l.reqid == w.reqid);
+            if logged && !gone {
+                pg.done.insert(w.reqid, w.version);
+                let reply = Reply {
+                    tid: w.tid,
+                    epoch,
+                    status: Status::Ok,
+                    version: w.version,
+                    message: "",
+                    body: Body::None,
+                };
+                self.reply(w.origin, &reply);
+                for (o, tid) in w.dups {
+                    self.reply(o, &Reply { tid, ..reply.clone() });
+                }
+            } else {
+                let m = if gone {
+                    format!("PG {pgid} moved to another primary; resend")
+                } else {
+                    format!("PG {pgid} v{} was rolled back by peering; resend", w.version)
+                };
+                self.error(w.origin, w.tid, Status::Again, &m);
+                for (o, tid) in w.dups {
+                    self.error(o, tid, Status::Again, &m);
+                }
+            }
+        }
+    }
+
+    /// A member's answer to a push: an object (or, once all were acknowledged, the log).
+    pub(super) fn on_push_ack(&mut self, from: OsdId, r: RepReply<'_>) {
+        let pgid = PgId { pool: PoolId(r.pool), pg: r.pg };
+        let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else {
+            return;
+        };
+        if p.epoch != r.version {
+            return; // an earlier peering's
+        }
+        let Phase::Push(targets) = &mut p.phase else { return };
+        let Some(t) = targets.get_mut(&from) else { return };
+        if r.status != Status::Ok {
+            tracing::error!("PG {pgid}: recovering {from} failed: {}; it stays behind", r.message);
+            t.done = true;
+        } else if t.in_flight > 0 {
+            t.in_flight -= 1;
+        } else if t.log_sent {
+            tracing::info!("PG {pgid}: {from} recovered");
+            t.done = true;
+        }
+        self.push_more(pgid);
+    }
+
+    /// Reads an object's state for a push (data, then xattrs: see [`Kind::RecoveryRead`]).
+    pub(super) fn recovery_read(&mut self, pgid: PgId, object: String, to: PushTo) {
+        let coll = CollId(pgid.collection());
+        let q = Query::Read { coll, name: object.clone(), offset: 0, len: ops::MAX_READ_BYTES };
+        let kind = Kind::RecoveryRead { pg: pgid, object, to, data: None };
+        let slot =
+            self.ops.insert(Pending { origin: Origin::Local(0), tid: 0, kind, dups: Vec::new() });
+        self.shard.query(q, slot as u64);
+    }
+
+    /// A recovery read finished: the next query, or the push.
+    pub(super) fn recovery_read_done(
+        &mut self,
+        pgid: PgId,
+        object: String,
+        to: PushTo,
+        data: Option<Vec<u8>>,
+        result: Result<Option<Answer>, StoreError>,
+    ) {
+        let coll = CollId(pgid.collection());
+        let (exists, data, xattrs) = match (data, result) {
+            // The data: now the xattrs.
+            (None, Ok(Some(Answer::Data(d)))) => {
+                let data = Some(d.data().to_vec());
+                let kind = Kind::RecoveryRead { pg: pgid, object: object.clone(), to, data };
+                let slot = self.ops.insert(Pending {
+                    origin: Origin::Local(0),
+                    tid: 0,
+                    kind,
+                    dups: Vec::new(),
+                });
+                return self.shard.query(Query::GetXattrs { coll, name: object }, slot as u64);
+            }
+            (_, Err(StoreError::NotFound(_))) => (false, Vec::new(), BTreeMap::new()),
+            (Some(d), Ok(Some(Answer::Xattrs(x)))) => (true, d, x),
+            (_, Err(e)) => return self.recovery_failed(pgid, &object, to, &e.to_string()),
+            (_, Ok(a)) => panic!("recovery read answered {a:?}"),
+        };
+        let epoch = match to {
+            PushTo::Peer(_) => self.pgs[&pgid].peering.as_ref().map_or(0, |p| p.epoch),
+            PushTo::Session(_) => 0,
+        };
+        let push = Push {
+            epoch,
+            pool: pgid.pool.0,
+            pg: pgid.pg,
+            object: Some(ObjectState {
+                name: &object,
+                exists,
+                data: &data,
+                xattrs: xattrs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect(),
+            }),
+            entries: Vec::new(),
+            last_version: 0,
+        };
+        match to {
+            PushTo::Peer(osd) => {
+                let mut b = Vec::with_capacity(data.len() + 256);
+                push.encode(&mut b);
+                self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
+            }
+            PushTo::Session(cookie) => {
+                push.encode(&mut self.reply_buf);
+                self.replies.push((cookie, rep::MSG_PUSH, self.reply_buf.len()));
+            }
+        }
+    }
+
+    fn recovery_failed(&mut self, pgid: PgId, object: &str, to: PushTo, why: &str) {
+        tracing::error!("PG {pgid}: reading {object} for recovery: {why}");
+        match to {
+            PushTo::Peer(osd) => {
+                if let Some(Phase::Push(t)) =
+                    self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()).map(|p| &mut p.phase)
+                    && let Some(t) = t.get_mut(&osd)
+                {
+                    t.in_flight -= 1;
+                    t.done = true;
+                }
+                self.push_more(pgid);
+            }
+            PushTo::Session(cookie) => {
+                let m = format!("reading {object}: {why}");
+                let r = RepReply {
+                    pool: pgid.pool.0,
+                    pg: pgid.pg,
+                    version: 0,
+                    status: Status::Io,
+                    message: &m,
+                };
+                self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+            }
+        }
+    }
+
+    /// A member's side: the primary pulls an object.
+    pub(super) fn on_pull(&mut self, cookie: u64, pull: Pull<'_>) {
+        let pgid = PgId { pool: PoolId(pull.pool), pg: pull.pg };
+        self.recovery_read(pgid, pull.object.to_string(), PushTo::Session(cookie));
+    }
+
+    /// A pushed object (or the closing log) from the primary (`reply`: its session), or a
+    /// pulled object on the primary (`reply` None).
+    pub(super) fn on_push(&mut self, reply: Option<u64>, push: Push<'_>) {
+        let pgid = PgId { pool: PoolId(push.pool), pg: push.pg };
+        let mut entries = Vec::with_capacity(push.entries.len());
+        for (v, e) in &push.entries {
+            match LogEntry::decode(e) {
+                Some(e) => entries.push((*v, Logged::from_entry(e))),
+                None => {
+                    let m = format!("undecodable log entry {v}");
+                    tracing::error!("PG {pgid}: push: {m}");
+                    if let Some(cookie) = reply {
+                        let r = RepReply {
+                            pool: push.pool,
+                            pg: push.pg,
+                            version: push.epoch,
+                            status: Status::Invalid,
+                            message: &m,
+                        };
+                        self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+                    }
+                    return;
+                }
+            }
+        }
+        let object = push.object.as_ref().map(|o| {
+            (
+                o.name.to_string(),
+                o.exists.then(|| {
+                    (
+                        o.data.to_vec(),
+                        o.xattrs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
+                    )
+                }),
+            )
+        });
+        self.apply_push(pgid, push.epoch, object, entries, push.last_version, reply);
+    }
+
+    /// One transaction: an object's state and/or log entries (and the version).
+    #[allow(clippy::type_complexity)]
+    fn apply_push(
+        &mut self,
+        pgid: PgId,
+        epoch: u64,
+        object: Option<(String, Option<(Vec<u8>, Vec<(String, Vec<u8>)>)>)>,
+        entries: Vec<(u64, Logged)>,
+        version: u64,
+        reply: Option<u64>,
+    ) {
+        let coll = CollId(pgid.collection());
+        let pg = self.pgs.entry(pgid).or_default();
+        let mut txn = Transaction { ops: Vec::new() };
+        let created = !pg.exists;
+        if created {
+            txn.ops.push(TxOp::CreateCollection { coll });
+            pg.exists = true;
+        }
+        if let Some((name, state)) = object {
+            // Whatever was there goes: the pushed state is the whole object.
+            txn.ops.push(TxOp::Touch { coll, name: name.clone() });
+            txn.ops.push(TxOp::Delete { coll, name: name.clone() });
+            if let Some((data, xattrs)) = state {
+                txn.ops.push(TxOp::WriteFull { coll, name: name.clone(), data: txn_data(&data) });
+                for (key, value) in xattrs {
+                    txn.ops.push(TxOp::SetXattr { coll, name: name.clone(), key, value });
+                }
+            }
+        }
+        for (v, l) in &entries {
+            txn.ops.push(TxOp::PgLogAppend { coll, key: *v, entry: l.entry().encode() });
+        }
+        let set_version = (!entries.is_empty() || version > 0).then_some(version);
+        let kind =
+            Kind::PushApply { pg: pgid, epoch, entries, version: set_version, created, reply };
+        let slot =
+            self.ops.insert(Pending { origin: Origin::Local(0), tid: 0, kind, dups: Vec::new() });
+        if let Err(e) = self.shard.submit(txn, slot as u64) {
+            let p = self.ops.remove(slot);
+            self.push_applied(p.kind, Err(e));
+        }
+    }
+
+    /// A push's transaction finished.
+    pub(super) fn push_applied(&mut self, kind: Kind, result: Result<(), StoreError>) {
+        let Kind::PushApply { pg: pgid, epoch, entries, version, created, reply } = kind else {
+            unreachable!("push_applied takes pushes")
+        };
+        let pg = self.pgs.get_mut(&pgid).expect("entered at submit");
+        match &result {
+            Ok(()) => {
+                for (v, l) in entries {
+                    pg.insert_log(v, l);
+                }
+                if let Some(v) = version {
+                    pg.version = v;
+                }
+            }
+            Err(e) => {
+                if created || matches!(e, StoreError::NotFound(Missing::Collection(_))) {
+                    pg.exists = false;
+                }
+                tracing::error!("PG {pgid}: applying a recovery push: {e}");
+            }
+        }
+        match reply {
+            Some(cookie) => {
+                let (status, m) = match &result {
+                    Ok(()) => (Status::Ok, String::new()),
+                    Err(e) => (status_of(e), e.to_string()),
+                };
+                let r = RepReply {
+                    pool: pgid.pool.0,
+                    pg: pgid.pg,
+                    version: epoch,
+                    status,
+                    message: &m,
+                };
+                self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+            }
+            None => {
+                // The primary's own pull or log catching up.
+                let Some(p) = pg.peering.as_mut() else { return };
+                if let Err(e) = result {
+                    tracing::error!(
+                        "PG {pgid}: recovery of this primary failed ({e}); it stays peering"
+                    );
+                    return;
+                }
+                match &mut p.phase {
+                    Phase::Pull { in_flight, .. } => {
+                        *in_flight -= 1;
+                        self.pull_more(pgid);
+                    }
+                    Phase::OwnLog => self.start_push(pgid),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The primary's side: a pulled object arrived, or the member could not read it.
+    pub(super) fn on_pulled(&mut self, from: OsdId, push: Push<'_>) {
+        let pgid = PgId { pool: PoolId(push.pool), pg: push.pg };
+        let expected = self.pgs.get(&pgid).and_then(|pg| pg.peering.as_ref()).is_some_and(|p| {
+            matches!(&p.phase, Phase::Pull { from: f, in_flight, .. } if *f == from && *in_flight > 0)
+        });
+        if !expected || push.object.is_none() {
+            return tracing::debug!("PG {pgid}: unexpected pushed object from {from}");
+        }
+        self.on_push(None, push);
+    }
+
+    /// The primary's side: a pull failed at the member.
+    pub(super) fn on_pull_failed(&mut self, from: OsdId, r: RepReply<'_>) {
+        let pgid = PgId { pool: PoolId(r.pool), pg: r.pg };
+        tracing::error!(
+            "PG {pgid}: pulling from {from} failed: {}; the PG stays peering",
+            r.message
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(client: u64, epoch: u64, object: &str) -> Logged {
+        Logged { reqid: (client, 1), epoch, op: 1, object: object.into() }
+    }
+
+    fn log(entries: &[(u64, Logged)]) -> BTreeMap<u64, Logged> {
+        entries.iter().cloned().collect()
+    }
+
+    #[test]
+    fn a_member_behind_gets_the_objects_and_entries_it_lacks() {
+        let auth = log(&[(1, l(1, 5, "a")), (2, l(2, 5, "b")), (3, l(3, 5, "a"))]);
+        let member = log(&[(1, l(1, 5, "a"))]);
+        let (objects, entries) = plan(&auth, &member, 1).unwrap();
+        assert_eq!(objects.into_iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(entries.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn divergent_entries_are_rolled_back_and_their_objects_copied() {
+        // The member led at epoch 5 and logged v2, v3 nobody else saw; the new primary
+        // logged its own v2 at epoch 7.
+        let auth = log(&[(1, l(1, 5, "a")), (2, l(9, 7, "c"))]);
+        let member = log(&[(1, l(1, 5, "a")), (2, l(2, 5, "b")), (3, l(3, 5, "d"))]);
+        let (objects, entries) = plan(&auth, &member, 3).unwrap();
+        assert_eq!(objects.into_iter().collect::<Vec<_>>(), ["b", "c", "d"]);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0], (2, l(9, 7, "c")));
+        assert_eq!(entries[1].0, 3);
+        assert!(entries[1].1.rolled_back());
+        // Its newest real entry is older than the authoritative one's.
+        assert!(last_of(&member) < last_of(&auth));
+    }
+
+    #[test]
+    fn identical_logs_need_nothing_and_a_trimmed_past_needs_a_backfill() {
+        let auth = log(&[(10, l(1, 5, "a")), (11, l(2, 5, "b"))]);
+        assert_eq!(plan(&auth, &auth.clone(), 11).unwrap(), (BTreeSet::new(), Vec::new()));
+        assert!(plan(&auth, &BTreeMap::new(), 8).is_err(), "v9 was trimmed");
+        assert!(plan(&auth, &BTreeMap::new(), 9).is_ok(), "v10 onwards is all it needs");
+    }
+
+    #[test]
+    fn rolled_back_markers_are_not_the_newest_entry() {
+        let mut m = log(&[(1, l(1, 5, "a"))]);
+        m.insert(
+            2,
+            Logged { reqid: (0, 0), epoch: 0, op: LogEntry::ROLLED_BACK, object: String::new() },
+        );
+        assert_eq!(last_of(&m), (5, 1));
+    }
+}

@@ -1,0 +1,526 @@
+//! The replication protocol between OSDs: a PG's primary sends each write to the other
+//! members of the PG's acting set as a [`RepOp`], and each answers with a [`RepReply`]
+//! once the write and its PG log entry are durable in its store.
+//!
+//! Peering and recovery use the same connections: the primary asks each acting member
+//! for its PG info ([`PgQuery`] -> [`PgInfo`]: last version and log), pulls objects it
+//! lacks from the member with the authoritative log ([`Pull`] -> [`Push`]), pushes
+//! objects and log entries to members that lack them ([`Push`] -> a [`RepReply`] of type
+//! [`MSG_PUSH_ACK`]).
+//!
+//! A `RepOp` carries the PG log entry the primary assigned (the PG version, the
+//! client's request id) and the client's request itself, encoded as the client sent it
+//! ([`crate::ops::Request`]), so a replica applies exactly the op the primary applied,
+//! in the order the primary assigned versions (a session delivers in order, exactly
+//! once). Both are versioned message bodies ([`crate::message`]) and decode without
+//! panicking on any input.
+
+use sluice_vocab::codec::Dec;
+
+use crate::message;
+use crate::ops::{DecodeError, Status};
+
+/// Session message types (the object protocol uses 0x01xx).
+pub const MSG_REP_OP: u16 = 0x0200;
+pub const MSG_REP_REPLY: u16 = 0x0201;
+pub const MSG_PG_QUERY: u16 = 0x0202;
+pub const MSG_PG_INFO: u16 = 0x0203;
+pub const MSG_PULL: u16 = 0x0204;
+pub const MSG_PUSH: u16 = 0x0205;
+pub const MSG_PUSH_ACK: u16 = 0x0206;
+
+/// Most PG log entries one [`PgInfo`] or [`Push`] carries.
+pub const MAX_ENTRIES: usize = 65_536;
+/// Most xattrs one pushed object carries.
+pub const MAX_XATTRS: usize = 4096;
+
+/// Format version of both messages.
+pub const VERSION: u16 = 1;
+
+/// Longest message a replica's reply carries.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A write for a replica to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepOp<'a> {
+    /// The primary's map epoch when it assigned the version.
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+    /// The PG version the primary assigned this write (its PG log key).
+    pub version: u64,
+    /// Trim the PG log up to this version in the same transaction (0: none).
+    pub trim_upto: u64,
+    /// The client's request, as the client encoded it.
+    pub request: &'a [u8],
+}
+
+impl<'a> RepOp<'a> {
+    /// Appends everything but the request bytes, which come last and are returned as
+    /// the tail to send right after (so a large write is copied once, into the session).
+    pub fn encode_head(&self, out: &mut Vec<u8>) -> &'a [u8] {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&self.trim_upto.to_le_bytes());
+        let n = u32::try_from(self.request.len()).expect("bounded by frame limits");
+        out.extend_from_slice(&n.to_le_bytes());
+        message::finish_with(out, m, self.request.len());
+        self.request
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let tail = self.encode_head(out);
+        out.extend_from_slice(tail);
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<RepOp<'a>, DecodeError> {
+        let body = message::open(buf, VERSION)?.body;
+        let mut d = Dec::new(body);
+        let t = |_| DecodeError::Truncated("replicated op");
+        let epoch = d.u64().map_err(t)?;
+        let pool = d.u32().map_err(t)?;
+        let pg = d.u32().map_err(t)?;
+        let version = d.u64().map_err(t)?;
+        let trim_upto = d.u64().map_err(t)?;
+        let n = d.u32().map_err(t)? as usize;
+        let request = d.take(n).map_err(t)?;
+        if version == 0 {
+            return Err(DecodeError::Unknown { what: "PG version", code: 0 });
+        }
+        Ok(RepOp { epoch, pool, pg, version, trim_upto, request })
+    }
+}
+
+/// A replica's answer to a [`RepOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepReply<'a> {
+    pub pool: u32,
+    pub pg: u32,
+    pub version: u64,
+    pub status: Status,
+    /// Why it failed (empty when it did not).
+    pub message: &'a str,
+}
+
+impl<'a> RepReply<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.status as u16).to_le_bytes());
+        let msg = truncated(self.message, MAX_MESSAGE_BYTES);
+        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        out.extend_from_slice(msg.as_bytes());
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<RepReply<'a>, DecodeError> {
+        let body = message::open(buf, VERSION)?.body;
+        let mut d = Dec::new(body);
+        let t = |_| DecodeError::Truncated("replica reply");
+        let pool = d.u32().map_err(t)?;
+        let pg = d.u32().map_err(t)?;
+        let version = d.u64().map_err(t)?;
+        let code = d.u16().map_err(t)?;
+        let status = Status::from_u16(code)
+            .ok_or(DecodeError::Unknown { what: "status", code: u32::from(code) })?;
+        let n = d.u32().map_err(t)? as usize;
+        if n > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLong {
+                what: "replica message",
+                len: n,
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
+        let b = d.take(n).map_err(t)?;
+        let message =
+            std::str::from_utf8(b).map_err(|_| DecodeError::NotUtf8("replica message"))?;
+        Ok(RepReply { pool, pg, version, status, message })
+    }
+}
+
+/// A primary's question to an acting member: its last version and log of a PG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgQuery {
+    /// The map epoch of the interval the primary peers for.
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+}
+
+/// A member's answer to a [`PgQuery`]: its PG log (entries as the OSD encodes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgInfo<'a> {
+    /// The query's epoch.
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+    pub last_version: u64,
+    pub entries: Vec<(u64, &'a [u8])>,
+}
+
+/// A primary's request for an object's state, answered with a [`Push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pull<'a> {
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+    pub object: &'a str,
+}
+
+/// An object's whole state, as recovery copies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectState<'a> {
+    pub name: &'a str,
+    /// False: the object must not exist.
+    pub exists: bool,
+    pub data: &'a [u8],
+    pub xattrs: Vec<(&'a str, &'a [u8])>,
+}
+
+/// Recovery's copy: an object's state, or (with no object) the PG log entries and the
+/// last version that complete a member's recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push<'a> {
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+    pub object: Option<ObjectState<'a>>,
+    pub entries: Vec<(u64, &'a [u8])>,
+    /// With entries: the PG's version once they are applied.
+    pub last_version: u64,
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    let n = u32::try_from(b.len()).expect("bounded by frame limits");
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_entries(out: &mut Vec<u8>, entries: &[(u64, &[u8])]) {
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (v, e) in entries {
+        out.extend_from_slice(&v.to_le_bytes());
+        put_bytes(out, e);
+    }
+}
+
+struct D<'a>(Dec<'a>, &'static str);
+
+impl<'a> D<'a> {
+    fn t(&self) -> DecodeError {
+        DecodeError::Truncated(self.1)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        let e = self.t();
+        self.0.u8().map_err(|_| e)
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let e = self.t();
+        self.0.u32().map_err(|_| e)
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let e = self.t();
+        self.0.u64().map_err(|_| e)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        let e = self.t();
+        self.0.take(n).map_err(|_| e)
+    }
+    fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, DecodeError> {
+        let b = self.bytes()?;
+        if b.len() > max {
+            return Err(DecodeError::TooLong { what, len: b.len(), max });
+        }
+        std::str::from_utf8(b).map_err(|_| DecodeError::NotUtf8(what))
+    }
+    fn count(&mut self, what: &'static str, max: usize) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(DecodeError::TooLong { what, len: n, max });
+        }
+        Ok(n)
+    }
+    fn entries(&mut self) -> Result<Vec<(u64, &'a [u8])>, DecodeError> {
+        let n = self.count("PG log entries", MAX_ENTRIES)?;
+        // Each entry takes at least 12 bytes: no allocation beyond what arrived.
+        let mut v = Vec::with_capacity(n.min(self.0.remaining() / 12));
+        for _ in 0..n {
+            v.push((self.u64()?, self.bytes()?));
+        }
+        Ok(v)
+    }
+}
+
+impl PgQuery {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<PgQuery, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "PG query");
+        Ok(PgQuery { epoch: d.u64()?, pool: d.u32()?, pg: d.u32()? })
+    }
+}
+
+impl<'a> PgInfo<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        out.extend_from_slice(&self.last_version.to_le_bytes());
+        put_entries(out, &self.entries);
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<PgInfo<'a>, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "PG info");
+        Ok(PgInfo {
+            epoch: d.u64()?,
+            pool: d.u32()?,
+            pg: d.u32()?,
+            last_version: d.u64()?,
+            entries: d.entries()?,
+        })
+    }
+}
+
+impl<'a> Pull<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        put_bytes(out, self.object.as_bytes());
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<Pull<'a>, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "pull");
+        Ok(Pull {
+            epoch: d.u64()?,
+            pool: d.u32()?,
+            pg: d.u32()?,
+            object: d.str("object name", crate::ops::MAX_NAME_BYTES)?,
+        })
+    }
+}
+
+impl<'a> Push<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        match &self.object {
+            None => out.push(0),
+            Some(o) => {
+                out.push(1);
+                put_bytes(out, o.name.as_bytes());
+                out.push(u8::from(o.exists));
+                put_bytes(out, o.data);
+                out.extend_from_slice(&(o.xattrs.len() as u32).to_le_bytes());
+                for (k, v) in &o.xattrs {
+                    put_bytes(out, k.as_bytes());
+                    put_bytes(out, v);
+                }
+            }
+        }
+        put_entries(out, &self.entries);
+        out.extend_from_slice(&self.last_version.to_le_bytes());
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<Push<'a>, DecodeError> {
+        use crate::ops::{
+            MAX_NAME_BYTES, MAX_WRITE_BYTES, MAX_XATTR_KEY_BYTES, MAX_XATTR_VALUE_BYTES,
+        };
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "push");
+        let epoch = d.u64()?;
+        let pool = d.u32()?;
+        let pg = d.u32()?;
+        let object = match d.u8()? {
+            0 => None,
+            1 => {
+                let name = d.str("object name", MAX_NAME_BYTES)?;
+                let exists = d.u8()? != 0;
+                let data = d.bytes()?;
+                if data.len() > MAX_WRITE_BYTES {
+                    return Err(DecodeError::TooLong {
+                        what: "pushed object",
+                        len: data.len(),
+                        max: MAX_WRITE_BYTES,
+                    });
+                }
+                let n = d.count("xattrs", MAX_XATTRS)?;
+                let mut xattrs = Vec::with_capacity(n.min(d.0.remaining() / 8));
+                for _ in 0..n {
+                    let k = d.str("xattr key", MAX_XATTR_KEY_BYTES)?;
+                    let v = d.bytes()?;
+                    if v.len() > MAX_XATTR_VALUE_BYTES {
+                        return Err(DecodeError::TooLong {
+                            what: "xattr value",
+                            len: v.len(),
+                            max: MAX_XATTR_VALUE_BYTES,
+                        });
+                    }
+                    xattrs.push((k, v));
+                }
+                Some(ObjectState { name, exists, data, xattrs })
+            }
+            c => return Err(DecodeError::Unknown { what: "push kind", code: u32::from(c) }),
+        };
+        let entries = d.entries()?;
+        let last_version = d.u64()?;
+        Ok(Push { epoch, pool, pg, object, entries, last_version })
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn rep_ops_round_trip_and_every_prefix_is_refused(
+            epoch: u64, pool: u32, pg: u32, version in 1u64.., trim: u64,
+            request in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let op = RepOp { epoch, pool, pg, version, trim_upto: trim, request: &request };
+            let mut b = Vec::new();
+            op.encode(&mut b);
+            prop_assert_eq!(RepOp::decode(&b).unwrap(), op);
+            for n in 0..b.len() {
+                prop_assert!(RepOp::decode(&b[..n]).is_err(), "prefix {} accepted", n);
+            }
+            // Sent as head + tail, it is the same message.
+            let mut h = Vec::new();
+            let tail = op.encode_head(&mut h);
+            h.extend_from_slice(tail);
+            prop_assert_eq!(h, b);
+        }
+
+        #[test]
+        fn rep_replies_round_trip_and_every_prefix_is_refused(
+            pool: u32, pg: u32, version: u64, code in 0u16..12, message in ".{0,40}",
+        ) {
+            let status = Status::from_u16(code).unwrap();
+            let r = RepReply { pool, pg, version, status, message: &message };
+            let mut b = Vec::new();
+            r.encode(&mut b);
+            prop_assert_eq!(RepReply::decode(&b).unwrap(), r);
+            for n in 0..b.len() {
+                prop_assert!(RepReply::decode(&b[..n]).is_err(), "prefix {} accepted", n);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = RepOp::decode(&b);
+            let _ = RepReply::decode(&b);
+            let _ = PgQuery::decode(&b);
+            let _ = PgInfo::decode(&b);
+            let _ = Pull::decode(&b);
+            let _ = Push::decode(&b);
+        }
+
+        #[test]
+        fn peering_messages_round_trip_and_every_prefix_is_refused(
+            epoch: u64, pool: u32, pg: u32, last: u64, name in "[a-z0-9/._-]{1,40}",
+            exists: bool,
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            keys in proptest::collection::vec("[a-z]{1,8}", 0..4),
+            entries in proptest::collection::vec(
+                (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..30)), 0..6),
+            with_object: bool,
+        ) {
+            let entries: Vec<(u64, &[u8])> = entries.iter().map(|(v, e)| (*v, &e[..])).collect();
+            let mut all: Vec<Vec<u8>> = Vec::new();
+            let q = PgQuery { epoch, pool, pg };
+            q.encode(all.push_get());
+            prop_assert_eq!(PgQuery::decode(all.last().unwrap()).unwrap(), q);
+            let info = PgInfo { epoch, pool, pg, last_version: last, entries: entries.clone() };
+            info.encode(all.push_get());
+            prop_assert_eq!(PgInfo::decode(all.last().unwrap()).unwrap(), info);
+            let pull = Pull { epoch, pool, pg, object: &name };
+            pull.encode(all.push_get());
+            prop_assert_eq!(Pull::decode(all.last().unwrap()).unwrap(), pull);
+            let object = with_object.then(|| ObjectState {
+                name: &name,
+                exists,
+                data: &data,
+                xattrs: keys.iter().map(|k| (k.as_str(), k.as_bytes())).collect(),
+            });
+            let push = Push { epoch, pool, pg, object, entries, last_version: last };
+            push.encode(all.push_get());
+            prop_assert_eq!(Push::decode(all.last().unwrap()).unwrap(), push);
+            for (i, b) in all.iter().enumerate() {
+                for n in 0..b.len() {
+                    let refused = match i {
+                        0 => PgQuery::decode(&b[..n]).is_err(),
+                        1 => PgInfo::decode(&b[..n]).is_err(),
+                        2 => Pull::decode(&b[..n]).is_err(),
+                        _ => Push::decode(&b[..n]).is_err(),
+                    };
+                    prop_assert!(refused, "message {} prefix {} accepted", i, n);
+                }
+            }
+        }
+    }
+
+    trait PushGet {
+        fn push_get(&mut self) -> &mut Vec<u8>;
+    }
+
+    impl PushGet for Vec<Vec<u8>> {
+        fn push_get(&mut self) -> &mut Vec<u8> {
+            self.push(Vec::new());
+            self.last_mut().unwrap()
+        }
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let m = "é".repeat(MAX_MESSAGE_BYTES);
+        let r = RepReply { pool: 1, pg: 2, version: 3, status: Status::Io, message: &m };
+        let mut b = Vec::new();
+        r.encode(&mut b);
+        let d = RepReply::decode(&b).unwrap();
+        assert!(d.message.len() <= MAX_MESSAGE_BYTES && d.message.len() >= MAX_MESSAGE_BYTES - 1);
+        assert!(m.starts_with(d.message));
+    }
+
+    #[test]
+    fn version_zero_is_refused() {
+        let op = RepOp { epoch: 1, pool: 1, pg: 1, version: 1, trim_upto: 0, request: b"x" };
+        let mut b = Vec::new();
+        op.encode(&mut b);
+        // The version field sits after the header, epoch, pool and pg.
+        let at = message::HEADER_BYTES + 16;
+        b[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+        assert!(RepOp::decode(&b).is_err());
+    }
+}
