@@ -110,6 +110,22 @@ fn objects_in(dump: &str) -> usize {
     dump.lines().filter(|l| l.contains(" crc32c ")).count()
 }
 
+/// Waits until every PG of the cluster (8, pool `r`) is in `state`, as `sluice pg stat`
+/// says (from the primaries' reports).
+fn wait_pgs(c: &Cluster, state: &str) {
+    let mut last = serde_json::Value::Null;
+    let end = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = c.json(&["pg", "stat"]);
+        if s.get(state).and_then(|n| n.as_u64()) == Some(8) {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "PGs never all {state}: {last}");
+        last = s;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn cluster() -> (Cluster, sluice_client::Cluster) {
     let c = Cluster::up_with(1, 3, "256M");
     c.ok(&["pool", "create", "r", "--size", "3", "--min-size", "2", "--pg-num", "8"]);
@@ -135,6 +151,8 @@ fn writes_reach_every_replica_and_continue_when_one_is_killed() {
     let mut model = Model::default();
     workload(&mut io, &mut model, 0, 600, 16);
     verify(&mut io, &model);
+    wait_pgs(&c, "active+clean");
+    assert!(c.ok(&["status"]).contains("8 pgs: 8 active+clean"), "{}", c.ok(&["status"]));
 
     // kill -9 one OSD: once the map says it is down, its PGs have 2 of 3 members, which
     // is min_size, and writes go on (ops in flight wait, none fails).
@@ -142,6 +160,9 @@ fn writes_reach_every_replica_and_continue_when_one_is_killed() {
     c.ok(&["osd", "down", "osd.2"]);
     workload(&mut io, &mut model, 600, 600, 16);
     verify(&mut io, &model);
+    wait_pgs(&c, "active+undersized+degraded");
+    let h = c.json(&["health"]);
+    assert!(h.to_string().contains("PG_DEGRADED"), "{h}");
 
     // A second OSD down leaves 1 of min_size 2: a write waits (and here times out).
     c.ok(&["dev", "kill", "osd.1"]);
@@ -155,6 +176,9 @@ fn writes_reach_every_replica_and_continue_when_one_is_killed() {
     let mut short = quick.io();
     let r = short.write_full("r", &live, b"never".to_vec());
     assert!(matches!(r, Err(sluice_client::Error::Timeout { .. })), "{r:?}");
+    wait_pgs(&c, "peered+undersized+degraded");
+    let q = c.ok(&["pg", "query", "1.0"]);
+    assert!(q.contains("state: peered+undersized+degraded") && q.contains("acting: [0]"), "{q}");
     // Reads need no quorum: the primary serves what is committed.
     verify(&mut io, &model);
 
@@ -211,10 +235,18 @@ fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
         c.ok(&["dev", "kill", "osd.2"]);
         c.ok(&["osd", "down", "osd.2"]);
         let at_kill = done.load(Ordering::Relaxed);
+        // An object larger than one recovery push (4 MiB), written while osd.2 is away.
+        let mut big_io = client.io();
+        let head = pattern(6 << 20, 77);
+        let tail = pattern(4 << 20, 78);
+        big_io.write_full("r", "big", head.clone()).unwrap();
+        big_io.write("r", "big", 6 << 20, tail.clone()).unwrap();
         wait_ops(at_kill + 800);
         // Back with the same store: peering finds what it missed in the logs.
         c.ok(&["dev", "start", "osd.2"]);
-        writer.join().unwrap()
+        let mut model = writer.join().unwrap();
+        model.objects.insert("big".into(), Some(([head, tail].concat(), BTreeMap::new())));
+        model
     });
     wait_for(120, "osd.2 up again in the client's map", || {
         client.map().osds.values().filter(|o| o.up).count().eq(&3).then_some(())
@@ -222,6 +254,9 @@ fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
     let mut io = client.io();
     touch_every_pg(&client, &mut io, &mut model);
     verify(&mut io, &model);
+    wait_pgs(&c, "active+clean");
+    let ls = c.ok(&["pg", "ls", "r"]);
+    assert_eq!(ls.lines().filter(|l| l.contains("active+clean")).count(), 8, "{ls}");
 
     c.ok(&["dev", "down"]);
     let dumps: Vec<String> = (0..3).map(|i| c.dump(i)).collect();
@@ -243,4 +278,125 @@ fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
         assert!(ids.insert(id.join(" ")), "applied twice: {l}");
     }
     assert!(ids.len() >= 3000, "{} log entries", ids.len());
+}
+
+/// Each OSD's dump split by PG: PG id -> that PG's lines.
+fn dump_by_pg(dump: &str) -> BTreeMap<String, String> {
+    let mut by: BTreeMap<String, String> = BTreeMap::new();
+    for l in dump.lines() {
+        let pg = l.split_whitespace().nth(1).unwrap_or("").to_string();
+        let e = by.entry(pg).or_default();
+        e.push_str(l);
+        e.push('\n');
+    }
+    by
+}
+
+/// The acting set of every PG of pool `r`, from `sluice pg ls`.
+fn acting_sets(c: &Cluster) -> BTreeMap<String, Vec<u64>> {
+    let rows = c.json(&["pg", "ls", "r"]);
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let acting = r["acting"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap());
+            (r["pgid"].as_str().unwrap().to_string(), acting.collect())
+        })
+        .collect()
+}
+
+/// Adds an OSD to a `sluice dev` cluster the way `dev up` makes one (a device, a daemon
+/// entry in dev.json with its own host) and starts it.
+fn add_osd(c: &Cluster, n: usize) {
+    let dev = c.path().join(format!("osd.{n}.dev"));
+    let osd = common::bin_dir().join("sluice-osd");
+    let out = std::process::Command::new(&osd)
+        .args(["mkfs", "--dev"])
+        .arg(&dev)
+        .args(["--size", "256M"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let path = c.path().join("dev.json");
+    let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let argv = serde_json::json!([
+        osd,
+        "run",
+        "--dev",
+        dev,
+        "--conf",
+        c.conf(),
+        "--rack",
+        "rack0",
+        "--host",
+        format!("host{n}"),
+        "--cpus",
+        "none"
+    ]);
+    st["daemons"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": format!("osd.{n}"), "argv": argv}));
+    std::fs::write(&path, serde_json::to_vec_pretty(&st).unwrap()).unwrap();
+    c.ok(&["dev", "start", &format!("osd.{n}")]);
+}
+
+#[test]
+fn an_osd_marked_out_hands_its_pgs_over_and_a_new_one_takes_only_its_share() {
+    let c = Cluster::up_with(1, 4, "256M");
+    c.ok(&["pool", "create", "r", "--size", "3", "--min-size", "2", "--pg-num", "8"]);
+    let opts = Options { op_timeout: Duration::from_secs(120), ..Options::default() };
+    let client = sluice_client::Cluster::connect_file(&c.conf(), opts).unwrap();
+    wait_for(60, "four OSDs up and the pool in the client's map", || {
+        let m = client.map();
+        (m.pool_by_name("r").is_some() && m.osds.values().filter(|o| o.up).count() == 4)
+            .then_some(())
+    });
+    let mut io = client.io();
+    let mut model = Model::default();
+    workload(&mut io, &mut model, 0, 600, 16);
+    wait_pgs(&c, "active+clean");
+
+    // Out: its PGs move to the other OSDs, which get every object (and the log).
+    c.ok(&["osd", "out", "3"]);
+    wait_pgs(&c, "active+clean");
+    let before = acting_sets(&c);
+    assert!(before.values().all(|a| !a.contains(&3)), "{before:?}");
+    wait_for(60, "HEALTH_OK", || (c.json(&["health"])["status"] == "HEALTH_OK").then_some(()));
+    workload(&mut io, &mut model, 600, 200, 16);
+    verify(&mut io, &model);
+
+    // A fifth OSD: PGs move only onto it (rendezvous placement), and it gets them whole.
+    add_osd(&c, 4);
+    wait_for(120, "osd.4 up in the client's map", || {
+        client.map().osds.values().filter(|o| o.up).count().eq(&5).then_some(())
+    });
+    touch_every_pg(&client, &mut io, &mut model);
+    wait_pgs(&c, "active+clean");
+    let after = acting_sets(&c);
+    for (pg, a) in &after {
+        let b = &before[pg];
+        let mut gone: Vec<&u64> = b.iter().filter(|o| !a.contains(o)).collect();
+        let added: Vec<&u64> = a.iter().filter(|o| !b.contains(o)).collect();
+        gone.sort();
+        assert!(added.iter().all(|o| **o == 4), "PG {pg}: {b:?} -> {a:?}: only osd.4 gains");
+        assert_eq!(gone.len(), added.len(), "PG {pg}: {b:?} -> {a:?}");
+    }
+    assert!(after.values().any(|a| a.contains(&4)), "osd.4 got no PG: {after:?}");
+    verify(&mut io, &model);
+
+    // Every PG's acting members hold the same objects and log.
+    c.ok(&["dev", "down"]);
+    let dumps: Vec<BTreeMap<String, String>> = (0..5).map(|i| dump_by_pg(&c.dump(i))).collect();
+    for (pg, acting) in &after {
+        let first = &dumps[acting[0] as usize][pg];
+        for o in &acting[1..] {
+            let other = dumps[*o as usize].get(pg).map_or("", String::as_str);
+            assert!(
+                first == other,
+                "PG {pg}: osd.{} and osd.{o} differ:\n{first}\n---\n{other}",
+                acting[0]
+            );
+        }
+    }
 }

@@ -271,6 +271,57 @@ pub struct Beacon {
     pub epoch: u64,
 }
 
+/// One PG as its primary reports it (`POST /v1/osd/pgstats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgReport {
+    pub pool: u32,
+    pub pg: u32,
+    /// The map epoch the primary saw.
+    pub epoch: u64,
+    /// Primary first.
+    pub acting: Vec<u32>,
+    pub version: u64,
+    /// Ceph's names: active, clean, peering, recovering, degraded, undersized, down.
+    pub state: Vec<String>,
+    /// Objects still to copy by recovery.
+    pub recovering: u64,
+}
+
+/// An OSD's report of the PGs it leads, sent to every monitor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PgStatsReport {
+    pub id: OsdId,
+    pub uuid: [u8; 16],
+    pub epoch: u64,
+    pub pgs: Vec<PgReport>,
+}
+
+/// One PG as a monitor sees it (`GET /v1/pg/stats`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PgRow {
+    pub pgid: String,
+    pub pool: u32,
+    pub pg: u32,
+    /// `+`-joined states, e.g. `active+clean`; `unknown`, `stale`, `down`, `peering`
+    /// when the monitor has no current report (see `pgstats`).
+    pub state: String,
+    pub up: Vec<u32>,
+    pub acting: Vec<u32>,
+    pub primary: Option<u32>,
+    pub version: u64,
+    pub recovering: u64,
+    pub reported_secs_ago: Option<f64>,
+    pub reported_epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PgTable {
+    pub epoch: u64,
+    pub pgs: Vec<PgRow>,
+    /// PGs per state.
+    pub summary: BTreeMap<String, usize>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailureReport {
     pub reporter: OsdId,

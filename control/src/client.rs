@@ -66,6 +66,23 @@ impl MonClient {
         }
     }
 
+    /// A client of the one monitor at `addr`, signing with this client's credentials
+    /// (shared: a renewal reaches it) and giving up quickly: for messages every monitor
+    /// gets (PG reports), where failing over would send one monitor two copies.
+    pub fn pinned(&self, addr: &str, deadline: Duration) -> MonClient {
+        MonClient {
+            sel: Arc::new(Mutex::new(Selector::new(
+                vec![addr.to_string()],
+                Policy::Static,
+                0,
+                Duration::from_secs(3600),
+            ))),
+            deadline,
+            attempt_timeout: deadline,
+            ..self.clone()
+        }
+    }
+
     pub fn from_conf(conf: &Conf, client_id: u64) -> MonClient {
         MonClient::new(
             conf.mon_hosts.clone(),

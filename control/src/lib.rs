@@ -5,7 +5,8 @@
 //! * [`raft`], [`store`], [`mon`]: the monitor (`sluice-mon`): openraft over the redb
 //!   store, the management API, the failure detector;
 //! * [`api`], [`client`], [`monclient`], [`conf`]: what clients of the monitors share;
-//! * [`osd_agent`]: the OSD's side of the lifecycle, run by `sluice-osd`.
+//! * [`osd_agent`]: the OSD's side of the lifecycle, run by `sluice-osd`;
+//! * [`pgstats`]: PG states as the monitors see them, from the OSDs' reports.
 //!
 //! `docs/ARCHITECTURE.md` describes each part; `docs/api.md` the HTTP API.
 
@@ -19,6 +20,7 @@ pub mod maps;
 pub mod mon;
 pub mod monclient;
 pub mod osd_agent;
+pub mod pgstats;
 pub mod raft;
 pub mod state;
 pub mod store;

@@ -66,6 +66,8 @@ pub struct Monitor {
     counters: Counters,
     /// Signed requests seen within their window (refused a second time).
     replays: Mutex<sluice_auth::request::ReplayCache>,
+    /// The OSDs' latest PG reports (every OSD reports to every monitor).
+    pg_stats: Mutex<crate::pgstats::PgStats>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -149,6 +151,7 @@ impl Monitor {
             detector: Mutex::new(None),
             counters: Counters::default(),
             replays: Mutex::new(Default::default()),
+            pg_stats: Mutex::new(Default::default()),
         }))
     }
 
@@ -451,7 +454,16 @@ impl Monitor {
                 detail: short,
             });
         }
+        let now = Instant::now();
+        let stats = self.pg_stats.lock().expect("pg stats lock");
+        checks.extend(stats.checks(&stats.table(map, now), now));
         api::Health::from_checks(checks)
+    }
+
+    /// Every PG's state (see `pgstats`).
+    pub fn pg_table(&self) -> api::PgTable {
+        let st = self.sm.shared.read().expect("state lock");
+        self.pg_stats.lock().expect("pg stats lock").table(&st.cluster.osdmap, Instant::now())
     }
 
     pub fn status(&self) -> api::Status {
@@ -723,9 +735,11 @@ fn need_of(path: &str) -> Need {
     use sluice_auth::Perms;
     match path {
         "/v1/status" | "/v1/mon" | "/v1/osdmap" | "/v1/osd/map" | "/v1/config"
-        | "/v1/subscribe" => Need::Caps(Perms::R),
+        | "/v1/subscribe" | "/v1/pg/stats" => Need::Caps(Perms::R),
         "/v1/command" => Need::Command,
-        "/v1/osd/boot" | "/v1/osd/beacon" | "/v1/osd/failure" => Need::Caps(Perms::X),
+        "/v1/osd/boot" | "/v1/osd/beacon" | "/v1/osd/failure" | "/v1/osd/pgstats" => {
+            Need::Caps(Perms::X)
+        }
         // Liveness, health and metrics are open; the auth endpoints and OSD registration
         // check their own signatures; Raft is between monitors (see ARCHITECTURE).
         _ => Need::Nothing,
@@ -805,6 +819,7 @@ fn osd_endpoint_caller(
             }
         }
         "/v1/osd/beacon" => parse::<api::Beacon>(body)?.id,
+        "/v1/osd/pgstats" => parse::<api::PgStatsReport>(body)?.id,
         "/v1/osd/failure" => parse::<api::FailureReport>(body)?.reporter,
         _ => return Ok(()),
     };
@@ -834,6 +849,8 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/osd/boot", post(osd_boot))
         .route("/v1/osd/new", post(osd_new))
         .route("/v1/osd/beacon", post(osd_beacon))
+        .route("/v1/osd/pgstats", post(osd_pgstats))
+        .route("/v1/pg/stats", get(pg_stats))
         .route("/v1/osd/failure", post(osd_failure))
         .route("/v1/auth/challenge", get(auth_challenge))
         .route("/v1/auth/session", post(auth_session))
@@ -1396,6 +1413,29 @@ async fn osd_beacon(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Jso
         Ok(epoch)
     })
     .await
+}
+
+/// An OSD's PG report: kept by this monitor (every OSD reports to every monitor).
+async fn osd_pgstats(State(m): St, body: Bytes) -> Result<axum::Json<u64>, Failure> {
+    let r: api::PgStatsReport = parse(&body)?;
+    let st = m.sm.shared.read().expect("state lock");
+    match st.cluster.osdmap.osd(r.id) {
+        Some(o) if o.uuid == r.uuid => {}
+        _ => {
+            return Err(Failure::new(
+                ErrorKind::Rejected,
+                format!("{} is not registered with that uuid", r.id),
+            ));
+        }
+    }
+    let epoch = st.cluster.osdmap.epoch;
+    drop(st);
+    m.pg_stats.lock().expect("pg stats lock").record(r, Instant::now());
+    Ok(axum::Json(epoch))
+}
+
+async fn pg_stats(State(m): St) -> axum::Json<api::PgTable> {
+    axum::Json(m.pg_table())
 }
 
 async fn osd_failure(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Json<bool>, Failure> {

@@ -47,7 +47,36 @@ pub struct AgentConfig {
     pub on_map: Option<MapSink>,
     /// Authentication (`None`: the cluster runs with `auth = "none"`).
     pub auth: Option<AgentAuth>,
+    /// The dataplane cores' PG reports, forwarded to every monitor.
+    pub pg_reports: Option<PgReportRx>,
 }
+
+/// One core's report of the PGs it leads (its whole list, replacing the last one).
+#[derive(Debug, Clone)]
+pub struct CorePgReport {
+    pub core: u16,
+    pub pgs: Vec<api::PgReport>,
+}
+
+/// How a core sends its reports (never blocks).
+pub type PgReportTx = mpsc::UnboundedSender<CorePgReport>;
+
+/// The agent's end, taken once by [`run`].
+#[derive(Debug, Clone)]
+pub struct PgReportRx(
+    pub std::sync::Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<CorePgReport>>>>,
+);
+
+impl PgReportRx {
+    pub fn channel() -> (PgReportTx, PgReportRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, PgReportRx(std::sync::Arc::new(std::sync::Mutex::new(Some(rx)))))
+    }
+}
+
+/// Reports go out at most this often when they change (and every
+/// `osd_pg_stats_interval`, default 2 s, when they do not).
+const PG_REPORT_MIN_GAP: Duration = Duration::from_millis(200);
 
 /// How the OSD authenticates (see the module documentation).
 #[derive(Debug, Clone)]
@@ -140,6 +169,10 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyho
     let boot_req =
         BootRequest { uuid: cfg.uuid, location: cfg.location.clone(), weight: cfg.weight, addrs };
     let (mut updates, have) = subscribe(mon.clone());
+    let mut reports = cfg.pg_reports.as_ref().and_then(|r| r.0.lock().expect("lock").take());
+    // PG reports go to every monitor (each answers `sluice pg` and health from its own).
+    let per_mon =
+        cfg.conf.mon_hosts.iter().map(|h| mon.pinned(h, Duration::from_secs(2))).collect();
     let mut a = Agent {
         map: OsdMap::new(cfg.conf.fsid),
         cfg,
@@ -154,6 +187,11 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyho
         next_beacon: Instant::now(),
         next_ping: Instant::now(),
         auth: None,
+        per_mon,
+        pg_reports: BTreeMap::new(),
+        pg_dirty: false,
+        next_pg_report: Instant::now(),
+        last_pg_report: Instant::now(),
     };
     a.auth = a.cfg.auth.clone().map(|cfg| AuthRun {
         cfg,
@@ -179,10 +217,14 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyho
             }
             continue;
         }
-        let wake = a.next_beacon.min(a.next_ping);
+        let wake = a.next_beacon.min(a.next_ping).min(a.pg_report_due());
         tokio::select! {
             _ = shutdown.changed() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
+            Some(r) = async { match reports.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                a.pg_reports.insert(r.core, r.pgs);
+                a.pg_dirty = true;
+            }
             Some(u) = updates.recv() => {
                 a.apply_update(u);
                 let _ = have.send(a.map.epoch);
@@ -259,6 +301,12 @@ struct Agent {
     next_beacon: Instant,
     next_ping: Instant,
     auth: Option<AuthRun>,
+    /// One client per monitor, for PG reports; each core's latest PG list.
+    per_mon: Vec<MonClient>,
+    pg_reports: BTreeMap<u16, Vec<api::PgReport>>,
+    pg_dirty: bool,
+    next_pg_report: Instant,
+    last_pg_report: Instant,
 }
 
 impl Agent {
@@ -402,6 +450,39 @@ impl Agent {
         }
     }
 
+    /// When the PG report is due: soon after a change, else at the interval.
+    fn pg_report_due(&self) -> Instant {
+        if self.pg_dirty {
+            self.next_pg_report.min(self.last_pg_report + PG_REPORT_MIN_GAP)
+        } else {
+            self.next_pg_report
+        }
+    }
+
+    /// Sends the cores' PG reports to every monitor (without waiting for the answers: a
+    /// monitor that is down must not delay heartbeats).
+    fn send_pg_reports(&mut self, id: OsdId) {
+        let now = Instant::now();
+        self.next_pg_report = now + self.secs("osd_pg_stats_interval", 2.0);
+        self.last_pg_report = now;
+        self.pg_dirty = false;
+        let r = api::PgStatsReport {
+            id,
+            uuid: self.cfg.uuid,
+            epoch: self.map.epoch,
+            pgs: self.pg_reports.values().flatten().cloned().collect(),
+        };
+        for m in &self.per_mon {
+            let m = m.clone();
+            let r = r.clone();
+            tokio::spawn(async move {
+                if let Err(e) = m.post::<_, u64>("/v1/osd/pgstats", &r).await {
+                    tracing::debug!("PG report to {}: {e}", m.current());
+                }
+            });
+        }
+    }
+
     /// Beacons and heartbeats that are due, and the failure reports they lead to.
     async fn timers(&mut self) {
         let Some(id) = self.me else { return };
@@ -409,6 +490,9 @@ impl Agent {
         // the cores keep the secrets they have).
         self.authenticate().await;
         let now = Instant::now();
+        if now >= self.pg_report_due() && self.cfg.pg_reports.is_some() {
+            self.send_pg_reports(id);
+        }
         if now >= self.next_beacon {
             self.next_beacon = now + self.secs("osd_beacon_interval", 5.0);
             let b = api::Beacon { id, uuid: self.cfg.uuid, epoch: self.map.epoch };

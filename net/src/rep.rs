@@ -33,6 +33,8 @@ pub const MSG_PUSH_ACK: u16 = 0x0206;
 pub const MAX_ENTRIES: usize = 65_536;
 /// Most xattrs one pushed object carries.
 pub const MAX_XATTRS: usize = 4096;
+/// Most object bytes one push carries.
+pub const PUSH_CHUNK_BYTES: usize = 4 << 20;
 
 /// Format version of both messages.
 pub const VERSION: u16 = 1;
@@ -178,8 +180,20 @@ pub struct ObjectState<'a> {
     pub name: &'a str,
     /// False: the object must not exist.
     pub exists: bool,
+    /// The object's size; `data` is its bytes from `offset` (an object larger than
+    /// [`PUSH_CHUNK_BYTES`] travels in several pushes, in order; the first, at offset 0,
+    /// replaces the object and carries the xattrs).
+    pub size: u64,
+    pub offset: u64,
     pub data: &'a [u8],
     pub xattrs: Vec<(&'a str, &'a [u8])>,
+}
+
+impl ObjectState<'_> {
+    /// The last piece of the object.
+    pub fn is_last(&self) -> bool {
+        !self.exists || self.offset + self.data.len() as u64 >= self.size
+    }
 }
 
 /// Recovery's copy: an object's state, or (with no object) the PG log entries and the
@@ -328,6 +342,8 @@ impl<'a> Push<'a> {
                 out.push(1);
                 put_bytes(out, o.name.as_bytes());
                 out.push(u8::from(o.exists));
+                out.extend_from_slice(&o.size.to_le_bytes());
+                out.extend_from_slice(&o.offset.to_le_bytes());
                 put_bytes(out, o.data);
                 out.extend_from_slice(&(o.xattrs.len() as u32).to_le_bytes());
                 for (k, v) in &o.xattrs {
@@ -354,13 +370,18 @@ impl<'a> Push<'a> {
             1 => {
                 let name = d.str("object name", MAX_NAME_BYTES)?;
                 let exists = d.u8()? != 0;
+                let size = d.u64()?;
+                let offset = d.u64()?;
                 let data = d.bytes()?;
-                if data.len() > MAX_WRITE_BYTES {
+                if data.len() > PUSH_CHUNK_BYTES.min(MAX_WRITE_BYTES) {
                     return Err(DecodeError::TooLong {
-                        what: "pushed object",
+                        what: "pushed object piece",
                         len: data.len(),
-                        max: MAX_WRITE_BYTES,
+                        max: PUSH_CHUNK_BYTES,
                     });
+                }
+                if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+                    return Err(DecodeError::Unknown { what: "pushed piece beyond size", code: 0 });
                 }
                 let n = d.count("xattrs", MAX_XATTRS)?;
                 let mut xattrs = Vec::with_capacity(n.min(d.0.remaining() / 8));
@@ -376,7 +397,7 @@ impl<'a> Push<'a> {
                     }
                     xattrs.push((k, v));
                 }
-                Some(ObjectState { name, exists, data, xattrs })
+                Some(ObjectState { name, exists, size, offset, data, xattrs })
             }
             c => return Err(DecodeError::Unknown { what: "push kind", code: u32::from(c) }),
         };
@@ -471,6 +492,8 @@ mod tests {
             let object = with_object.then(|| ObjectState {
                 name: &name,
                 exists,
+                size: data.len() as u64 + last % 7,
+                offset: last % 7,
                 data: &data,
                 xattrs: keys.iter().map(|k| (k.as_str(), k.as_bytes())).collect(),
             });

@@ -510,6 +510,7 @@ fn run(
     let auth_on = conf.as_ref().is_some_and(|c| c.auth == sluice_control::conf::Auth::Cephx);
     let secure = conf.as_ref().is_some_and(|c| c.secure);
     let mut secret_txs = Vec::new();
+    let (pg_tx, pg_rx) = sluice_control::osd_agent::PgReportRx::channel();
     let (tx, rx) = mpsc::channel::<(u16, Result<String, String>)>();
     let mut handles = Vec::new();
     for ((shard, (outbox, inbox)), park) in
@@ -528,6 +529,7 @@ fn run(
             CoreAuth { secure, secrets: rx }
         });
         let listener = listeners.get_mut(shard as usize).and_then(Option::take);
+        let pg_tx = pg_tx.clone();
         let h = reactor::spawn(cfg, park, move |r| {
             let store_cfg = StoreConfig { mount, ..Default::default() };
             // Made before the queue pair so it can register them as fixed buffers.
@@ -551,10 +553,11 @@ fn run(
                     Some(l) => {
                         let server = Server::from_listener(l, ops::FEATURES, Limits::DEFAULT)
                             .map_err(|e| e.to_string())?;
-                        let core = OsdCore::open(
+                        let mut core = OsdCore::open(
                             s, server, shard, shards, outbox, inbox, map_rx, core_auth,
                         )
                         .map_err(|e| e.to_string())?;
+                        core.report_pgs_to(pg_tx);
                         let msg = format!("{msg}, {} PG(s)", core.pg_count());
                         return Ok((msg, Box::new(core) as Box<dyn Poller>));
                     }
@@ -619,7 +622,7 @@ fn run(
                 );
                 None
             };
-            Some(start_agent(conf, dsb.fsid, core_ports, sink, auth, cluster)?)
+            Some(start_agent(conf, dsb.fsid, core_ports, sink, auth, pg_rx, cluster)?)
         }
         None => {
             tracing::info!(
@@ -694,6 +697,7 @@ fn start_agent(
     core_ports: Vec<u16>,
     on_map: MapSink,
     auth: Option<AgentAuth>,
+    pg_reports: sluice_control::osd_agent::PgReportRx,
     cluster: &ClusterArgs,
 ) -> anyhow::Result<Agent> {
     use sluice_control::maps::{Location, osdmap::ONE};
@@ -713,6 +717,7 @@ fn start_agent(
         core_ports,
         on_map: Some(on_map),
         auth,
+        pg_reports: Some(pg_reports),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new().name("cluster-agent".into()).spawn(move || {

@@ -55,7 +55,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use sluice_auth::{AuthTicket, Caps, EntityKind, Perms, Service};
 use sluice_control::maps::placement::{self, PgId, PrimaryCache};
 use sluice_control::maps::{OsdId, OsdMap, Pool, PoolId};
-use sluice_control::osd_agent::DataplaneAuth;
+use sluice_control::osd_agent::{CorePgReport, DataplaneAuth, PgReportTx};
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
 use sluice_net::rep::{self, RepOp, RepReply};
 use sluice_net::tcp::{Server, ServerAuth, ServerEvent};
@@ -78,6 +78,10 @@ pub const LOG_KEEP: u64 = 2000;
 pub const MAP_WAIT: Duration = Duration::from_secs(10);
 /// Payload bytes of requests waiting for a newer map, at most (more are told to retry).
 pub const MAX_WAITING_BYTES: usize = 64 << 20;
+/// PG reports go to the cluster agent at least this often, and at most every
+/// [`PG_REPORT_MIN_GAP`] when PG states change.
+pub const PG_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+pub const PG_REPORT_MIN_GAP: Duration = Duration::from_millis(100);
 /// How long a server keeps the session of a client that went away.
 pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 
@@ -217,6 +221,8 @@ struct Pg {
     want_peer: bool,
     /// Client requests held while the PG peers, to route again when it is active.
     held: VecDeque<(Origin, Vec<u8>)>,
+    /// As primary: members the last recovery could not bring up to date.
+    behind: Vec<OsdId>,
     /// As primary: writes durable here but on fewer than min_size members when replicas
     /// left; answered when the PG is active with min_size members again.
     parked: Vec<Parked>,
@@ -250,12 +256,12 @@ enum Kind {
         created: bool,
         logged: Logged,
     },
-    /// Recovery reading an object to push: its data (`data` None), then its xattrs.
+    /// Recovery reading an object to push (size, xattrs, then data piece by piece).
     RecoveryRead {
         pg: PgId,
         object: String,
         to: peering::PushTo,
-        data: Option<Vec<u8>>,
+        stage: peering::ReadStage,
     },
     /// Recovery applying a pushed object or log (`reply`: the pushing primary's session;
     /// None on the primary recovering itself). `version`: the PG's version afterwards.
@@ -266,6 +272,8 @@ enum Kind {
         version: Option<u64>,
         created: bool,
         reply: Option<u64>,
+        /// The last piece of an object, or a log push (the ones that are answered).
+        answer: bool,
     },
     Read,
     Stat,
@@ -381,6 +389,12 @@ struct Core<D: BlockDevice> {
     received: Vec<Received>,
     /// The clock of the current poll.
     now: MonoTime,
+    /// Where PG reports go (the cluster agent), and whether a PG's state changed since
+    /// the last one.
+    pg_tx: Option<PgReportTx>,
+    pg_dirty: bool,
+    next_pg_report: MonoTime,
+    last_pg_report: MonoTime,
 }
 
 /// The serving poller of one core. See the module documentation.
@@ -400,6 +414,8 @@ pub struct OsdCore<D: BlockDevice> {
     peer_timer: bool,
     /// The clock of the last poll.
     last_now: MonoTime,
+    /// A timer is set for the next PG report.
+    pg_timer: bool,
     park: Epoll,
     /// When idle sessions were last expired (the reactor's clock: no clock read per pass).
     last_expire: MonoTime,
@@ -495,6 +511,10 @@ impl<D: BlockDevice> OsdCore<D> {
                 rep_waiting: HashMap::new(),
                 received: Vec::new(),
                 now: MonoTime::ZERO,
+                pg_tx: None,
+                pg_dirty: true,
+                next_pg_report: MonoTime::ZERO,
+                last_pg_report: MonoTime::ZERO,
             },
             inbox,
             maps,
@@ -504,10 +524,17 @@ impl<D: BlockDevice> OsdCore<D> {
             wait_timer: false,
             peer_timer: false,
             last_now: MonoTime::ZERO,
+            pg_timer: false,
             park,
             last_expire: MonoTime::ZERO,
             last_stats_log: Instant::now(),
         })
+    }
+
+    /// Reports of the PGs this core leads go to `tx` (the cluster agent): soon after a
+    /// change, and every [`PG_REPORT_INTERVAL`].
+    pub fn report_pgs_to(&mut self, tx: PgReportTx) {
+        self.c.pg_tx = Some(tx);
     }
 
     /// PGs with state on this core.
@@ -684,6 +711,16 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
             cx.schedule_after(Duration::from_secs(1), 0);
         }
         busy |= self.c.flush_stalled();
+        busy |= self.c.maybe_report_pgs(now);
+        if self.c.pg_tx.is_some() && !self.pg_timer {
+            self.pg_timer = true;
+            let due = if self.c.pg_dirty {
+                self.c.last_pg_report.after(PG_REPORT_MIN_GAP)
+            } else {
+                self.c.next_pg_report
+            };
+            cx.schedule_after(due.saturating_sub(now).max(Duration::from_millis(1)), 2);
+        }
         busy |= self.send_replies();
         busy |= self.server.flush();
         if now.saturating_sub(self.last_expire) > Duration::from_secs(10) {
@@ -735,7 +772,8 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         // reconnects to peers.
         match token {
             0 => self.wait_timer = false,
-            _ => self.peer_timer = false,
+            1 => self.peer_timer = false,
+            _ => self.pg_timer = false,
         }
     }
 
@@ -1466,6 +1504,24 @@ impl<D: BlockDevice> Core<D> {
         true
     }
 
+    /// Sends the PG reports when due (see [`PG_REPORT_INTERVAL`]).
+    fn maybe_report_pgs(&mut self, now: MonoTime) -> bool {
+        let Some(tx) = &self.pg_tx else { return false };
+        let due = now >= self.next_pg_report
+            || (self.pg_dirty && now >= self.last_pg_report.after(PG_REPORT_MIN_GAP));
+        if !due || self.view.is_none() {
+            return false;
+        }
+        let tx = tx.clone();
+        let pgs = self.pg_reports();
+        self.pg_dirty = false;
+        self.last_pg_report = now;
+        self.next_pg_report = now.after(PG_REPORT_INTERVAL);
+        // The agent gone means the OSD is stopping.
+        let _ = tx.send(CorePgReport { core: self.core, pgs });
+        true
+    }
+
     /// A new map: writes stop waiting for replicas that left their PG's acting set (or
     /// whose connection went with their old address).
     fn on_new_map(&mut self) {
@@ -1520,8 +1576,8 @@ impl<D: BlockDevice> Core<D> {
         }
         let p = self.ops.remove(slot);
         let p = match p.kind {
-            Kind::RecoveryRead { pg, object, to, data } => {
-                return self.recovery_read_done(pg, object, to, data, result);
+            Kind::RecoveryRead { pg, object, to, stage } => {
+                return self.recovery_read_done(pg, object, to, stage, result);
             }
             kind @ Kind::PushApply { .. } => return self.push_applied(kind, result.map(|_| ())),
             kind => Pending { kind, ..p },

@@ -30,7 +30,7 @@
 
 use std::collections::BTreeSet;
 
-use sluice_net::rep::{ObjectState, PgInfo, PgQuery, Pull, Push};
+use sluice_net::rep::{ObjectState, PUSH_CHUNK_BYTES, PgInfo, PgQuery, Pull, Push};
 
 use super::*;
 
@@ -51,6 +51,8 @@ pub(crate) struct Peering {
     /// Members whose info has not arrived.
     waiting: Vec<OsdId>,
     phase: Phase,
+    /// Members recovery could not bring up to date (backfill needed, or a failure).
+    behind: Vec<OsdId>,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,32 @@ struct Target {
     entries: Vec<(u64, Logged)>,
     log_sent: bool,
     done: bool,
+}
+
+/// A piece of a pushed object, owned.
+#[derive(Debug)]
+pub(crate) struct PushedPiece {
+    name: String,
+    exists: bool,
+    offset: u64,
+    data: Vec<u8>,
+    xattrs: Vec<(String, Vec<u8>)>,
+    last: bool,
+}
+
+/// Where a recovery read is (see [`Core::recovery_read`]).
+#[derive(Debug)]
+pub(crate) enum ReadStage {
+    Stat,
+    Xattrs {
+        size: u64,
+    },
+    /// Reading the piece at `offset`; the first piece carries the xattrs.
+    Data {
+        size: u64,
+        offset: u64,
+        xattrs: Option<BTreeMap<String, Vec<u8>>>,
+    },
 }
 
 /// Where a recovery read's object goes.
@@ -163,6 +191,8 @@ impl<D: BlockDevice> Core<D> {
     /// ops again (to a redirect).
     pub(super) fn peer_all(&mut self) {
         let Some(view) = self.view.clone() else { return };
+        // States may change with any map (undersized, a new pool).
+        self.pg_dirty = true;
         let mut start = Vec::new();
         for pool in view.map.pools.values() {
             for n in 0..pool.pg_num {
@@ -265,7 +295,9 @@ impl<D: BlockDevice> Core<D> {
             infos: HashMap::new(),
             waiting: replicas.clone(),
             phase: Phase::GetInfo,
+            behind: Vec::new(),
         }));
+        self.pg_dirty = true;
         if replicas.is_empty() {
             return self.choose(pgid);
         }
@@ -469,10 +501,13 @@ impl<D: BlockDevice> Core<D> {
                         },
                     );
                 }
-                Err(why) => tracing::error!(
-                    "PG {pgid}: {osd} is {why}: it needs a backfill, which is not built; \
-                     it stays behind"
-                ),
+                Err(why) => {
+                    tracing::error!(
+                        "PG {pgid}: {osd} is {why}: it needs a backfill, which is not built; \
+                         it stays behind"
+                    );
+                    p.behind.push(*osd);
+                }
             }
         }
         p.phase = Phase::Push(targets);
@@ -542,6 +577,8 @@ impl<D: BlockDevice> Core<D> {
             .map_or(usize::MAX, |pool| usize::from(pool.min_size));
         let enough = p.acting.len() >= min_size;
         pg.active_with = Some(p.acting);
+        pg.behind = p.behind;
+        self.pg_dirty = true;
         if enough {
             self.answer_parked(pgid, false);
         }
@@ -600,6 +637,7 @@ impl<D: BlockDevice> Core<D> {
         if r.status != Status::Ok {
             tracing::error!("PG {pgid}: recovering {from} failed: {}; it stays behind", r.message);
             t.done = true;
+            p.behind.push(from);
         } else if t.in_flight > 0 {
             t.in_flight -= 1;
         } else if t.log_sent {
@@ -609,43 +647,82 @@ impl<D: BlockDevice> Core<D> {
         self.push_more(pgid);
     }
 
-    /// Reads an object's state for a push (data, then xattrs: see [`Kind::RecoveryRead`]).
+    /// Reads an object's state for a push: its size, its xattrs, then its data a
+    /// [`PUSH_CHUNK_BYTES`] piece at a time, each piece pushed as it is read.
     pub(super) fn recovery_read(&mut self, pgid: PgId, object: String, to: PushTo) {
         let coll = CollId(pgid.collection());
-        let q = Query::Read { coll, name: object.clone(), offset: 0, len: ops::MAX_READ_BYTES };
-        let kind = Kind::RecoveryRead { pg: pgid, object, to, data: None };
+        let q = Query::Stat { coll, name: object.clone() };
+        self.recovery_query(pgid, object, to, ReadStage::Stat, q);
+    }
+
+    fn recovery_query(
+        &mut self,
+        pgid: PgId,
+        object: String,
+        to: PushTo,
+        stage: ReadStage,
+        q: Query,
+    ) {
+        let kind = Kind::RecoveryRead { pg: pgid, object, to, stage };
         let slot =
             self.ops.insert(Pending { origin: Origin::Local(0), tid: 0, kind, dups: Vec::new() });
         self.shard.query(q, slot as u64);
     }
 
-    /// A recovery read finished: the next query, or the push.
+    /// A recovery read finished: the next query, and a push when a piece is read.
     pub(super) fn recovery_read_done(
         &mut self,
         pgid: PgId,
         object: String,
         to: PushTo,
-        data: Option<Vec<u8>>,
+        stage: ReadStage,
         result: Result<Option<Answer>, StoreError>,
     ) {
         let coll = CollId(pgid.collection());
-        let (exists, data, xattrs) = match (data, result) {
-            // The data: now the xattrs.
-            (None, Ok(Some(Answer::Data(d)))) => {
-                let data = Some(d.data().to_vec());
-                let kind = Kind::RecoveryRead { pg: pgid, object: object.clone(), to, data };
-                let slot = self.ops.insert(Pending {
-                    origin: Origin::Local(0),
-                    tid: 0,
-                    kind,
-                    dups: Vec::new(),
-                });
-                return self.shard.query(Query::GetXattrs { coll, name: object }, slot as u64);
-            }
-            (_, Err(StoreError::NotFound(_))) => (false, Vec::new(), BTreeMap::new()),
-            (Some(d), Ok(Some(Answer::Xattrs(x)))) => (true, d, x),
+        let chunk = |offset: u64, size: u64| (size - offset).min(PUSH_CHUNK_BYTES as u64);
+        let (size, offset, data, xattrs) = match (stage, result) {
+            // Gone (or never there): the member must not have it either.
+            (_, Err(StoreError::NotFound(_))) => (None, 0, Vec::new(), BTreeMap::new()),
             (_, Err(e)) => return self.recovery_failed(pgid, &object, to, &e.to_string()),
-            (_, Ok(a)) => panic!("recovery read answered {a:?}"),
+            (ReadStage::Stat, Ok(Some(Answer::Stat(st)))) => {
+                let q = Query::GetXattrs { coll, name: object.clone() };
+                return self.recovery_query(
+                    pgid,
+                    object,
+                    to,
+                    ReadStage::Xattrs { size: st.size },
+                    q,
+                );
+            }
+            (ReadStage::Xattrs { size }, Ok(Some(Answer::Xattrs(x)))) if size > 0 => {
+                let q = Query::Read { coll, name: object.clone(), offset: 0, len: chunk(0, size) };
+                let stage = ReadStage::Data { size, offset: 0, xattrs: Some(x) };
+                return self.recovery_query(pgid, object, to, stage, q);
+            }
+            (ReadStage::Xattrs { size }, Ok(Some(Answer::Xattrs(x)))) => {
+                (Some(size), 0, Vec::new(), x)
+            }
+            (ReadStage::Data { size, offset, xattrs }, Ok(Some(Answer::Data(d)))) => {
+                let data = d.data().to_vec();
+                if data.len() as u64 != chunk(offset, size) {
+                    // Objects do not change while their PG recovers (ops are held).
+                    let m = format!("read {} bytes at {offset} of {size}", data.len());
+                    return self.recovery_failed(pgid, &object, to, &m);
+                }
+                let next = offset + data.len() as u64;
+                if next < size {
+                    let q = Query::Read {
+                        coll,
+                        name: object.clone(),
+                        offset: next,
+                        len: chunk(next, size),
+                    };
+                    let stage = ReadStage::Data { size, offset: next, xattrs: None };
+                    self.recovery_query(pgid, object.clone(), to, stage, q);
+                }
+                (Some(size), offset, data, xattrs.unwrap_or_default())
+            }
+            (stage, Ok(a)) => panic!("recovery read {stage:?} answered {a:?}"),
         };
         let epoch = match to {
             PushTo::Peer(_) => self.pgs[&pgid].peering.as_ref().map_or(0, |p| p.epoch),
@@ -657,7 +734,9 @@ impl<D: BlockDevice> Core<D> {
             pg: pgid.pg,
             object: Some(ObjectState {
                 name: &object,
-                exists,
+                exists: size.is_some(),
+                size: size.unwrap_or(0),
+                offset,
                 data: &data,
                 xattrs: xattrs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect(),
             }),
@@ -681,12 +760,13 @@ impl<D: BlockDevice> Core<D> {
         tracing::error!("PG {pgid}: reading {object} for recovery: {why}");
         match to {
             PushTo::Peer(osd) => {
-                if let Some(Phase::Push(t)) =
-                    self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()).map(|p| &mut p.phase)
+                if let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut())
+                    && let Phase::Push(t) = &mut p.phase
                     && let Some(t) = t.get_mut(&osd)
                 {
                     t.in_flight -= 1;
                     t.done = true;
+                    p.behind.push(osd);
                 }
                 self.push_more(pgid);
             }
@@ -735,27 +815,24 @@ impl<D: BlockDevice> Core<D> {
                 }
             }
         }
-        let object = push.object.as_ref().map(|o| {
-            (
-                o.name.to_string(),
-                o.exists.then(|| {
-                    (
-                        o.data.to_vec(),
-                        o.xattrs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
-                    )
-                }),
-            )
+        let object = push.object.as_ref().map(|o| PushedPiece {
+            name: o.name.to_string(),
+            exists: o.exists,
+            offset: o.offset,
+            data: o.data.to_vec(),
+            xattrs: o.xattrs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
+            last: o.is_last(),
         });
         self.apply_push(pgid, push.epoch, object, entries, push.last_version, reply);
     }
 
-    /// One transaction: an object's state and/or log entries (and the version).
-    #[allow(clippy::type_complexity)]
+    /// One transaction: a piece of an object's state and/or log entries (and the
+    /// version). The first piece replaces the object; later ones write at their offset.
     fn apply_push(
         &mut self,
         pgid: PgId,
         epoch: u64,
-        object: Option<(String, Option<(Vec<u8>, Vec<(String, Vec<u8>)>)>)>,
+        object: Option<PushedPiece>,
         entries: Vec<(u64, Logged)>,
         version: u64,
         reply: Option<u64>,
@@ -768,23 +845,40 @@ impl<D: BlockDevice> Core<D> {
             txn.ops.push(TxOp::CreateCollection { coll });
             pg.exists = true;
         }
-        if let Some((name, state)) = object {
-            // Whatever was there goes: the pushed state is the whole object.
-            txn.ops.push(TxOp::Touch { coll, name: name.clone() });
-            txn.ops.push(TxOp::Delete { coll, name: name.clone() });
-            if let Some((data, xattrs)) = state {
-                txn.ops.push(TxOp::WriteFull { coll, name: name.clone(), data: txn_data(&data) });
-                for (key, value) in xattrs {
-                    txn.ops.push(TxOp::SetXattr { coll, name: name.clone(), key, value });
+        // Only the last piece of an object (or a log push) is answered.
+        let mut answer = true;
+        if let Some(p) = object {
+            answer = p.last;
+            let name = p.name;
+            if p.offset == 0 {
+                // Whatever was there goes: the pushed state is the whole object.
+                txn.ops.push(TxOp::Touch { coll, name: name.clone() });
+                txn.ops.push(TxOp::Delete { coll, name: name.clone() });
+                if p.exists {
+                    let data = txn_data(&p.data);
+                    txn.ops.push(TxOp::WriteFull { coll, name: name.clone(), data });
+                    for (key, value) in p.xattrs {
+                        txn.ops.push(TxOp::SetXattr { coll, name: name.clone(), key, value });
+                    }
                 }
+            } else {
+                txn.ops.push(TxOp::Write { coll, name, offset: p.offset, data: p.data });
             }
         }
         for (v, l) in &entries {
             txn.ops.push(TxOp::PgLogAppend { coll, key: *v, entry: l.entry().encode() });
         }
         let set_version = (!entries.is_empty() || version > 0).then_some(version);
-        let kind =
-            Kind::PushApply { pg: pgid, epoch, entries, version: set_version, created, reply };
+        let reply = reply.filter(|_| answer);
+        let kind = Kind::PushApply {
+            pg: pgid,
+            epoch,
+            entries,
+            version: set_version,
+            created,
+            reply,
+            answer,
+        };
         let slot =
             self.ops.insert(Pending { origin: Origin::Local(0), tid: 0, kind, dups: Vec::new() });
         if let Err(e) = self.shard.submit(txn, slot as u64) {
@@ -795,7 +889,8 @@ impl<D: BlockDevice> Core<D> {
 
     /// A push's transaction finished.
     pub(super) fn push_applied(&mut self, kind: Kind, result: Result<(), StoreError>) {
-        let Kind::PushApply { pg: pgid, epoch, entries, version, created, reply } = kind else {
+        let Kind::PushApply { pg: pgid, epoch, entries, version, created, reply, answer } = kind
+        else {
             unreachable!("push_applied takes pushes")
         };
         let pg = self.pgs.get_mut(&pgid).expect("entered at submit");
@@ -829,6 +924,14 @@ impl<D: BlockDevice> Core<D> {
                     message: &m,
                 };
                 self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+            }
+            None if !answer => {
+                // A piece of a pulled object before its last: nothing to do yet (a failure
+                // shows when the last piece fails too: the object is rewritten whole by
+                // the next peering).
+                if let Err(e) = result {
+                    tracing::error!("PG {pgid}: applying a pulled piece: {e}");
+                }
             }
             None => {
                 // The primary's own pull or log catching up.
@@ -870,6 +973,66 @@ impl<D: BlockDevice> Core<D> {
             "PG {pgid}: pulling from {from} failed: {}; the PG stays peering",
             r.message
         );
+    }
+}
+
+impl<D: BlockDevice> Core<D> {
+    /// The PGs this core leads, as the monitors show them (`sluice pg ls`).
+    pub(super) fn pg_reports(&mut self) -> Vec<sluice_control::api::PgReport> {
+        let Some(view) = self.view.clone() else { return Vec::new() };
+        let mut out = Vec::new();
+        for pool in view.map.pools.values() {
+            for n in 0..pool.pg_num {
+                let pgid = PgId { pool: pool.id, pg: n };
+                if placement::pg_core(pgid, self.cores) as u16 != self.core {
+                    continue;
+                }
+                let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
+                if acting.first() != Some(&view.me) {
+                    continue;
+                }
+                let pg = self.pgs.get(&pgid);
+                let active = pg.is_some_and(|p| p.active_with.as_deref() == Some(&acting[..]));
+                let behind = pg.is_some_and(|p| !p.behind.is_empty());
+                let mut state = Vec::new();
+                let mut recovering = 0;
+                match pg.and_then(|p| p.peering.as_ref()) {
+                    _ if active => {
+                        // Below min_size a PG peers but takes no writes: Ceph's "peered".
+                        let ok = acting.len() >= usize::from(pool.min_size);
+                        state.push(if ok { "active" } else { "peered" });
+                    }
+                    Some(p) => match &p.phase {
+                        Phase::GetInfo => state.push("peering"),
+                        Phase::Pull { objects, in_flight, .. } => {
+                            state.push("recovering");
+                            recovering = objects.len() + in_flight;
+                        }
+                        Phase::OwnLog => state.push("recovering"),
+                        Phase::Push(t) => {
+                            state.push("recovering");
+                            recovering = t.values().map(|t| t.objects.len() + t.in_flight).sum();
+                        }
+                    },
+                    None => state.push("peering"),
+                }
+                let undersized = acting.len() < usize::from(pool.size);
+                if undersized {
+                    state.push("undersized");
+                }
+                if undersized || behind || recovering > 0 {
+                    state.push("degraded");
+                }
+                if active && !undersized && !behind {
+                    state.push("clean");
+                }
+                let mut r = sluice_control::pgstats::report(pgid, view.map.epoch, &acting, state);
+                r.version = pg.map_or(0, |p| p.version);
+                r.recovering = recovering as u64;
+                out.push(r);
+            }
+        }
+        out
     }
 }
 

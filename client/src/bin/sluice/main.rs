@@ -86,6 +86,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PoolCmd,
     },
+    /// Placement groups: their states as their primaries report them.
+    Pg {
+        #[command(subcommand)]
+        cmd: PgCmd,
+    },
     /// Keys and caps (the monitors' key database; needs mon cap '*').
     Auth {
         #[command(subcommand)]
@@ -103,6 +108,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: dev::DevCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum PgCmd {
+    /// Every PG: state, up and acting sets, primary, version, objects left to recover.
+    /// States: active, clean, peering, recovering, degraded, undersized, peered (fewer
+    /// than min_size members: no writes), down (no OSD up), unknown (not reported yet),
+    /// stale (its primary stopped reporting).
+    Ls {
+        /// Only this pool's PGs.
+        pool: Option<String>,
+        /// Only PGs whose state includes this one (e.g. degraded).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// How many PGs are in each state.
+    Stat,
+    /// One PG, e.g. 1.1f (POOL.PG, the PG in hex, as `sluice osd map` prints it).
+    Query { pgid: String },
 }
 
 #[derive(Subcommand)]
@@ -371,6 +395,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     }
                 );
                 println!("  pools: {}", s.pools);
+                if let Ok(t) = client(&cli).await?.get::<api::PgTable>("/v1/pg/stats").await {
+                    println!("  pgs: {}", pg_summary(&t));
+                }
                 // The mode is the configuration's (every program of the cluster reads it).
                 let conf = match (&cli.conf, cli.mon.is_empty()) {
                     (Some(p), _) => Conf::load(p).ok(),
@@ -432,6 +459,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::Osd { cmd } => osd(&cli, cmd, json).await?,
         Cmd::Pool { cmd } => pool(&cli, cmd, json).await?,
+        Cmd::Pg { cmd } => pg(&cli, cmd, json).await?,
         Cmd::Auth { cmd } => {
             let mc = client(&cli).await?;
             let conf = match &cli.conf {
@@ -631,6 +659,96 @@ async fn osd(cli: &Cli, cmd: &OsdCmd, json: bool) -> Result<(), Fail> {
             };
             let r = command(&c, Command::SetFlag { flag: f, on }).await?;
             done(&r, &format!("{name} is {}", if on { "set" } else { "unset" }));
+        }
+    }
+    Ok(())
+}
+
+/// "24 pgs: 20 active+clean, 4 peering".
+fn pg_summary(t: &api::PgTable) -> String {
+    let mut by: Vec<(&String, &usize)> = t.summary.iter().collect();
+    by.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let parts: Vec<String> = by.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let total: usize = t.summary.values().sum();
+    if parts.is_empty() {
+        format!("{total} pgs")
+    } else {
+        format!("{total} pgs: {}", parts.join(", "))
+    }
+}
+
+async fn pg(cli: &Cli, cmd: &PgCmd, json: bool) -> Result<(), Fail> {
+    let c = client(cli).await?;
+    let t: api::PgTable = c.get("/v1/pg/stats").await?;
+    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    match cmd {
+        PgCmd::Stat => {
+            if json {
+                print_json(&t.summary);
+            } else {
+                println!("{} (osdmap e{})", pg_summary(&t), t.epoch);
+            }
+        }
+        PgCmd::Ls { pool, state } => {
+            let pool_id = match pool {
+                Some(name) => {
+                    let m: api::MapView = c.get("/v1/osdmap").await?;
+                    match m.pools.iter().find(|p| &p.name == name) {
+                        Some(p) => Some(p.id),
+                        None => return Err(Fail(1, format!("no pool {name:?}"))),
+                    }
+                }
+                None => None,
+            };
+            let rows: Vec<&api::PgRow> = t
+                .pgs
+                .iter()
+                .filter(|r| pool_id.is_none_or(|p| r.pool == p))
+                .filter(|r| state.as_ref().is_none_or(|s| r.state.split('+').any(|x| x == s)))
+                .collect();
+            if json {
+                print_json(&rows);
+            } else {
+                println!(
+                    "{:<8} {:<32} {:<12} {:<12} {:>8} {:>10}",
+                    "PG", "STATE", "UP", "ACTING", "VERSION", "RECOVERING"
+                );
+                for r in rows {
+                    println!(
+                        "{:<8} {:<32} {:<12} {:<12} {:>8} {:>10}",
+                        r.pgid,
+                        r.state,
+                        format!("[{}]", list(&r.up)),
+                        format!("[{}]", list(&r.acting)),
+                        r.version,
+                        r.recovering
+                    );
+                }
+            }
+        }
+        PgCmd::Query { pgid } => {
+            let Some(r) = t.pgs.iter().find(|r| &r.pgid == pgid) else {
+                return Err(Fail(1, format!("no PG {pgid} at osdmap e{}", t.epoch)));
+            };
+            if json {
+                print_json(r);
+            } else {
+                println!("pg {} (osdmap e{})", r.pgid, t.epoch);
+                println!("  state: {}", r.state);
+                println!("  up: [{}]  acting: [{}]", list(&r.up), list(&r.acting));
+                println!(
+                    "  primary: {}",
+                    r.primary.map_or("none".to_string(), |p| format!("osd.{p}"))
+                );
+                println!("  version: {}  objects to recover: {}", r.version, r.recovering);
+                match r.reported_secs_ago {
+                    Some(a) => println!(
+                        "  reported by its primary {a:.1} s ago, at osdmap e{}",
+                        r.reported_epoch
+                    ),
+                    None => println!("  not reported by its primary"),
+                }
+            }
         }
     }
     Ok(())
