@@ -29,6 +29,9 @@ const TOKEN_BASE: u64 = 1 << 32;
 #[derive(Debug)]
 struct Peer {
     osd: OsdId,
+    /// The epoch the OSD booted at when this connection was made: a restarted OSD may
+    /// have lost what it had not made durable, so its old connection goes.
+    up_from: u64,
     conn: ClientConn,
     /// Its park-set token, and whether the socket is registered (and for writing too).
     token: u64,
@@ -56,19 +59,26 @@ pub struct Peers {
     next_token: u64,
 }
 
+/// Where to reach one core of an up OSD: its address and the epoch it booted at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub addr: SocketAddr,
+    pub up_from: u64,
+}
+
 /// The address of core `core_of(ports)` of `osd` in `map`, if it is up there.
 pub fn core_addr(
     map: &OsdMap,
     osd: OsdId,
     core_of: impl FnOnce(usize) -> usize,
-) -> Option<SocketAddr> {
+) -> Option<PeerAddr> {
     let info = map.osd(osd).filter(|o| o.up)?;
     let addrs = info.addrs.as_ref()?;
     if addrs.core_ports.is_empty() {
         return None;
     }
     let port = addrs.core_ports[core_of(addrs.core_ports.len())];
-    Some(SocketAddr::new(addrs.public.ip(), port))
+    Some(PeerAddr { addr: SocketAddr::new(addrs.public.ip(), port), up_from: info.up_from })
 }
 
 impl Peers {
@@ -80,10 +90,11 @@ impl Peers {
     pub fn send(
         &mut self,
         osd: OsdId,
-        addr: SocketAddr,
+        to: PeerAddr,
         msg_type: u16,
         parts: &[&[u8]],
     ) -> Result<(), String> {
+        let addr = to.addr;
         let ticket = &self.ticket;
         let next_token = &mut self.next_token;
         let p = self.peers.entry(addr).or_insert_with(|| {
@@ -93,6 +104,7 @@ impl Peers {
             *next_token += 1;
             Peer {
                 osd,
+                up_from: to.up_from,
                 conn,
                 token: TOKEN_BASE + *next_token,
                 registered: false,
@@ -124,9 +136,10 @@ impl Peers {
         let mut gone = Vec::new();
         self.peers.retain(|addr, p| {
             let keep = map.osd(p.osd).is_some_and(|o| {
-                o.up && o.addrs.as_ref().is_some_and(|a| {
-                    a.public.ip() == addr.ip() && a.core_ports.contains(&addr.port())
-                })
+                o.up && o.up_from == p.up_from
+                    && o.addrs.as_ref().is_some_and(|a| {
+                        a.public.ip() == addr.ip() && a.core_ports.contains(&addr.port())
+                    })
             });
             if !keep {
                 tracing::info!("dropping the connection to {} at {addr}", p.osd);
@@ -147,7 +160,9 @@ impl Peers {
             if !p.conn.connected() {
                 p.registered = false;
                 let have_ticket = !self.auth_required || self.ticket.is_some();
-                if p.conn.session.unacked() == 0 || now < p.next_connect || !have_ticket {
+                // Reconnected even with nothing to send: replies may wait in the
+                // server's session (it keeps them across cuts).
+                if now < p.next_connect || !have_ticket {
                     continue;
                 }
                 busy = true;
@@ -225,7 +240,6 @@ impl Peers {
     pub fn needs_poll(&self, now: MonoTime) -> bool {
         self.peers.values().any(|p| {
             !p.conn.connected()
-                && p.conn.session.unacked() > 0
                 && now >= p.next_connect
                 && (!self.auth_required || self.ticket.is_some())
         })
@@ -233,7 +247,7 @@ impl Peers {
 
     /// Connections waiting for their backoff to pass.
     pub fn reconnect_pending(&self) -> bool {
-        self.peers.values().any(|p| !p.conn.connected() && p.conn.session.unacked() > 0)
+        self.peers.values().any(|p| !p.conn.connected())
     }
 
     pub fn len(&self) -> usize {

@@ -205,7 +205,10 @@ pub struct Push<'a> {
     pub pg: u32,
     pub object: Option<ObjectState<'a>>,
     pub entries: Vec<(u64, &'a [u8])>,
-    /// With entries: the PG's version once they are applied.
+    /// The last log piece of a member's recovery (a log longer than one transaction
+    /// travels in pieces): the PG's version is `last_version` once it is applied, and it
+    /// is acknowledged.
+    pub last: bool,
     pub last_version: u64,
 }
 
@@ -353,6 +356,7 @@ impl<'a> Push<'a> {
             }
         }
         put_entries(out, &self.entries);
+        out.push(u8::from(self.last));
         out.extend_from_slice(&self.last_version.to_le_bytes());
         message::finish(out, m);
     }
@@ -402,8 +406,12 @@ impl<'a> Push<'a> {
             c => return Err(DecodeError::Unknown { what: "push kind", code: u32::from(c) }),
         };
         let entries = d.entries()?;
+        if entries.iter().any(|(v, _)| *v == 0) {
+            return Err(DecodeError::Unknown { what: "PG version", code: 0 });
+        }
+        let last = d.u8()? != 0;
         let last_version = d.u64()?;
-        Ok(Push { epoch, pool, pg, object, entries, last_version })
+        Ok(Push { epoch, pool, pg, object, entries, last, last_version })
     }
 }
 
@@ -497,7 +505,8 @@ mod tests {
                 data: &data,
                 xattrs: keys.iter().map(|k| (k.as_str(), k.as_bytes())).collect(),
             });
-            let push = Push { epoch, pool, pg, object, entries, last_version: last };
+            let entries: Vec<(u64, &[u8])> = entries.into_iter().map(|(v, e)| (v | 1, e)).collect();
+            let push = Push { epoch, pool, pg, object, entries, last: exists, last_version: last };
             push.encode(all.push_get());
             prop_assert_eq!(Push::decode(all.last().unwrap()).unwrap(), push);
             for (i, b) in all.iter().enumerate() {

@@ -216,7 +216,7 @@ struct Pg {
     /// As primary: peering (ops are held until it is active again).
     peering: Option<Box<peering::Peering>>,
     /// As primary: the acting set the PG last went active with.
-    active_with: Option<Vec<OsdId>>,
+    active_with: Option<peering::Interval>,
     /// As primary: peer once the writes in flight are done.
     want_peer: bool,
     /// Client requests held while the PG peers, to route again when it is active.
@@ -309,8 +309,11 @@ struct WriteState {
     /// Replicas it was sent to.
     sent: usize,
     min_size: usize,
-    /// The first replica's refusal.
+    /// A replica that did not take it (refused, failed, unreachable): the write waits
+    /// for the PG to peer again, which copies it there.
     replica_error: Option<(Status, String)>,
+    /// The map epoch it was sent at (a member that booted later lost it).
+    sent_epoch: u64,
 }
 
 #[derive(Debug)]
@@ -726,6 +729,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         if now.saturating_sub(self.last_expire) > Duration::from_secs(10) {
             self.last_expire = now;
             let now = Instant::now();
+            self.c.report_stuck_peerings();
             let n = self.server.expire_idle(now, SESSION_IDLE);
             if n > 0 {
                 tracing::info!("core {}: forgot {n} idle session(s)", self.c.core);
@@ -1145,6 +1149,9 @@ impl<D: BlockDevice> Core<D> {
         let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
         let min_size = usize::from(pool.min_size);
         debug_assert!(self.pgs[&pgid].peering.is_none(), "writes wait while a PG peers");
+        // Members recovery could not bring up to date are not copies (backfill).
+        let behind = self.pgs[&pgid].behind.clone();
+        let acting: Vec<OsdId> = acting.into_iter().filter(|o| !behind.contains(o)).collect();
         if acting.len() < min_size {
             self.stats.below_min_size += 1;
             let m = format!(
@@ -1173,6 +1180,7 @@ impl<D: BlockDevice> Core<D> {
             sent: 0,
             min_size,
             replica_error: None,
+            sent_epoch: view.map.epoch,
         };
         let kind = Kind::Write(Box::new(state));
         let slot = self.ops.insert(Pending { origin, tid: req.tid, kind, dups: Vec::new() });
@@ -1201,6 +1209,7 @@ impl<D: BlockDevice> Core<D> {
         let mut head = Vec::with_capacity(64);
         let tail = op.encode_head(&mut head);
         let mut waiting = Vec::with_capacity(replicas.len());
+        let mut unsent = None;
         for osd in replicas {
             let sent = peers::core_addr(&view.map, osd, |n| placement::pg_core(pgid, n))
                 .ok_or_else(|| format!("{osd} has no address at epoch {}", view.map.epoch))
@@ -1210,12 +1219,16 @@ impl<D: BlockDevice> Core<D> {
                     self.stats.rep_sent += 1;
                     waiting.push(osd);
                 }
-                Err(e) => tracing::warn!("PG {pgid} v{version}: not sent to {osd}: {e}"),
+                Err(e) => {
+                    tracing::warn!("PG {pgid} v{version}: not sent to {osd}: {e}");
+                    unsent = Some((Status::Again, format!("not sent to {osd}: {e}")));
+                }
             }
         }
         let Kind::Write(w) = &mut self.ops[slot].kind else { unreachable!("inserted above") };
         w.sent = waiting.len();
         w.waiting = waiting;
+        w.replica_error = unsent;
         self.rep_waiting.insert((pgid, version), slot);
     }
 
@@ -1242,19 +1255,28 @@ impl<D: BlockDevice> Core<D> {
                     // reuse it, so the log stays dense when no failure overlaps another.
                     st.version -= 1;
                 }
+                if w.sent > 0 {
+                    // Replicas may have it and this store does not: peering reconciles
+                    // (the write may then become visible though the client heard of a
+                    // failure, as when a device fails under any replicated store).
+                    st.want_peer = true;
+                }
                 Some((status_of(&e), e.to_string()))
             }
             Ok(()) => {
                 // In the log on disk, so in the log here (peering and trims follow it);
                 // recorded as done only if every copy made it.
                 st.log.insert(w.version, w.logged);
-                if let Some(f) = w.replica_error {
-                    Some(f)
-                } else if 1 + w.acked < w.min_size {
-                    // Replicas left and fewer than min_size copies are durable: the write
-                    // waits for the PG to be active with min_size members again (peering
-                    // copies it to them, or rolls it back). Never failed, never applied
+                if w.replica_error.is_some() || 1 + w.acked < w.min_size {
+                    // A replica did not take it, or replicas left and fewer than min_size
+                    // copies are durable: the write waits for the PG to peer again (which
+                    // copies it to every member) and is answered from the log once the
+                    // PG is active with min_size members. Never failed, never applied
                     // twice.
+                    if let Some((_, why)) = &w.replica_error {
+                        tracing::info!("PG {} v{}: {why}; the PG peers again", w.pg, w.version);
+                        st.want_peer = true;
+                    }
                     tracing::info!(
                         "PG {} v{}: {} of min_size {} copies; the reply waits for the PG",
                         w.pg,
@@ -1350,7 +1372,9 @@ impl<D: BlockDevice> Core<D> {
                 self.stats.dedup_hits += 1;
                 return refuse(self, Status::Ok, "");
             }
-            if let Some(&slot) = pg.inflight.get(&reqid) {
+            if let Some(&slot) = pg.inflight.get(&reqid)
+                && matches!(self.ops[slot].kind, Kind::RepWrite { .. })
+            {
                 self.stats.dedup_hits += 1;
                 self.ops[slot].dups.push((Origin::Local(cookie), 0));
                 return;
@@ -1363,14 +1387,17 @@ impl<D: BlockDevice> Core<D> {
             return refuse(self, Status::Invalid, &m);
         }
         if op.version > pg.version + 1 {
-            // Writes this replica never saw: recovery's job (the log says from where).
+            // Writes this replica never saw: applying past them would make a log with a
+            // hole. The primary parks the write and peers again (recovery fills it).
             self.stats.rep_gaps += 1;
-            tracing::warn!(
-                "PG {pgid}: replicated write v{} after v{}: this replica missed {} write(s)",
+            let m = format!(
+                "PG {pgid}: v{} after v{}: this replica missed {} write(s)",
                 op.version,
                 pg.version,
                 op.version - pg.version - 1
             );
+            tracing::warn!("replicated write refused: {m}");
+            return refuse(self, Status::Again, &m);
         }
         let (txn, created, _, logged) =
             write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(op.trim_upto));
@@ -1537,7 +1564,9 @@ impl<D: BlockDevice> Core<D> {
                 None => Vec::new(),
             };
             let before = w.waiting.len();
-            w.waiting.retain(|o| acting.contains(o) && !gone.contains(o));
+            let sent_epoch = w.sent_epoch;
+            let restarted = |o: &OsdId| view.map.osd(*o).is_none_or(|i| i.up_from > sent_epoch);
+            w.waiting.retain(|o| acting.contains(o) && !gone.contains(o) && !restarted(o));
             if w.waiting.len() != before {
                 tracing::info!(
                     "PG {} v{}: {} replica(s) left the acting set at epoch {}",

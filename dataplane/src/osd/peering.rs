@@ -34,6 +34,23 @@ use sluice_net::rep::{ObjectState, PUSH_CHUNK_BYTES, PgInfo, PgQuery, Pull, Push
 
 use super::*;
 
+/// A PG's acting members with the epoch each booted at.
+pub(crate) type Interval = Vec<(OsdId, u64)>;
+
+pub(crate) fn interval_of(map: &OsdMap, acting: &[OsdId]) -> Interval {
+    acting.iter().map(|o| (*o, map.osd(*o).map_or(0, |i| i.up_from))).collect()
+}
+
+/// A peering that has not finished in this long is reported as stuck (a failed pull or
+/// store error; it starts again with the next interval, e.g. `sluice osd down` of the
+/// member it waits for). Not restarted on its own: messages of the earlier attempt
+/// would carry the same epoch.
+pub const PEERING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most PG log entries one recovery transaction writes (a store transaction takes at most
+/// `MAX_TXN_OPS` ops).
+pub const LOG_PIECE: usize = 512;
+
 /// Objects in flight per PG and member being recovered.
 pub const MAX_PUSHES_PER_PEER: usize = 4;
 
@@ -47,6 +64,12 @@ pub(crate) struct Peering {
     pub epoch: u64,
     /// Primary first.
     pub acting: Vec<OsdId>,
+    /// The acting members with the epoch each booted at: a member that restarted is a
+    /// new interval even with the same acting set (it may have lost what it had not
+    /// made durable).
+    pub interval: Interval,
+    /// When it started (a peering that makes no progress is started again).
+    started: MonoTime,
     infos: HashMap<OsdId, Info>,
     /// Members whose info has not arrived.
     waiting: Vec<OsdId>,
@@ -71,6 +94,9 @@ enum Phase {
         in_flight: usize,
         entries: Vec<(u64, Logged)>,
         version: u64,
+        /// A piece failed to apply: the PG stays peering until the timeout starts it
+        /// again.
+        failed: bool,
     },
     /// The primary's own log catching up with the authoritative one (a transaction).
     OwnLog,
@@ -101,16 +127,44 @@ pub(crate) struct PushedPiece {
 /// Where a recovery read is (see [`Core::recovery_read`]).
 #[derive(Debug)]
 pub(crate) enum ReadStage {
-    Stat,
+    Stat {
+        epoch: u64,
+    },
     Xattrs {
+        epoch: u64,
         size: u64,
     },
     /// Reading the piece at `offset`; the first piece carries the xattrs.
     Data {
+        epoch: u64,
         size: u64,
         offset: u64,
         xattrs: Option<BTreeMap<String, Vec<u8>>>,
     },
+}
+
+impl ReadStage {
+    /// The peering (or, answering a pull, the puller's peering) the read is for.
+    fn epoch(&self) -> u64 {
+        match self {
+            ReadStage::Stat { epoch }
+            | ReadStage::Xattrs { epoch, .. }
+            | ReadStage::Data { epoch, .. } => *epoch,
+        }
+    }
+}
+
+/// Log entries in pieces of at most [`LOG_PIECE`] (at least one piece, maybe empty).
+fn log_pieces(entries: Vec<(u64, Logged)>) -> Vec<Vec<(u64, Logged)>> {
+    if entries.is_empty() {
+        return vec![Vec::new()];
+    }
+    let mut pieces = Vec::new();
+    let mut it = entries.into_iter().peekable();
+    while it.peek().is_some() {
+        pieces.push(it.by_ref().take(LOG_PIECE).collect());
+    }
+    pieces
 }
 
 /// Where a recovery read's object goes.
@@ -202,9 +256,14 @@ impl<D: BlockDevice> Core<D> {
                 }
                 let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
                 if acting.first() == Some(&view.me) {
+                    let interval = interval_of(&view.map, &acting);
                     let pg = self.pgs.entry(pgid).or_default();
-                    let same_peering = pg.peering.as_ref().is_some_and(|p| p.acting == acting);
-                    if pg.active_with.as_ref() != Some(&acting) && !same_peering {
+                    if pg.active_with.as_ref() != Some(&interval) {
+                        // Not active with this interval any more, even if it comes back.
+                        pg.active_with = None;
+                    }
+                    let same_peering = pg.peering.as_ref().is_some_and(|p| p.interval == interval);
+                    if pg.active_with.is_none() && !same_peering {
                         start.push((pgid, acting));
                     }
                 } else if let Some(pg) = self.pgs.get_mut(&pgid) {
@@ -239,11 +298,51 @@ impl<D: BlockDevice> Core<D> {
         }
     }
 
+    /// Logs PGs whose peering has not finished within [`PEERING_TIMEOUT`] (once per
+    /// timeout each), saying what they wait for.
+    pub(super) fn report_stuck_peerings(&mut self) {
+        let now = self.now;
+        for (pgid, pg) in &mut self.pgs {
+            let Some(p) = pg.peering.as_mut() else { continue };
+            if now.saturating_sub(p.started) < PEERING_TIMEOUT {
+                continue;
+            }
+            p.started = now;
+            let what = match &p.phase {
+                Phase::GetInfo => format!("the logs of {:?}", p.waiting),
+                Phase::Pull { from, objects, in_flight, failed, .. } => format!(
+                    "pulls from {from} ({} left, {in_flight} in flight{})",
+                    objects.len(),
+                    if *failed { ", one failed" } else { "" }
+                ),
+                Phase::OwnLog => "its own log".to_string(),
+                Phase::Push(t) => {
+                    let left: Vec<String> = t
+                        .iter()
+                        .filter(|(_, t)| !t.done)
+                        .map(|(o, t)| {
+                            format!("{o}: {} left, {} in flight", t.objects.len(), t.in_flight)
+                        })
+                        .collect();
+                    format!("pushes ({})", left.join("; "))
+                }
+            };
+            tracing::warn!("PG {pgid}: peering for epoch {} is stuck waiting for {what}", p.epoch);
+        }
+    }
+
     /// Whether ops for `pgid` must wait: this OSD leads it but it is not active with
     /// this acting set yet.
     pub(super) fn must_hold(&mut self, pgid: PgId, acting: &[OsdId]) -> bool {
+        let interval = match &self.view {
+            Some(v) => interval_of(&v.map, acting),
+            None => return true,
+        };
+        let ready = |pg: &Pg| {
+            pg.active_with.as_ref() == Some(&interval) && pg.peering.is_none() && !pg.want_peer
+        };
         let pg = self.pgs.entry(pgid).or_default();
-        if pg.active_with.as_deref() == Some(acting) {
+        if ready(pg) {
             return false;
         }
         if pg.peering.is_none() && !pg.want_peer {
@@ -251,8 +350,7 @@ impl<D: BlockDevice> Core<D> {
             // an op without peering under way).
             let epoch = self.epoch();
             self.start_peering(pgid, acting.to_vec(), epoch);
-            let pg = self.pgs.get(&pgid).expect("entered above");
-            return pg.active_with.as_deref() != Some(acting);
+            return !ready(self.pgs.get(&pgid).expect("entered above"));
         }
         true
     }
@@ -287,11 +385,21 @@ impl<D: BlockDevice> Core<D> {
             return;
         }
         pg.want_peer = false;
+        // Replicated writes of older intervals are refused from now on.
+        pg.interval_epoch = pg.interval_epoch.max(epoch);
         let replicas: Vec<OsdId> = acting[1..].to_vec();
         tracing::debug!("PG {pgid}: peering at epoch {epoch} with acting set {acting:?}");
+        let interval = match &self.view {
+            Some(v) => interval_of(&v.map, &acting),
+            None => return,
+        };
+        let now = self.now;
+        let pg = self.pgs.get_mut(&pgid).expect("entered above");
         pg.peering = Some(Box::new(Peering {
             epoch,
             acting: acting.clone(),
+            interval,
+            started: now,
             infos: HashMap::new(),
             waiting: replicas.clone(),
             phase: Phase::GetInfo,
@@ -384,7 +492,7 @@ impl<D: BlockDevice> Core<D> {
         let Some(at) = p.waiting.iter().position(|o| *o == from) else { return };
         let mut log = BTreeMap::new();
         for (v, e) in &info.entries {
-            match LogEntry::decode(e) {
+            match LogEntry::decode(e).filter(|_| *v > 0) {
                 Some(e) => {
                     log.insert(*v, Logged::from_entry(e));
                 }
@@ -432,6 +540,7 @@ impl<D: BlockDevice> Core<D> {
                     in_flight: 0,
                     entries,
                     version: info.version,
+                    failed: false,
                 };
                 self.pull_more(pgid);
             }
@@ -446,12 +555,17 @@ impl<D: BlockDevice> Core<D> {
     }
 
     fn pull_more(&mut self, pgid: PgId) {
-        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
-        let p = pg.peering.as_mut().expect("peering");
+        let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else { return };
         let epoch = p.epoch;
-        let Phase::Pull { from, objects, in_flight, entries, version } = &mut p.phase else {
+        let Phase::Pull { from, objects, in_flight, entries, version, failed } = &mut p.phase
+        else {
             return;
         };
+        if *failed {
+            return tracing::error!(
+                "PG {pgid}: pulling from {from} failed; the PG stays peering until the next interval"
+            );
+        }
         let from = *from;
         let mut send = Vec::new();
         while *in_flight < MAX_PUSHES_PER_PEER
@@ -461,11 +575,16 @@ impl<D: BlockDevice> Core<D> {
             send.push(o);
         }
         if send.is_empty() && *in_flight == 0 {
-            // Every object is here: the log follows, in one transaction.
+            // Every object is here: the log follows, a transaction per piece.
             let entries = std::mem::take(entries);
             let version = *version;
             p.phase = Phase::OwnLog;
-            return self.apply_push(pgid, epoch, None, entries, version, None);
+            let pieces = log_pieces(entries);
+            let n = pieces.len();
+            for (i, piece) in pieces.into_iter().enumerate() {
+                self.apply_push(pgid, epoch, None, piece, i + 1 == n, version, None);
+            }
+            return;
         }
         for object in send {
             let mut b = Vec::new();
@@ -517,14 +636,17 @@ impl<D: BlockDevice> Core<D> {
     /// Starts reads for the next objects of every member being recovered, sends the log
     /// to members whose objects are all there, and activates when all are done.
     fn push_more(&mut self, pgid: PgId) {
-        let version = self.pgs[&pgid].version;
-        let pg = self.pgs.get_mut(&pgid).expect("peering PG");
-        let p = pg.peering.as_mut().expect("peering");
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
+        let version = pg.version;
+        let Some(p) = pg.peering.as_mut() else { return };
         let epoch = p.epoch;
         let Phase::Push(targets) = &mut p.phase else { return };
         let mut reads = Vec::new();
         let mut logs = Vec::new();
         for (osd, t) in targets.iter_mut() {
+            if t.done {
+                continue;
+            }
             while t.in_flight < MAX_PUSHES_PER_PEER
                 && let Some(o) = t.objects.pop_front()
             {
@@ -538,22 +660,27 @@ impl<D: BlockDevice> Core<D> {
         }
         let all_done = targets.values().all(|t| t.done);
         for (osd, entries) in logs {
-            let encoded: Vec<(u64, Vec<u8>)> =
-                entries.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
-            let push = Push {
-                epoch,
-                pool: pgid.pool.0,
-                pg: pgid.pg,
-                object: None,
-                entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
-                last_version: version,
-            };
-            let mut b = Vec::new();
-            push.encode(&mut b);
-            self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
+            let pieces = log_pieces(entries);
+            let n = pieces.len();
+            for (i, piece) in pieces.into_iter().enumerate() {
+                let encoded: Vec<(u64, Vec<u8>)> =
+                    piece.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
+                let push = Push {
+                    epoch,
+                    pool: pgid.pool.0,
+                    pg: pgid.pg,
+                    object: None,
+                    entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
+                    last: i + 1 == n,
+                    last_version: version,
+                };
+                let mut b = Vec::new();
+                push.encode(&mut b);
+                self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
+            }
         }
         for (osd, object) in reads {
-            self.recovery_read(pgid, object, PushTo::Peer(osd));
+            self.recovery_read(pgid, object, PushTo::Peer(osd), epoch);
         }
         if all_done {
             self.activate(pgid);
@@ -575,8 +702,9 @@ impl<D: BlockDevice> Core<D> {
             .as_ref()
             .and_then(|v| v.map.pools.get(&pgid.pool))
             .map_or(usize::MAX, |pool| usize::from(pool.min_size));
-        let enough = p.acting.len() >= min_size;
-        pg.active_with = Some(p.acting);
+        // Members left behind are not copies.
+        let enough = p.acting.len().saturating_sub(p.behind.len()) >= min_size;
+        pg.active_with = Some(p.interval);
         pg.behind = p.behind;
         self.pg_dirty = true;
         if enough {
@@ -638,6 +766,7 @@ impl<D: BlockDevice> Core<D> {
             tracing::error!("PG {pgid}: recovering {from} failed: {}; it stays behind", r.message);
             t.done = true;
             p.behind.push(from);
+        } else if t.done {
         } else if t.in_flight > 0 {
             t.in_flight -= 1;
         } else if t.log_sent {
@@ -649,10 +778,10 @@ impl<D: BlockDevice> Core<D> {
 
     /// Reads an object's state for a push: its size, its xattrs, then its data a
     /// [`PUSH_CHUNK_BYTES`] piece at a time, each piece pushed as it is read.
-    pub(super) fn recovery_read(&mut self, pgid: PgId, object: String, to: PushTo) {
+    pub(super) fn recovery_read(&mut self, pgid: PgId, object: String, to: PushTo, epoch: u64) {
         let coll = CollId(pgid.collection());
         let q = Query::Stat { coll, name: object.clone() };
-        self.recovery_query(pgid, object, to, ReadStage::Stat, q);
+        self.recovery_query(pgid, object, to, ReadStage::Stat { epoch }, q);
     }
 
     fn recovery_query(
@@ -679,30 +808,38 @@ impl<D: BlockDevice> Core<D> {
         result: Result<Option<Answer>, StoreError>,
     ) {
         let coll = CollId(pgid.collection());
+        let epoch = stage.epoch();
+        if let PushTo::Peer(_) = to {
+            // A read for an earlier peering (this PG peered again since): dropped.
+            let current = self.pgs.get(&pgid).and_then(|pg| pg.peering.as_ref());
+            if !current.is_some_and(|p| p.epoch == epoch && matches!(p.phase, Phase::Push(_))) {
+                return tracing::debug!("PG {pgid}: a recovery read of an earlier peering");
+            }
+        }
         let chunk = |offset: u64, size: u64| (size - offset).min(PUSH_CHUNK_BYTES as u64);
         let (size, offset, data, xattrs) = match (stage, result) {
             // Gone (or never there): the member must not have it either.
             (_, Err(StoreError::NotFound(_))) => (None, 0, Vec::new(), BTreeMap::new()),
             (_, Err(e)) => return self.recovery_failed(pgid, &object, to, &e.to_string()),
-            (ReadStage::Stat, Ok(Some(Answer::Stat(st)))) => {
+            (ReadStage::Stat { .. }, Ok(Some(Answer::Stat(st)))) => {
                 let q = Query::GetXattrs { coll, name: object.clone() };
                 return self.recovery_query(
                     pgid,
                     object,
                     to,
-                    ReadStage::Xattrs { size: st.size },
+                    ReadStage::Xattrs { epoch, size: st.size },
                     q,
                 );
             }
-            (ReadStage::Xattrs { size }, Ok(Some(Answer::Xattrs(x)))) if size > 0 => {
+            (ReadStage::Xattrs { size, .. }, Ok(Some(Answer::Xattrs(x)))) if size > 0 => {
                 let q = Query::Read { coll, name: object.clone(), offset: 0, len: chunk(0, size) };
-                let stage = ReadStage::Data { size, offset: 0, xattrs: Some(x) };
+                let stage = ReadStage::Data { epoch, size, offset: 0, xattrs: Some(x) };
                 return self.recovery_query(pgid, object, to, stage, q);
             }
-            (ReadStage::Xattrs { size }, Ok(Some(Answer::Xattrs(x)))) => {
+            (ReadStage::Xattrs { size, .. }, Ok(Some(Answer::Xattrs(x)))) => {
                 (Some(size), 0, Vec::new(), x)
             }
-            (ReadStage::Data { size, offset, xattrs }, Ok(Some(Answer::Data(d)))) => {
+            (ReadStage::Data { size, offset, xattrs, .. }, Ok(Some(Answer::Data(d)))) => {
                 let data = d.data().to_vec();
                 if data.len() as u64 != chunk(offset, size) {
                     // Objects do not change while their PG recovers (ops are held).
@@ -717,16 +854,12 @@ impl<D: BlockDevice> Core<D> {
                         offset: next,
                         len: chunk(next, size),
                     };
-                    let stage = ReadStage::Data { size, offset: next, xattrs: None };
+                    let stage = ReadStage::Data { epoch, size, offset: next, xattrs: None };
                     self.recovery_query(pgid, object.clone(), to, stage, q);
                 }
                 (Some(size), offset, data, xattrs.unwrap_or_default())
             }
             (stage, Ok(a)) => panic!("recovery read {stage:?} answered {a:?}"),
-        };
-        let epoch = match to {
-            PushTo::Peer(_) => self.pgs[&pgid].peering.as_ref().map_or(0, |p| p.epoch),
-            PushTo::Session(_) => 0,
         };
         let push = Push {
             epoch,
@@ -741,6 +874,7 @@ impl<D: BlockDevice> Core<D> {
                 xattrs: xattrs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect(),
             }),
             entries: Vec::new(),
+            last: false,
             last_version: 0,
         };
         match to {
@@ -764,7 +898,7 @@ impl<D: BlockDevice> Core<D> {
                     && let Phase::Push(t) = &mut p.phase
                     && let Some(t) = t.get_mut(&osd)
                 {
-                    t.in_flight -= 1;
+                    t.in_flight = t.in_flight.saturating_sub(1);
                     t.done = true;
                     p.behind.push(osd);
                 }
@@ -787,7 +921,7 @@ impl<D: BlockDevice> Core<D> {
     /// A member's side: the primary pulls an object.
     pub(super) fn on_pull(&mut self, cookie: u64, pull: Pull<'_>) {
         let pgid = PgId { pool: PoolId(pull.pool), pg: pull.pg };
-        self.recovery_read(pgid, pull.object.to_string(), PushTo::Session(cookie));
+        self.recovery_read(pgid, pull.object.to_string(), PushTo::Session(cookie), pull.epoch);
     }
 
     /// A pushed object (or the closing log) from the primary (`reply`: its session), or a
@@ -823,17 +957,34 @@ impl<D: BlockDevice> Core<D> {
             xattrs: o.xattrs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
             last: o.is_last(),
         });
-        self.apply_push(pgid, push.epoch, object, entries, push.last_version, reply);
+        if let Some(cookie) = reply {
+            let pg = self.pgs.entry(pgid).or_default();
+            if push.epoch < pg.interval_epoch {
+                // From a peering a newer primary has superseded.
+                let m = format!("push of epoch {} < interval {}", push.epoch, pg.interval_epoch);
+                let r = RepReply {
+                    pool: push.pool,
+                    pg: push.pg,
+                    version: push.epoch,
+                    status: Status::Again,
+                    message: &m,
+                };
+                return self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+            }
+        }
+        self.apply_push(pgid, push.epoch, object, entries, push.last, push.last_version, reply);
     }
 
     /// One transaction: a piece of an object's state and/or log entries (and the
     /// version). The first piece replaces the object; later ones write at their offset.
+    #[allow(clippy::too_many_arguments)]
     fn apply_push(
         &mut self,
         pgid: PgId,
         epoch: u64,
         object: Option<PushedPiece>,
         entries: Vec<(u64, Logged)>,
+        last: bool,
         version: u64,
         reply: Option<u64>,
     ) {
@@ -845,8 +996,9 @@ impl<D: BlockDevice> Core<D> {
             txn.ops.push(TxOp::CreateCollection { coll });
             pg.exists = true;
         }
-        // Only the last piece of an object (or a log push) is answered.
-        let mut answer = true;
+        // Only the last piece of an object, or of the log, is answered (and a failure).
+        let mut answer = last;
+        let log_push = object.is_none();
         if let Some(p) = object {
             answer = p.last;
             let name = p.name;
@@ -868,8 +1020,7 @@ impl<D: BlockDevice> Core<D> {
         for (v, l) in &entries {
             txn.ops.push(TxOp::PgLogAppend { coll, key: *v, entry: l.entry().encode() });
         }
-        let set_version = (!entries.is_empty() || version > 0).then_some(version);
-        let reply = reply.filter(|_| answer);
+        let set_version = (log_push && last).then_some(version);
         let kind = Kind::PushApply {
             pg: pgid,
             epoch,
@@ -911,6 +1062,7 @@ impl<D: BlockDevice> Core<D> {
             }
         }
         match reply {
+            Some(_) if !answer && result.is_ok() => {}
             Some(cookie) => {
                 let (status, m) = match &result {
                     Ok(()) => (Status::Ok, String::new()),
@@ -925,26 +1077,25 @@ impl<D: BlockDevice> Core<D> {
                 };
                 self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
             }
-            None if !answer => {
-                // A piece of a pulled object before its last: nothing to do yet (a failure
-                // shows when the last piece fails too: the object is rewritten whole by
-                // the next peering).
-                if let Err(e) = result {
-                    tracing::error!("PG {pgid}: applying a pulled piece: {e}");
-                }
-            }
             None => {
-                // The primary's own pull or log catching up.
-                let Some(p) = pg.peering.as_mut() else { return };
+                // The primary's own pull or log catching up, for the peering under way.
+                let Some(p) = pg.peering.as_mut().filter(|p| p.epoch == epoch) else { return };
                 if let Err(e) = result {
                     tracing::error!(
-                        "PG {pgid}: recovery of this primary failed ({e}); it stays peering"
+                        "PG {pgid}: recovery of this primary failed ({e}); the PG stays \
+                         peering until the next interval"
                     );
+                    if let Phase::Pull { failed, .. } = &mut p.phase {
+                        *failed = true;
+                    }
                     return;
+                }
+                if !answer {
+                    return; // a piece of a pulled object before its last
                 }
                 match &mut p.phase {
                     Phase::Pull { in_flight, .. } => {
-                        *in_flight -= 1;
+                        *in_flight = in_flight.saturating_sub(1);
                         self.pull_more(pgid);
                     }
                     Phase::OwnLog => self.start_push(pgid),
@@ -958,7 +1109,8 @@ impl<D: BlockDevice> Core<D> {
     pub(super) fn on_pulled(&mut self, from: OsdId, push: Push<'_>) {
         let pgid = PgId { pool: PoolId(push.pool), pg: push.pg };
         let expected = self.pgs.get(&pgid).and_then(|pg| pg.peering.as_ref()).is_some_and(|p| {
-            matches!(&p.phase, Phase::Pull { from: f, in_flight, .. } if *f == from && *in_flight > 0)
+            p.epoch == push.epoch
+                && matches!(&p.phase, Phase::Pull { from: f, in_flight, .. } if *f == from && *in_flight > 0)
         });
         if !expected || push.object.is_none() {
             return tracing::debug!("PG {pgid}: unexpected pushed object from {from}");
@@ -992,7 +1144,10 @@ impl<D: BlockDevice> Core<D> {
                     continue;
                 }
                 let pg = self.pgs.get(&pgid);
-                let active = pg.is_some_and(|p| p.active_with.as_deref() == Some(&acting[..]));
+                let interval = interval_of(&view.map, &acting);
+                let active = pg.is_some_and(|p| {
+                    p.active_with.as_ref() == Some(&interval) && p.peering.is_none()
+                });
                 let behind = pg.is_some_and(|p| !p.behind.is_empty());
                 let mut state = Vec::new();
                 let mut recovering = 0;
