@@ -1637,6 +1637,10 @@ impl<D: BlockDevice> Core<D> {
                         if created || matches!(e, StoreError::NotFound(Missing::Collection(_))) {
                             st.exists = false;
                         }
+                        if st.version == version {
+                            // Not in the log here: a resend of it may take the version.
+                            st.version -= 1;
+                        }
                         (status_of(&e), e.to_string())
                     }
                 };

@@ -1148,13 +1148,15 @@ impl<D: BlockDevice> Core<D> {
                 let active = pg.is_some_and(|p| {
                     p.active_with.as_ref() == Some(&interval) && p.peering.is_none()
                 });
-                let behind = pg.is_some_and(|p| !p.behind.is_empty());
+                let behind_n = pg.map_or(0, |p| p.behind.len());
+                let behind = behind_n > 0;
                 let mut state = Vec::new();
                 let mut recovering = 0;
                 match pg.and_then(|p| p.peering.as_ref()) {
                     _ if active => {
                         // Below min_size a PG peers but takes no writes: Ceph's "peered".
-                        let ok = acting.len() >= usize::from(pool.min_size);
+                        let ok =
+                            acting.len() - behind_n.min(acting.len()) >= usize::from(pool.min_size);
                         state.push(if ok { "active" } else { "peered" });
                     }
                     Some(p) => match &p.phase {

@@ -1,0 +1,364 @@
+//! Replication between in-process OSDs: one reactor thread each, RAM devices behind
+//! fault injectors, real loopback TCP between them, maps made by the test (no monitor).
+//! A replica's device fails under writes: the client's write is parked (never failed),
+//! the PG peers again, leaves the failed member behind, and answers the write once
+//! enough copies are durable; with too few, the write waits.
+//!
+//! States are awaited with generous deadlines. The one absence check (a write that
+//! must not be answered while too few copies exist) cannot pass wrongly by being slow.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use sluice_control::maps::osdmap::{
+    FailureDomain, Location, Maintenance, ONE, OsdAddrs, OsdInfo, Pool,
+};
+use sluice_control::maps::placement;
+use sluice_control::maps::{OsdId, OsdMap, PoolId};
+use sluice_control::osd_agent::{CorePgReport, PgReportRx};
+use sluice_dataplane::osd::{CoreMsg, MapView, OsdCore};
+use sluice_dataplane::reactor::{self, ReactorConfig};
+use sluice_dataplane::store::{MkfsOptions, Shard, StoreConfig, mkfs};
+use sluice_dataplane::{ParkState, PollMode, ReactorHandle, Waker, mesh};
+use sluice_net::frame::Limits;
+use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
+use sluice_net::session::{self, Event};
+use sluice_net::tcp::{ClientConn, Server};
+use sluice_nvme::{FaultHandle, FaultRule, FaultyDevice, IoError, OpSet, RamDevice};
+use sluice_vocab::{CoreId, Lba, SystemClock};
+
+struct Osd {
+    _reactor: ReactorHandle,
+    maps: mpsc::Sender<MapView>,
+    waker: Waker,
+    port: u16,
+    faults: FaultHandle,
+    reports: tokio::sync::mpsc::UnboundedReceiver<CorePgReport>,
+}
+
+fn start_osd() -> Osd {
+    let mut dev = FaultyDevice::new(RamDevice::new(64 << 20, 64), Arc::new(SystemClock));
+    let opts = MkfsOptions { shards: 1, segment_bytes: Some(1 << 20), ..Default::default() };
+    mkfs(&mut dev, &opts).unwrap();
+    let faults = dev.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let park = ParkState::new().unwrap();
+    let waker = Waker::new(Arc::clone(&park));
+    let (mut outs, mut ins) = mesh::<CoreMsg>(vec![waker.clone()], 0, 64);
+    let (outbox, inbox) = (outs.remove(0), ins.remove(0));
+    let (maps, map_rx) = mpsc::channel();
+    let (pg_tx, pg_rx) = PgReportRx::channel();
+    let reports = pg_rx.0.lock().unwrap().take().unwrap();
+    let cfg =
+        ReactorConfig { core: CoreId(0), cpu: None, mode: PollMode::park(PollMode::DEFAULT_SPIN) };
+    let reactor = reactor::spawn(cfg, park, move |r| {
+        let shard = Shard::open(dev, 0, StoreConfig::default())
+            .map_err(|f| std::io::Error::other(f.error.to_string()))?;
+        let server = Server::from_listener(listener, ops::FEATURES, Limits::DEFAULT)?;
+        let mut core = OsdCore::open(shard, server, 0, 1, outbox, inbox, map_rx, None)
+            .map_err(std::io::Error::other)?;
+        core.report_pgs_to(pg_tx);
+        r.add_poller(Box::new(core)).map(|_| ())
+    })
+    .unwrap();
+    Osd { _reactor: reactor, maps, waker, port, faults, reports }
+}
+
+/// Every OSD up on its own host, one pool of size 3 / min_size 2 with one PG.
+fn map(ports: &[u16], epoch: u64) -> OsdMap {
+    let mut m = OsdMap::new([9; 16]);
+    m.epoch = epoch;
+    for (i, port) in ports.iter().enumerate() {
+        let id = OsdId(i as u32);
+        m.osds.insert(
+            id,
+            OsdInfo {
+                id,
+                uuid: [i as u8 + 1; 16],
+                addrs: Some(OsdAddrs {
+                    public: "127.0.0.1:1".parse().unwrap(),
+                    core_ports: vec![*port],
+                }),
+                location: Location { rack: "r".into(), host: format!("h{i}") },
+                weight: ONE,
+                up: true,
+                is_in: true,
+                primary_affinity: ONE,
+                maintenance: Maintenance::None,
+                up_from: 1,
+                down_at: 0,
+            },
+        );
+    }
+    m.pools.insert(
+        PoolId(1),
+        Pool {
+            id: PoolId(1),
+            name: "p".into(),
+            size: 3,
+            min_size: 2,
+            pg_num: 1,
+            failure_domain: FailureDomain::Host,
+        },
+    );
+    m
+}
+
+struct Cluster {
+    osds: Vec<Osd>,
+    map: Arc<OsdMap>,
+    /// Primary first.
+    acting: Vec<OsdId>,
+    client: ClientConn,
+    tid: u64,
+    replies: std::collections::HashMap<u64, (Status, Vec<u8>)>,
+    cookie: u64,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let osds: Vec<Osd> = (0..3).map(|_| start_osd()).collect();
+        let ports: Vec<u16> = osds.iter().map(|o| o.port).collect();
+        let map = Arc::new(map(&ports, 1));
+        for (i, o) in osds.iter().enumerate() {
+            o.maps.send(MapView { map: Arc::clone(&map), me: OsdId(i as u32) }).unwrap();
+            o.waker.wake();
+        }
+        let pool = &map.pools[&PoolId(1)];
+        let acting = placement::pg_mapping(&map, pool, placement::PgId { pool: pool.id, pg: 0 }).up;
+        let primary = SocketAddr::from(([127, 0, 0, 1], osds[acting[0].0 as usize].port));
+        let client = ClientConn::new(primary, 0x77, ops::FEATURES, Limits::DEFAULT);
+        Cluster { osds, map, acting, client, tid: 0, replies: Default::default(), cookie: 0x77 }
+    }
+
+    fn osd(&mut self, id: OsdId) -> &mut Osd {
+        &mut self.osds[id.0 as usize]
+    }
+
+    /// Sends a request to the primary (out at once); returns its tid.
+    fn send(&mut self, object: &str, op: Op<'_>) -> u64 {
+        self.tid += 1;
+        let r = Request {
+            client: 0x77,
+            // (the client id names the client, not the session: it stays)
+            tid: self.tid,
+            epoch: self.map.epoch,
+            flags: 0,
+            pool: 1,
+            pg: 0,
+            object,
+            op,
+        };
+        let mut b = Vec::new();
+        r.encode(&mut b);
+        self.client.send(ops::MSG_REQUEST, &b).unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.pump();
+            if self.client.connected() && !self.client.wants_write() {
+                return self.tid;
+            }
+            assert!(Instant::now() < end, "the request never went out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Moves bytes both ways; replies are kept by tid.
+    fn pump(&mut self) {
+        if !self.client.connected() {
+            self.client.connect().unwrap();
+        }
+        let replies = &mut self.replies;
+        let _ = self.client.poll(|e| {
+            if let Event::Message { msg_type: ops::MSG_REPLY, frame, .. } = e {
+                let r = Reply::decode(session::payload(&frame)).unwrap();
+                let body = match r.body {
+                    Body::Data(d) => d.to_vec(),
+                    _ => Vec::new(),
+                };
+                replies.insert(r.tid, (r.status, body));
+            }
+        });
+    }
+
+    /// Polls the connection until `tid`'s reply or `until`: (status, body bytes).
+    fn reply(&mut self, tid: u64, until: Instant) -> Option<(Status, Vec<u8>)> {
+        loop {
+            self.pump();
+            if let Some(r) = self.replies.remove(&tid) {
+                return Some(r);
+            }
+            if Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn call(&mut self, object: &str, op: Op<'_>) -> (Status, Vec<u8>) {
+        let tid = self.send(object, op);
+        self.reply(tid, Instant::now() + Duration::from_secs(60)).expect("a reply within 60 s")
+    }
+
+    /// Waits until the primary reports the PG in exactly `state`.
+    fn wait_state(&mut self, state: &str) {
+        let primary = self.acting[0];
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        loop {
+            while let Ok(r) = self.osd(primary).reports.try_recv() {
+                if let Some(p) = r.pgs.first() {
+                    last = p.state.join("+");
+                }
+            }
+            if last == state {
+                return;
+            }
+            assert!(Instant::now() < end, "the PG never became {state} (last {last})");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Every write to the device fails from now on.
+fn fail_writes(f: &FaultHandle) {
+    f.add_rule(FaultRule::new(OpSet::WRITES, IoError::Media { lba: Lba(0) }));
+}
+
+#[test]
+fn a_replica_whose_device_fails_does_not_fail_a_write() {
+    if std::env::var("DEBUG_LOG").is_ok() {
+        sluice_control::init_logging("info");
+    }
+    let mut c = Cluster::start();
+    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
+    assert_eq!(st, Status::Ok);
+    c.wait_state("active+clean");
+
+    // One replica's device fails: the write it cannot take is parked, the PG peers
+    // again and leaves that member behind, and the write is answered (two copies).
+    let bad = c.acting[2];
+    fail_writes(&c.osd(bad).faults);
+    let (st, _) = c.call("b", Op::WriteFull { data: b"second" });
+    assert_eq!(st, Status::Ok);
+    c.wait_state("active+degraded");
+    // Later writes go to the member that is left only, and are answered at once.
+    for i in 0..20 {
+        let (st, _) = c.call(&format!("c{i}"), Op::WriteFull { data: b"third" });
+        assert_eq!(st, Status::Ok);
+    }
+    let (st, data) = c.call("b", Op::Read { offset: 0, len: 0 });
+    assert_eq!((st, data.as_slice()), (Status::Ok, &b"second"[..]));
+}
+
+#[test]
+fn a_write_with_fewer_than_min_size_copies_waits() {
+    if std::env::var("DEBUG_LOG").is_ok() {
+        sluice_control::init_logging("info");
+    }
+    let mut c = Cluster::start();
+    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
+    assert_eq!(st, Status::Ok);
+    c.wait_state("active+clean");
+
+    // Both replicas fail: one copy only, below min_size 2. The write is never failed;
+    // it waits, and the PG says why.
+    for i in [1, 2] {
+        let id = c.acting[i];
+        fail_writes(&c.osd(id).faults);
+    }
+    let tid = c.send("b", Op::WriteFull { data: b"second" });
+    c.wait_state("peered+degraded");
+    assert_eq!(
+        c.reply(tid, Instant::now() + Duration::from_secs(2)),
+        None,
+        "answered with one copy"
+    );
+    // Reads of what is committed are still served.
+    let (st, data) = c.call("a", Op::Read { offset: 0, len: 0 });
+    assert_eq!((st, data.as_slice()), (Status::Ok, &b"first"[..]));
+}
+
+impl Cluster {
+    /// Hands every OSD `map` (each as itself).
+    fn publish(&mut self, map: OsdMap) {
+        self.map = Arc::new(map);
+        for (i, o) in self.osds.iter().enumerate() {
+            o.maps.send(MapView { map: Arc::clone(&self.map), me: OsdId(i as u32) }).unwrap();
+            o.waker.wake();
+        }
+    }
+
+    /// The PG's acting set at the current map, and a client connection to its primary.
+    fn follow_primary(&mut self) {
+        let pool = &self.map.pools[&PoolId(1)];
+        let pg = placement::PgId { pool: pool.id, pg: 0 };
+        self.acting = placement::pg_mapping(&self.map, pool, pg).up;
+        let port = self.osds[self.acting[0].0 as usize].port;
+        // A new session (a cookie the server has not seen): request ids stay unique as
+        // the tids go on.
+        self.cookie += 1;
+        self.client = ClientConn::new(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            self.cookie,
+            ops::FEATURES,
+            Limits::DEFAULT,
+        );
+    }
+}
+
+#[test]
+fn a_member_away_for_600_writes_gets_them_from_the_log_and_can_lead() {
+    if std::env::var("DEBUG_LOG").is_ok() {
+        sluice_control::init_logging("info");
+    }
+    let mut c = Cluster::start();
+    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
+    assert_eq!(st, Status::Ok);
+    c.wait_state("active+clean");
+    let away = c.acting[2];
+
+    // It goes down (epoch 2): the other two take 600 writes (more than one log piece).
+    let ports: Vec<u16> = c.osds.iter().map(|o| o.port).collect();
+    let mut m = map(&ports, 2);
+    m.osds.get_mut(&away).unwrap().up = false;
+    c.publish(m);
+    c.follow_primary();
+    assert!(!c.acting.contains(&away));
+    c.wait_state("active+undersized+degraded");
+    let data = |i: usize| format!("object {i} written while a member was away").into_bytes();
+    for i in 0..600 {
+        let (st, _) = c.call(&format!("o{i}"), Op::WriteFull { data: &data(i) });
+        assert_eq!(st, Status::Ok, "o{i}");
+    }
+    let (st, _) = c.call("a", Op::Delete);
+    assert_eq!(st, Status::Ok);
+
+    // Back (epoch 3, booted again): recovery pushes 601 objects and 601 entries.
+    let mut m = map(&ports, 3);
+    m.osds.get_mut(&away).unwrap().up_from = 3;
+    c.publish(m.clone());
+    c.follow_primary();
+    c.wait_state("active+clean");
+
+    // It leads (epoch 4: the others take no primaries) and serves everything.
+    let mut m4 = m;
+    m4.epoch = 4;
+    for (id, o) in m4.osds.iter_mut() {
+        if *id != away {
+            o.primary_affinity = 0;
+        }
+    }
+    c.publish(m4);
+    c.follow_primary();
+    assert_eq!(c.acting[0], away);
+    for i in (0..600).step_by(37).chain([599]) {
+        let (st, got) = c.call(&format!("o{i}"), Op::Read { offset: 0, len: 0 });
+        assert_eq!((st, got), (Status::Ok, data(i)), "o{i} read from the recovered member");
+    }
+    let (st, _) = c.call("a", Op::Stat);
+    assert_eq!(st, Status::NotFound, "the delete it missed was recovered too");
+    c.wait_state("active+clean");
+}
