@@ -362,3 +362,79 @@ fn a_member_away_for_600_writes_gets_them_from_the_log_and_can_lead() {
     assert_eq!(st, Status::NotFound, "the delete it missed was recovered too");
     c.wait_state("active+clean");
 }
+
+impl Cluster {
+    /// Hands `map` to some OSDs only (the others keep the map they have).
+    fn publish_to(&mut self, map: &OsdMap, to: &[OsdId]) {
+        let map = Arc::new(map.clone());
+        for id in to {
+            let o = &self.osds[id.0 as usize];
+            o.maps.send(MapView { map: Arc::clone(&map), me: *id }).unwrap();
+            o.waker.wake();
+        }
+    }
+
+    /// A client session to `osd` (a new cookie), replacing the current one; returns the
+    /// old one.
+    fn connect_to(&mut self, osd: OsdId) -> ClientConn {
+        self.cookie += 1;
+        let port = self.osds[osd.0 as usize].port;
+        let c = ClientConn::new(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            self.cookie,
+            ops::FEATURES,
+            Limits::DEFAULT,
+        );
+        std::mem::replace(&mut self.client, c)
+    }
+}
+
+#[test]
+fn a_primary_cut_off_logs_a_write_that_peering_rolls_back() {
+    if std::env::var("DEBUG_LOG").is_ok() {
+        sluice_control::init_logging("info");
+    }
+    let mut c = Cluster::start();
+    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
+    assert_eq!(st, Status::Ok);
+    c.wait_state("active+clean");
+    let (p, q, r) = (c.acting[0], c.acting[1], c.acting[2]);
+    let ports: Vec<u16> = c.osds.iter().map(|o| o.port).collect();
+
+    // Epoch 2 reaches the others only: p is down there and q leads (and takes a write).
+    let mut m2 = map(&ports, 2);
+    m2.osds.get_mut(&p).unwrap().up = false;
+    c.publish_to(&m2, &[q, r]);
+    let pool = &m2.pools[&PoolId(1)];
+    let up2 = placement::pg_mapping(&m2, pool, placement::PgId { pool: pool.id, pg: 0 }).up;
+    assert_eq!(up2, [q, r]);
+    let to_p = c.connect_to(q);
+    c.map = Arc::new(m2);
+    let (st, _) = c.call("c", Op::WriteFull { data: b"at q" });
+    assert_eq!(st, Status::Ok);
+
+    // p, still at epoch 1, takes a write and logs it; the others refuse it (an older
+    // interval), so p parks it and peers: it finds q's newer log, pulls, rolls its own
+    // entry back, and tells the client to retry. Never acknowledged.
+    let _at_q = std::mem::replace(&mut c.client, to_p);
+    c.map = Arc::new(map(&ports, 1));
+    let (st, _) = c.call("b", Op::WriteFull { data: b"cut off" });
+    assert_eq!(st, Status::Again, "the write p logged alone is rolled back, not acknowledged");
+
+    // Epoch 3 (p booted again) reaches everyone: p leads, the logs agree, and the retry
+    // is applied once.
+    let mut m3 = map(&ports, 3);
+    m3.osds.get_mut(&p).unwrap().up_from = 3;
+    c.publish(m3);
+    c.follow_primary();
+    assert_eq!(c.acting[0], p);
+    let (st, _) = c.call("b", Op::Stat);
+    assert_eq!(st, Status::NotFound, "rolled back");
+    let (st, got) = c.call("c", Op::Read { offset: 0, len: 0 });
+    assert_eq!((st, got.as_slice()), (Status::Ok, &b"at q"[..]), "q's write survived");
+    let (st, _) = c.call("b", Op::WriteFull { data: b"cut off" });
+    assert_eq!(st, Status::Ok);
+    c.wait_state("active+clean");
+    let (st, got) = c.call("b", Op::Read { offset: 0, len: 0 });
+    assert_eq!((st, got.as_slice()), (Status::Ok, &b"cut off"[..]));
+}
