@@ -133,6 +133,20 @@ impl Cluster {
         Cluster { osds, map, acting, client, tid: 0, replies: Default::default(), cookie: 0x77 }
     }
 
+    /// [`Self::start`], then object `a` written ("first") and the PG active+clean.
+    /// `DEBUG_LOG=1` shows the OSDs' logs.
+    fn start_active() -> Cluster {
+        static LOG: std::sync::Once = std::sync::Once::new();
+        if std::env::var("DEBUG_LOG").is_ok() {
+            LOG.call_once(|| sluice_control::init_logging("info"));
+        }
+        let mut c = Cluster::start();
+        let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
+        assert_eq!(st, Status::Ok);
+        c.wait_state("active+clean");
+        c
+    }
+
     fn osd(&mut self, id: OsdId) -> &mut Osd {
         &mut self.osds[id.0 as usize]
     }
@@ -229,13 +243,7 @@ fn fail_writes(f: &FaultHandle) {
 
 #[test]
 fn a_replica_whose_device_fails_does_not_fail_a_write() {
-    if std::env::var("DEBUG_LOG").is_ok() {
-        sluice_control::init_logging("info");
-    }
-    let mut c = Cluster::start();
-    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
-    assert_eq!(st, Status::Ok);
-    c.wait_state("active+clean");
+    let mut c = Cluster::start_active();
 
     // One replica's device fails: the write it cannot take is parked, the PG peers
     // again and leaves that member behind, and the write is answered (two copies).
@@ -255,13 +263,7 @@ fn a_replica_whose_device_fails_does_not_fail_a_write() {
 
 #[test]
 fn a_write_with_fewer_than_min_size_copies_waits() {
-    if std::env::var("DEBUG_LOG").is_ok() {
-        sluice_control::init_logging("info");
-    }
-    let mut c = Cluster::start();
-    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
-    assert_eq!(st, Status::Ok);
-    c.wait_state("active+clean");
+    let mut c = Cluster::start_active();
 
     // Both replicas fail: one copy only, below min_size 2. The write is never failed;
     // it waits, and the PG says why.
@@ -311,13 +313,7 @@ impl Cluster {
 
 #[test]
 fn a_member_away_for_600_writes_gets_them_from_the_log_and_can_lead() {
-    if std::env::var("DEBUG_LOG").is_ok() {
-        sluice_control::init_logging("info");
-    }
-    let mut c = Cluster::start();
-    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
-    assert_eq!(st, Status::Ok);
-    c.wait_state("active+clean");
+    let mut c = Cluster::start_active();
     let away = c.acting[2];
 
     // It goes down (epoch 2): the other two take 600 writes (more than one log piece).
@@ -391,13 +387,7 @@ impl Cluster {
 
 #[test]
 fn a_primary_cut_off_logs_a_write_that_peering_rolls_back() {
-    if std::env::var("DEBUG_LOG").is_ok() {
-        sluice_control::init_logging("info");
-    }
-    let mut c = Cluster::start();
-    let (st, _) = c.call("a", Op::WriteFull { data: b"first" });
-    assert_eq!(st, Status::Ok);
-    c.wait_state("active+clean");
+    let mut c = Cluster::start_active();
     let (p, q, r) = (c.acting[0], c.acting[1], c.acting[2]);
     let ports: Vec<u16> = c.osds.iter().map(|o| o.port).collect();
 

@@ -148,26 +148,27 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-struct D<'a>(Dec<'a>, &'static str);
+/// A body decoder naming what it decodes in its errors (shared with `rep`).
+pub(crate) struct D<'a>(pub(crate) Dec<'a>, pub(crate) &'static str);
 
 impl<'a> D<'a> {
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         self.0.u8().map_err(|_| DecodeError::Truncated(self.1))
     }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         self.0.u16().map_err(|_| DecodeError::Truncated(self.1))
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         self.0.u32().map_err(|_| DecodeError::Truncated(self.1))
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         self.0.u64().map_err(|_| DecodeError::Truncated(self.1))
     }
-    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;
         self.0.take(n).map_err(|_| DecodeError::Truncated(self.1))
     }
-    fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, DecodeError> {
+    pub(crate) fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, DecodeError> {
         let b = self.bytes()?;
         if b.len() > max {
             return Err(DecodeError::TooLong { what, len: b.len(), max });

@@ -18,7 +18,7 @@
 use sluice_vocab::codec::Dec;
 
 use crate::message;
-use crate::ops::{DecodeError, Status};
+use crate::ops::{D, DecodeError, Status};
 
 /// Session message types (the object protocol uses 0x01xx).
 pub const MSG_REP_OP: u16 = 0x0200;
@@ -226,36 +226,7 @@ fn put_entries(out: &mut Vec<u8>, entries: &[(u64, &[u8])]) {
     }
 }
 
-struct D<'a>(Dec<'a>, &'static str);
-
 impl<'a> D<'a> {
-    fn t(&self) -> DecodeError {
-        DecodeError::Truncated(self.1)
-    }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        let e = self.t();
-        self.0.u8().map_err(|_| e)
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        let e = self.t();
-        self.0.u32().map_err(|_| e)
-    }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        let e = self.t();
-        self.0.u64().map_err(|_| e)
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        let n = self.u32()? as usize;
-        let e = self.t();
-        self.0.take(n).map_err(|_| e)
-    }
-    fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, DecodeError> {
-        let b = self.bytes()?;
-        if b.len() > max {
-            return Err(DecodeError::TooLong { what, len: b.len(), max });
-        }
-        std::str::from_utf8(b).map_err(|_| DecodeError::NotUtf8(what))
-    }
     fn count(&mut self, what: &'static str, max: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
         if n > max {

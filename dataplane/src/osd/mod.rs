@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use sluice_auth::{AuthTicket, Caps, EntityKind, Perms, Service};
 use sluice_control::maps::placement::{self, PgId, PrimaryCache};
-use sluice_control::maps::{OsdId, OsdMap, Pool, PoolId};
+use sluice_control::maps::{OsdId, OsdMap, PoolId};
 use sluice_control::osd_agent::{CorePgReport, DataplaneAuth, PgReportTx};
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
 use sluice_net::rep::{self, RepOp, RepReply};
@@ -1055,8 +1055,7 @@ impl<D: BlockDevice> Core<D> {
             return self.hold(pg, origin, req.tid, payload);
         }
         if req.op.is_write() {
-            let pool = pool.clone();
-            return self.write(origin, &req, payload, pg, &view, &pool);
+            return self.write(origin, &req, payload, pg, &view, &acting);
         }
         self.execute(origin, &req, pg);
     }
@@ -1112,9 +1111,11 @@ impl<D: BlockDevice> Core<D> {
         payload: &[u8],
         pgid: PgId,
         view: &MapView,
-        pool: &Pool,
+        acting: &[OsdId],
     ) {
         self.stats.writes += 1;
+        let min_size =
+            view.map.pools.get(&pgid.pool).map_or(usize::MAX, |p| usize::from(p.min_size));
         let reqid = (req.client, req.tid);
         let epoch = self.epoch();
         let pg = self.pgs.entry(pgid).or_default();
@@ -1146,12 +1147,10 @@ impl<D: BlockDevice> Core<D> {
         if matches!(req.op, Op::Delete) && !pg.exists {
             return self.error(origin, req.tid, Status::NotFound, "no such object");
         }
-        let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
-        let min_size = usize::from(pool.min_size);
         debug_assert!(self.pgs[&pgid].peering.is_none(), "writes wait while a PG peers");
         // Members recovery could not bring up to date are not copies (backfill).
-        let behind = self.pgs[&pgid].behind.clone();
-        let acting: Vec<OsdId> = acting.into_iter().filter(|o| !behind.contains(o)).collect();
+        let behind = &self.pgs[&pgid].behind;
+        let acting: Vec<OsdId> = acting.iter().copied().filter(|o| !behind.contains(o)).collect();
         if acting.len() < min_size {
             self.stats.below_min_size += 1;
             let m = format!(

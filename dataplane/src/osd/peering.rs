@@ -38,7 +38,17 @@ use super::*;
 pub(crate) type Interval = Vec<(OsdId, u64)>;
 
 pub(crate) fn interval_of(map: &OsdMap, acting: &[OsdId]) -> Interval {
-    acting.iter().map(|o| (*o, map.osd(*o).map_or(0, |i| i.up_from))).collect()
+    acting.iter().map(|o| (*o, up_from(map, *o))).collect()
+}
+
+fn up_from(map: &OsdMap, o: OsdId) -> u64 {
+    map.osd(o).map_or(0, |i| i.up_from)
+}
+
+/// Whether `interval` is `acting`'s in `map` (checked per op: no allocation).
+fn is_interval(interval: &Interval, map: &OsdMap, acting: &[OsdId]) -> bool {
+    interval.len() == acting.len()
+        && interval.iter().zip(acting).all(|((o, u), a)| o == a && *u == up_from(map, *a))
 }
 
 /// A peering that has not finished in this long is reported as stuck (a failed pull or
@@ -248,33 +258,26 @@ impl<D: BlockDevice> Core<D> {
         // States may change with any map (undersized, a new pool).
         self.pg_dirty = true;
         let mut start = Vec::new();
-        for pool in view.map.pools.values() {
-            for n in 0..pool.pg_num {
-                let pgid = PgId { pool: pool.id, pg: n };
-                if placement::pg_core(pgid, self.cores) as u16 != self.core {
-                    continue;
-                }
-                let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
-                if acting.first() == Some(&view.me) {
-                    let interval = interval_of(&view.map, &acting);
-                    let pg = self.pgs.entry(pgid).or_default();
-                    if pg.active_with.as_ref() != Some(&interval) {
-                        // Not active with this interval any more, even if it comes back.
-                        pg.active_with = None;
-                    }
-                    let same_peering = pg.peering.as_ref().is_some_and(|p| p.interval == interval);
-                    if pg.active_with.is_none() && !same_peering {
-                        start.push((pgid, acting));
-                    }
-                } else if let Some(pg) = self.pgs.get_mut(&pgid) {
+        for (pgid, acting) in self.core_pgs(&view.map) {
+            if acting.first() == Some(&view.me) {
+                let interval = interval_of(&view.map, &acting);
+                let pg = self.pgs.entry(pgid).or_default();
+                if pg.active_with.as_ref() != Some(&interval) {
+                    // Not active with this interval any more, even if it comes back.
                     pg.active_with = None;
-                    pg.want_peer = false;
-                    if pg.peering.take().is_some() {
-                        tracing::info!("PG {pgid}: no longer its primary; peering stopped");
-                    }
-                    self.answer_parked(pgid, true);
-                    self.release_held(pgid);
                 }
+                let same_peering = pg.peering.as_ref().is_some_and(|p| p.interval == interval);
+                if pg.active_with.is_none() && !same_peering {
+                    start.push((pgid, acting));
+                }
+            } else if let Some(pg) = self.pgs.get_mut(&pgid) {
+                pg.active_with = None;
+                pg.want_peer = false;
+                if pg.peering.take().is_some() {
+                    tracing::info!("PG {pgid}: no longer its primary; peering stopped");
+                }
+                self.answer_parked(pgid, true);
+                self.release_held(pgid);
             }
         }
         // PGs of pools that are gone.
@@ -296,6 +299,20 @@ impl<D: BlockDevice> Core<D> {
         for (pgid, acting) in start {
             self.start_peering(pgid, acting, view.map.epoch);
         }
+    }
+
+    /// Every PG of `map` that this core owns, with its acting set (primary first).
+    fn core_pgs(&mut self, map: &OsdMap) -> Vec<(PgId, Vec<OsdId>)> {
+        let mut out = Vec::new();
+        for pool in map.pools.values() {
+            for n in 0..pool.pg_num {
+                let pgid = PgId { pool: pool.id, pg: n };
+                if placement::pg_core(pgid, self.cores) as u16 == self.core {
+                    out.push((pgid, self.primaries.mapping(map, pool, pgid).up.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Logs PGs whose peering has not finished within [`PEERING_TIMEOUT`] (once per
@@ -334,12 +351,11 @@ impl<D: BlockDevice> Core<D> {
     /// Whether ops for `pgid` must wait: this OSD leads it but it is not active with
     /// this acting set yet.
     pub(super) fn must_hold(&mut self, pgid: PgId, acting: &[OsdId]) -> bool {
-        let interval = match &self.view {
-            Some(v) => interval_of(&v.map, acting),
-            None => return true,
-        };
+        let Some(view) = self.view.clone() else { return true };
         let ready = |pg: &Pg| {
-            pg.active_with.as_ref() == Some(&interval) && pg.peering.is_none() && !pg.want_peer
+            pg.active_with.as_ref().is_some_and(|i| is_interval(i, &view.map, acting))
+                && pg.peering.is_none()
+                && !pg.want_peer
         };
         let pg = self.pgs.entry(pgid).or_default();
         if ready(pg) {
@@ -1133,61 +1149,54 @@ impl<D: BlockDevice> Core<D> {
     pub(super) fn pg_reports(&mut self) -> Vec<sluice_control::api::PgReport> {
         let Some(view) = self.view.clone() else { return Vec::new() };
         let mut out = Vec::new();
-        for pool in view.map.pools.values() {
-            for n in 0..pool.pg_num {
-                let pgid = PgId { pool: pool.id, pg: n };
-                if placement::pg_core(pgid, self.cores) as u16 != self.core {
-                    continue;
-                }
-                let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
-                if acting.first() != Some(&view.me) {
-                    continue;
-                }
-                let pg = self.pgs.get(&pgid);
-                let interval = interval_of(&view.map, &acting);
-                let active = pg.is_some_and(|p| {
-                    p.active_with.as_ref() == Some(&interval) && p.peering.is_none()
-                });
-                let behind_n = pg.map_or(0, |p| p.behind.len());
-                let behind = behind_n > 0;
-                let mut state = Vec::new();
-                let mut recovering = 0;
-                match pg.and_then(|p| p.peering.as_ref()) {
-                    _ if active => {
-                        // Below min_size a PG peers but takes no writes: Ceph's "peered".
-                        let ok =
-                            acting.len() - behind_n.min(acting.len()) >= usize::from(pool.min_size);
-                        state.push(if ok { "active" } else { "peered" });
-                    }
-                    Some(p) => match &p.phase {
-                        Phase::GetInfo => state.push("peering"),
-                        Phase::Pull { objects, in_flight, .. } => {
-                            state.push("recovering");
-                            recovering = objects.len() + in_flight;
-                        }
-                        Phase::OwnLog => state.push("recovering"),
-                        Phase::Push(t) => {
-                            state.push("recovering");
-                            recovering = t.values().map(|t| t.objects.len() + t.in_flight).sum();
-                        }
-                    },
-                    None => state.push("peering"),
-                }
-                let undersized = acting.len() < usize::from(pool.size);
-                if undersized {
-                    state.push("undersized");
-                }
-                if undersized || behind || recovering > 0 {
-                    state.push("degraded");
-                }
-                if active && !undersized && !behind {
-                    state.push("clean");
-                }
-                let mut r = sluice_control::pgstats::report(pgid, view.map.epoch, &acting, state);
-                r.version = pg.map_or(0, |p| p.version);
-                r.recovering = recovering as u64;
-                out.push(r);
+        for (pgid, acting) in self.core_pgs(&view.map) {
+            if acting.first() != Some(&view.me) {
+                continue;
             }
+            let pool = &view.map.pools[&pgid.pool];
+            let pg = self.pgs.get(&pgid);
+            let interval = interval_of(&view.map, &acting);
+            let active = pg
+                .is_some_and(|p| p.active_with.as_ref() == Some(&interval) && p.peering.is_none());
+            let behind_n = pg.map_or(0, |p| p.behind.len());
+            let behind = behind_n > 0;
+            let mut state = Vec::new();
+            let mut recovering = 0;
+            match pg.and_then(|p| p.peering.as_ref()) {
+                _ if active => {
+                    // Below min_size a PG peers but takes no writes: Ceph's "peered".
+                    let ok =
+                        acting.len() - behind_n.min(acting.len()) >= usize::from(pool.min_size);
+                    state.push(if ok { "active" } else { "peered" });
+                }
+                Some(p) => match &p.phase {
+                    Phase::GetInfo => state.push("peering"),
+                    Phase::Pull { objects, in_flight, .. } => {
+                        state.push("recovering");
+                        recovering = objects.len() + in_flight;
+                    }
+                    Phase::OwnLog => state.push("recovering"),
+                    Phase::Push(t) => {
+                        state.push("recovering");
+                        recovering = t.values().map(|t| t.objects.len() + t.in_flight).sum();
+                    }
+                },
+                None => state.push("peering"),
+            }
+            let undersized = acting.len() < usize::from(pool.size);
+            if undersized {
+                state.push("undersized");
+            }
+            if undersized || behind || recovering > 0 {
+                state.push("degraded");
+            }
+            if active && !undersized && !behind {
+                state.push("clean");
+            }
+            let mut r = sluice_control::pgstats::report(pgid, view.map.epoch, &acting, state);
+            r.version = pg.map_or(0, |p| p.version);
+            r.recovering = recovering as u64;
+            out.push(r);
         }
         out
     }
