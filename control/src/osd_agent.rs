@@ -124,9 +124,26 @@ struct AuthRun {
     last_error: Option<String>,
 }
 
-/// Where the agent hands each new map (the dataplane's cores).
+/// Where the agent hands each new map (the dataplane's cores), with this OSD's id and the
+/// read lease its primaries ask for ([`read_lease`]).
 #[derive(Clone)]
-pub struct MapSink(pub std::sync::Arc<dyn Fn(std::sync::Arc<OsdMap>, OsdId) + Send + Sync>);
+#[allow(clippy::type_complexity)]
+pub struct MapSink(
+    pub std::sync::Arc<dyn Fn(std::sync::Arc<OsdMap>, OsdId, Duration) + Send + Sync>,
+);
+
+/// The read lease a primary asks its PGs' members for: `osd_read_lease_ratio` (0.8) x
+/// `osd_heartbeat_grace` (20 s), as Ceph's `osd_pool_default_read_lease_ratio`: it has
+/// generally run out by the time peers have reported a failed OSD and it is marked down,
+/// so a new primary seldom waits for it.
+pub fn read_lease(config: &BTreeMap<String, String>) -> Duration {
+    let ratio = config
+        .get("osd_read_lease_ratio")
+        .and_then(|r| r.parse::<f64>().ok())
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .unwrap_or(0.8);
+    secs(config, "osd_heartbeat_grace", 20.0).mul_f64(ratio.min(10.0))
+}
 
 impl std::fmt::Debug for MapSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -179,6 +196,7 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyho
         mon,
         sock,
         config: BTreeMap::new(),
+        published_lease: Duration::ZERO,
         me: None,
         need_boot: true,
         boot_epoch: u64::MAX,
@@ -292,6 +310,8 @@ struct Agent {
     sock: UdpSocket,
     map: OsdMap,
     config: BTreeMap<String, String>,
+    /// The read lease last handed to the dataplane with a map.
+    published_lease: Duration,
     me: Option<OsdId>,
     need_boot: bool,
     /// The epoch of our last boot: only a later map saying we are down means it.
@@ -370,9 +390,11 @@ impl Agent {
     }
 
     /// Hands the current map to the dataplane (once we know who we are).
-    fn publish(&self) {
+    fn publish(&mut self) {
         if let (Some(sink), Some(me)) = (&self.cfg.on_map, self.me) {
-            (sink.0)(std::sync::Arc::new(self.map.clone()), me);
+            let lease = read_lease(&self.config);
+            self.published_lease = lease;
+            (sink.0)(std::sync::Arc::new(self.map.clone()), me, lease);
         }
     }
 
@@ -392,6 +414,8 @@ impl Agent {
         }
         if self.map.epoch != before {
             tracing::debug!("map epoch {} -> {}", before, self.map.epoch);
+            self.publish();
+        } else if self.map.epoch > 0 && read_lease(&self.config) != self.published_lease {
             self.publish();
         }
         if let Some(id) = self.me
@@ -645,4 +669,23 @@ async fn osd_key(
     k.save(path).map_err(|e| e.to_string())?;
     tracing::info!("registered as {} by {who}; its key is in {}", r.entity, path.display());
     Ok((r.entity, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_lease_follows_the_heartbeat_grace_and_refuses_nonsense() {
+        let mut c = BTreeMap::new();
+        assert_eq!(read_lease(&c), Duration::from_secs(16));
+        c.insert("osd_heartbeat_grace".to_string(), "3".to_string());
+        assert_eq!(read_lease(&c), Duration::from_millis(2400));
+        c.insert("osd_read_lease_ratio".to_string(), "0.5".to_string());
+        assert_eq!(read_lease(&c), Duration::from_millis(1500));
+        for bad in ["-1", "0", "NaN", "inf", "x"] {
+            c.insert("osd_read_lease_ratio".to_string(), bad.to_string());
+            assert_eq!(read_lease(&c), Duration::from_millis(2400), "ratio {bad}");
+        }
+    }
 }

@@ -28,6 +28,10 @@ use sluice_net::tcp::{ClientConn, Server};
 use sluice_nvme::{FaultHandle, FaultRule, FaultyDevice, IoError, OpSet, RamDevice};
 use sluice_vocab::{CoreId, Lba, SystemClock};
 
+/// The read lease of the OSDs' primaries: short, so a new interval's wait for the
+/// previous primary's lease stays short.
+const LEASE: Duration = Duration::from_secs(2);
+
 struct Osd {
     _reactor: ReactorHandle,
     maps: mpsc::Sender<MapView>,
@@ -123,7 +127,9 @@ impl Cluster {
         let ports: Vec<u16> = osds.iter().map(|o| o.port).collect();
         let map = Arc::new(map(&ports, 1));
         for (i, o) in osds.iter().enumerate() {
-            o.maps.send(MapView { map: Arc::clone(&map), me: OsdId(i as u32) }).unwrap();
+            o.maps
+                .send(MapView { map: Arc::clone(&map), me: OsdId(i as u32), read_lease: LEASE })
+                .unwrap();
             o.waker.wake();
         }
         let pool = &map.pools[&PoolId(1)];
@@ -288,7 +294,13 @@ impl Cluster {
     fn publish(&mut self, map: OsdMap) {
         self.map = Arc::new(map);
         for (i, o) in self.osds.iter().enumerate() {
-            o.maps.send(MapView { map: Arc::clone(&self.map), me: OsdId(i as u32) }).unwrap();
+            o.maps
+                .send(MapView {
+                    map: Arc::clone(&self.map),
+                    me: OsdId(i as u32),
+                    read_lease: LEASE,
+                })
+                .unwrap();
             o.waker.wake();
         }
     }
@@ -365,7 +377,7 @@ impl Cluster {
         let map = Arc::new(map.clone());
         for id in to {
             let o = &self.osds[id.0 as usize];
-            o.maps.send(MapView { map: Arc::clone(&map), me: *id }).unwrap();
+            o.maps.send(MapView { map: Arc::clone(&map), me: *id, read_lease: LEASE }).unwrap();
             o.waker.wake();
         }
     }
@@ -427,4 +439,42 @@ fn a_primary_cut_off_logs_a_write_that_peering_rolls_back() {
     c.wait_state("active+clean");
     let (st, got) = c.call("b", Op::Read { offset: 0, len: 0 });
     assert_eq!((st, got.as_slice()), (Status::Ok, &b"cut off"[..]));
+}
+
+#[test]
+fn a_primary_cut_off_stops_serving_reads_before_the_new_one_takes_a_write() {
+    let mut c = Cluster::start_active();
+    let (p, q, r) = (c.acting[0], c.acting[1], c.acting[2]);
+    let ports: Vec<u16> = c.osds.iter().map(|o| o.port).collect();
+    // p leads with a read lease from q and r, and serves reads.
+    let (st, got) = c.call("a", Op::Read { offset: 0, len: 0 });
+    assert_eq!((st, got.as_slice()), (Status::Ok, &b"first"[..]));
+
+    // Epoch 2 reaches q and r only: p is down there and q leads. p, still at epoch 1,
+    // gets no map and no lease any more (q and r peered for a newer interval).
+    let mut m2 = map(&ports, 2);
+    m2.osds.get_mut(&p).unwrap().up = false;
+    c.publish_to(&m2, &[q, r]);
+    let to_p = c.connect_to(q);
+    let epoch1 = Arc::clone(&c.map);
+    c.map = Arc::new(m2.clone());
+    // q waits out p's lease (as r reports it) before it goes active and takes this.
+    let (st, _) = c.call("a", Op::WriteFull { data: b"second" });
+    assert_eq!(st, Status::Ok);
+
+    // A client that still has epoch 1 reads at p: p's lease ran out before q took the
+    // write, so p holds the read (laggy) instead of answering with "first".
+    let at_q = std::mem::replace(&mut c.client, to_p);
+    c.map = epoch1;
+    let tid = c.send("a", Op::Read { offset: 0, len: 0 });
+    let stale = c.reply(tid, Instant::now() + Duration::from_secs(3));
+    assert_eq!(stale, None, "p served a read after q took a write");
+    // Once p learns of epoch 2 it answers the held read: it does not lead any more.
+    c.publish_to(&m2, &[p]);
+    let (st, _) = c.reply(tid, Instant::now() + Duration::from_secs(60)).expect("an answer");
+    assert_eq!(st, Status::Redirect);
+    c.client = at_q;
+    c.map = Arc::new(m2);
+    let (st, got) = c.call("a", Op::Read { offset: 0, len: 0 });
+    assert_eq!((st, got.as_slice()), (Status::Ok, &b"second"[..]));
 }

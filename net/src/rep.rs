@@ -8,6 +8,10 @@
 //! objects and log entries to members that lack them ([`Push`] -> a [`RepReply`] of type
 //! [`MSG_PUSH_ACK`]).
 //!
+//! Read leases ([`Lease`] -> [`LeaseAck`]) bound how long a primary serves reads without
+//! hearing from its PGs' members; members report the leases they granted in their
+//! [`PgInfo`], so a new primary can wait them out (`osd_internals/stale_read.rst`).
+//!
 //! A `RepOp` carries the PG log entry the primary assigned (the PG version, the
 //! client's request id) and the client's request itself, encoded as the client sent it
 //! ([`crate::ops::Request`]), so a replica applies exactly the op the primary applied,
@@ -28,11 +32,15 @@ pub const MSG_PG_INFO: u16 = 0x0203;
 pub const MSG_PULL: u16 = 0x0204;
 pub const MSG_PUSH: u16 = 0x0205;
 pub const MSG_PUSH_ACK: u16 = 0x0206;
+pub const MSG_LEASE: u16 = 0x0207;
+pub const MSG_LEASE_ACK: u16 = 0x0208;
 
 /// Most PG log entries one [`PgInfo`] or [`Push`] carries.
 pub const MAX_ENTRIES: usize = 65_536;
 /// Most xattrs one pushed object carries.
 pub const MAX_XATTRS: usize = 4096;
+/// Most PGs one [`Lease`] or [`LeaseAck`] names.
+pub const MAX_LEASE_PGS: usize = 65_536;
 /// Most object bytes one push carries.
 pub const PUSH_CHUNK_BYTES: usize = 4 << 20;
 
@@ -163,6 +171,37 @@ pub struct PgInfo<'a> {
     pub pg: u32,
     pub last_version: u64,
     pub entries: Vec<(u64, &'a [u8])>,
+    /// The read lease this member granted last for the PG: how long it has left when
+    /// the answer is sent (0: none left), and the primary that holds it (OSD id and the
+    /// epoch it booted at; `None`: more than one primary may).
+    pub lease_remaining_us: u64,
+    pub lease_by: Option<(u32, u64)>,
+}
+
+/// A primary's read lease for PGs it leads, sent to the core of a member that owns
+/// them: "I serve reads of these PGs for at most `duration_us` from when I sent this".
+/// A member grants it (answers with the PG in its [`LeaseAck`]) unless it peered for a
+/// newer interval than `epoch`, and from then on holds an upper bound of the primary's
+/// lease: the time it received it plus `duration_us`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The primary's map epoch.
+    pub epoch: u64,
+    /// The primary: its OSD id and the epoch it booted at.
+    pub from: u32,
+    pub from_up_from: u64,
+    /// The primary's renewal round (echoed in the ack).
+    pub round: u64,
+    pub duration_us: u64,
+    /// (pool, pg) pairs.
+    pub pgs: Vec<(u32, u32)>,
+}
+
+/// A member's answer to a [`Lease`]: the PGs it granted the lease for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseAck {
+    pub round: u64,
+    pub pgs: Vec<(u32, u32)>,
 }
 
 /// A primary's request for an object's state, answered with a [`Push`].
@@ -234,6 +273,14 @@ impl<'a> D<'a> {
         }
         Ok(n)
     }
+    fn pgs(&mut self) -> Result<Vec<(u32, u32)>, DecodeError> {
+        let n = self.count("leased PGs", MAX_LEASE_PGS)?;
+        let mut v = Vec::with_capacity(n.min(self.0.remaining() / 8));
+        for _ in 0..n {
+            v.push((self.u32()?, self.u32()?));
+        }
+        Ok(v)
+    }
     fn entries(&mut self) -> Result<Vec<(u64, &'a [u8])>, DecodeError> {
         let n = self.count("PG log entries", MAX_ENTRIES)?;
         // Each entry takes at least 12 bytes: no allocation beyond what arrived.
@@ -268,18 +315,76 @@ impl<'a> PgInfo<'a> {
         out.extend_from_slice(&self.pg.to_le_bytes());
         out.extend_from_slice(&self.last_version.to_le_bytes());
         put_entries(out, &self.entries);
+        out.extend_from_slice(&self.lease_remaining_us.to_le_bytes());
+        match self.lease_by {
+            None => out.push(0),
+            Some((osd, up_from)) => {
+                out.push(1);
+                out.extend_from_slice(&osd.to_le_bytes());
+                out.extend_from_slice(&up_from.to_le_bytes());
+            }
+        }
         message::finish(out, m);
     }
 
     pub fn decode(buf: &'a [u8]) -> Result<PgInfo<'a>, DecodeError> {
         let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "PG info");
-        Ok(PgInfo {
+        let (epoch, pool, pg, last_version) = (d.u64()?, d.u32()?, d.u32()?, d.u64()?);
+        let entries = d.entries()?;
+        let lease_remaining_us = d.u64()?;
+        let lease_by = match d.u8()? {
+            0 => None,
+            1 => Some((d.u32()?, d.u64()?)),
+            c => return Err(DecodeError::Unknown { what: "lease holder", code: u32::from(c) }),
+        };
+        Ok(PgInfo { epoch, pool, pg, last_version, entries, lease_remaining_us, lease_by })
+    }
+}
+
+fn put_pgs(out: &mut Vec<u8>, pgs: &[(u32, u32)]) {
+    out.extend_from_slice(&(pgs.len() as u32).to_le_bytes());
+    for (pool, pg) in pgs {
+        out.extend_from_slice(&pool.to_le_bytes());
+        out.extend_from_slice(&pg.to_le_bytes());
+    }
+}
+
+impl Lease {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.from.to_le_bytes());
+        out.extend_from_slice(&self.from_up_from.to_le_bytes());
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.duration_us.to_le_bytes());
+        put_pgs(out, &self.pgs);
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Lease, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "lease");
+        Ok(Lease {
             epoch: d.u64()?,
-            pool: d.u32()?,
-            pg: d.u32()?,
-            last_version: d.u64()?,
-            entries: d.entries()?,
+            from: d.u32()?,
+            from_up_from: d.u64()?,
+            round: d.u64()?,
+            duration_us: d.u64()?,
+            pgs: d.pgs()?,
         })
+    }
+}
+
+impl LeaseAck {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.round.to_le_bytes());
+        put_pgs(out, &self.pgs);
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<LeaseAck, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "lease ack");
+        Ok(LeaseAck { round: d.u64()?, pgs: d.pgs()? })
     }
 }
 
@@ -445,6 +550,8 @@ mod tests {
             let _ = PgInfo::decode(&b);
             let _ = Pull::decode(&b);
             let _ = Push::decode(&b);
+            let _ = Lease::decode(&b);
+            let _ = LeaseAck::decode(&b);
         }
 
         #[test]
@@ -456,13 +563,18 @@ mod tests {
             entries in proptest::collection::vec(
                 (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..30)), 0..6),
             with_object: bool,
+            lease_by in proptest::option::of((any::<u32>(), any::<u64>())),
+            pgs in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..5),
         ) {
             let entries: Vec<(u64, &[u8])> = entries.iter().map(|(v, e)| (*v, &e[..])).collect();
             let mut all: Vec<Vec<u8>> = Vec::new();
             let q = PgQuery { epoch, pool, pg };
             q.encode(all.push_get());
             prop_assert_eq!(PgQuery::decode(all.last().unwrap()).unwrap(), q);
-            let info = PgInfo { epoch, pool, pg, last_version: last, entries: entries.clone() };
+            let info = PgInfo {
+                epoch, pool, pg, last_version: last, entries: entries.clone(),
+                lease_remaining_us: last / 3, lease_by,
+            };
             info.encode(all.push_get());
             prop_assert_eq!(PgInfo::decode(all.last().unwrap()).unwrap(), info);
             let pull = Pull { epoch, pool, pg, object: &name };
@@ -480,13 +592,24 @@ mod tests {
             let push = Push { epoch, pool, pg, object, entries, last: exists, last_version: last };
             push.encode(all.push_get());
             prop_assert_eq!(Push::decode(all.last().unwrap()).unwrap(), push);
+            let lease = Lease {
+                epoch, from: pool, from_up_from: last, round: epoch ^ last,
+                duration_us: last / 5, pgs: pgs.clone(),
+            };
+            lease.encode(all.push_get());
+            prop_assert_eq!(Lease::decode(all.last().unwrap()).unwrap(), lease);
+            let ack = LeaseAck { round: last, pgs };
+            ack.encode(all.push_get());
+            prop_assert_eq!(LeaseAck::decode(all.last().unwrap()).unwrap(), ack);
             for (i, b) in all.iter().enumerate() {
                 for n in 0..b.len() {
                     let refused = match i {
                         0 => PgQuery::decode(&b[..n]).is_err(),
                         1 => PgInfo::decode(&b[..n]).is_err(),
                         2 => Pull::decode(&b[..n]).is_err(),
-                        _ => Push::decode(&b[..n]).is_err(),
+                        3 => Push::decode(&b[..n]).is_err(),
+                        4 => Lease::decode(&b[..n]).is_err(),
+                        _ => LeaseAck::decode(&b[..n]).is_err(),
                     };
                     prop_assert!(refused, "message {} prefix {} accepted", i, n);
                 }

@@ -368,6 +368,9 @@ pub struct ClientConn {
     ticket: Option<ServiceTicket>,
     /// The current connection's authentication, until the server proved itself.
     phase: Option<ClientAuthPhase>,
+    /// The local address non-blocking connects bind to first (`None`: the kernel's
+    /// choice).
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl ClientConn {
@@ -379,7 +382,15 @@ impl ClientConn {
             ack: AckHold::default(),
             ticket: None,
             phase: None,
+            local_ip: None,
         }
+    }
+
+    /// Connect from `ip` (one of this machine's addresses) instead of the address the
+    /// kernel picks, with [`Self::connect_nonblocking`]: for a host with several
+    /// addresses whose traffic must leave from one of them.
+    pub fn set_local_ip(&mut self, ip: Option<std::net::IpAddr>) {
+        self.local_ip = ip;
     }
 
     /// Authenticate every new connection with `ticket` (a renewed ticket replaces the
@@ -431,6 +442,10 @@ impl ClientConn {
         };
         let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
         let fd = socket::socket(family, SockType::Stream, flags, None).map_err(io::Error::from)?;
+        if let Some(ip) = self.local_ip {
+            let local = SockaddrStorage::from(SocketAddr::new(ip, 0));
+            socket::bind(fd.as_raw_fd(), &local).map_err(io::Error::from)?;
+        }
         match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(self.addr)) {
             Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
             Err(e) => return Err(e.into()),

@@ -393,3 +393,14 @@ fn a_non_blocking_connect_delivers_once_connected_and_reports_a_refusal_at_poll(
     assert!(!c.connected(), "the failed connection is dropped");
     assert_eq!(c.session.unacked(), 1, "the message is kept for the next connection");
 }
+
+#[test]
+fn a_non_blocking_connect_leaves_from_the_local_address_it_is_given() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = ClientConn::new(l.local_addr().unwrap(), 93, F, Limits::DEFAULT);
+    let ip: std::net::IpAddr = "127.0.0.5".parse().unwrap();
+    c.set_local_ip(Some(ip));
+    c.connect_nonblocking().unwrap();
+    let (_s, peer) = l.accept().unwrap();
+    assert_eq!(peer.ip(), ip);
+}

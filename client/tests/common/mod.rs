@@ -150,6 +150,22 @@ impl Cluster {
         s
     }
 
+    /// Waits until `n` PGs are in `state`, as `sluice pg stat` says (from the
+    /// primaries' reports).
+    pub fn wait_pgs(&self, n: u64, state: &str) {
+        let mut last = Value::Null;
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.json(&["pg", "stat"]);
+            if s.get(state).and_then(|n| n.as_u64()) == Some(n) {
+                return;
+            }
+            assert!(Instant::now() < end, "PGs never all {state}: {last}");
+            last = s;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     pub fn osd(&self, id: u64) -> Value {
         let m = self.json(&["osd", "dump"]);
         m["osds"].as_array().unwrap().iter().find(|o| o["id"] == id).cloned().unwrap()

@@ -601,9 +601,9 @@ fn run(
                 path.display()
             );
             let map_wakers = wakers.clone();
-            let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId| {
+            let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId, read_lease| {
                 for (tx, w) in map_txs.iter().zip(&map_wakers) {
-                    let _ = tx.send(MapView { map: Arc::clone(&map), me });
+                    let _ = tx.send(MapView { map: Arc::clone(&map), me, read_lease });
                     w.wake();
                 }
             }));

@@ -31,7 +31,9 @@
 //! arrive in order (a gap means it missed writes: logged, counted, for recovery), and
 //! recognises a version it already applied (a resend after a reconnect).
 //!
-//! **Reads** go to the store, which answers with committed data only.
+//! **Reads** go to the store, which answers with committed data only, and only while the
+//! primary holds a read lease from the PG's other acting members (the `lease` module):
+//! a primary cut off from them stops serving reads before a new one may take writes.
 //!
 //! **Authentication** (with [`CoreAuth`]): the server runs the ticket handshake on every
 //! connection, with the OSD service's rotating secrets the cluster agent fetched from the
@@ -64,12 +66,14 @@ use sluice_vocab::{CoreId, MonoTime};
 
 use crate::peers::{self, Peers, Received};
 
+mod lease;
 mod peering;
 use crate::store::{
     Answer, CollId, Missing, Query, Shard, StoreError, StoreEvent, Transaction, TxOp, blocking,
     txn_data,
 };
 use crate::{Context, Inbox, Outbox, PollResult, Poller};
+pub use lease::{DEFAULT_READ_LEASE, USABLE_PERCENT};
 pub use peering::{MAX_HELD, MAX_PUSHES_PER_PEER};
 
 /// PG log entries kept per PG (the window in which a resent write is recognised).
@@ -90,6 +94,9 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 pub struct MapView {
     pub map: Arc<OsdMap>,
     pub me: OsdId,
+    /// How long a read lease this OSD's primaries ask for lasts (see the `lease`
+    /// module): `osd_read_lease_ratio` x `osd_heartbeat_grace` of the central config.
+    pub read_lease: Duration,
 }
 
 /// Authentication on a core's server: every connection must present a ticket for the
@@ -230,6 +237,15 @@ struct Pg {
     /// refused), and queries to answer once the writes in flight are durable.
     interval_epoch: u64,
     queries: Vec<(u64, rep::PgQuery)>,
+    /// As primary: reads are served until then (the `lease` module), and the renewal
+    /// round in flight with the members yet to grant it.
+    readable_until: MonoTime,
+    lease_round: u64,
+    lease_waiting: Vec<OsdId>,
+    /// As member: an upper bound of the read lease of the primary that it last granted
+    /// one (`None`: more than one primary may hold one).
+    lease_ub: MonoTime,
+    lease_by: Option<(OsdId, u64)>,
 }
 
 impl Pg {
@@ -398,6 +414,13 @@ struct Core<D: BlockDevice> {
     pg_dirty: bool,
     next_pg_report: MonoTime,
     last_pg_report: MonoTime,
+    /// Read lease rounds: the last one started, the recent ones with when they were
+    /// sent and for how long, when the next is due, and PGs waiting out the leases of a
+    /// previous interval before they go active: (until, PG, peering epoch).
+    lease_round: u64,
+    lease_sent: VecDeque<(u64, MonoTime, Duration)>,
+    next_lease: MonoTime,
+    lease_waits: Vec<(MonoTime, PgId, u64)>,
 }
 
 /// The serving poller of one core. See the module documentation.
@@ -419,6 +442,8 @@ pub struct OsdCore<D: BlockDevice> {
     last_now: MonoTime,
     /// A timer is set for the next PG report.
     pg_timer: bool,
+    /// A timer is set for this lease event.
+    lease_timer: Option<MonoTime>,
     park: Epoll,
     /// When idle sessions were last expired (the reactor's clock: no clock read per pass).
     last_expire: MonoTime,
@@ -518,6 +543,10 @@ impl<D: BlockDevice> OsdCore<D> {
                 pg_dirty: true,
                 next_pg_report: MonoTime::ZERO,
                 last_pg_report: MonoTime::ZERO,
+                lease_round: 0,
+                lease_sent: VecDeque::new(),
+                next_lease: MonoTime::ZERO,
+                lease_waits: Vec::new(),
             },
             inbox,
             maps,
@@ -528,6 +557,7 @@ impl<D: BlockDevice> OsdCore<D> {
             peer_timer: false,
             last_now: MonoTime::ZERO,
             pg_timer: false,
+            lease_timer: None,
             park,
             last_expire: MonoTime::ZERO,
             last_stats_log: Instant::now(),
@@ -678,7 +708,11 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
                     }
                 } else if matches!(
                     msg_type,
-                    rep::MSG_REP_OP | rep::MSG_PG_QUERY | rep::MSG_PULL | rep::MSG_PUSH
+                    rep::MSG_REP_OP
+                        | rep::MSG_PG_QUERY
+                        | rep::MSG_PULL
+                        | rep::MSG_PUSH
+                        | rep::MSG_LEASE
                 ) {
                     let allowed = peer_check(c.auth_required, peer, now_ms);
                     c.handle_peer_msg(cookie, msg_type, payload, allowed);
@@ -714,6 +748,13 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
             cx.schedule_after(Duration::from_secs(1), 0);
         }
         busy |= self.c.flush_stalled();
+        busy |= self.c.lease_tick();
+        if let Some(due) = self.c.next_lease_event()
+            && self.lease_timer.is_none_or(|t| due < t)
+        {
+            self.lease_timer = Some(due);
+            cx.schedule_after(due.saturating_sub(now).max(Duration::from_millis(1)), 3);
+        }
         busy |= self.c.maybe_report_pgs(now);
         if self.c.pg_tx.is_some() && !self.pg_timer {
             self.pg_timer = true;
@@ -777,6 +818,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         match token {
             0 => self.wait_timer = false,
             1 => self.peer_timer = false,
+            3 => self.lease_timer = None,
             _ => self.pg_timer = false,
         }
     }
@@ -1056,6 +1098,10 @@ impl<D: BlockDevice> Core<D> {
         }
         if req.op.is_write() {
             return self.write(origin, &req, payload, pg, &view, &acting);
+        }
+        if !self.readable(pg) {
+            // No current read lease (laggy): routed again once one is granted.
+            return self.hold(pg, origin, req.tid, payload);
         }
         self.execute(origin, &req, pg);
     }
@@ -1450,6 +1496,7 @@ impl<D: BlockDevice> Core<D> {
             rep::MSG_PG_QUERY => rep::PgQuery::decode(payload).map(|q| self.on_pg_query(cookie, q)),
             rep::MSG_PULL => rep::Pull::decode(payload).map(|p| self.on_pull(cookie, p)),
             rep::MSG_PUSH => rep::Push::decode(payload).map(|p| self.on_push(Some(cookie), p)),
+            rep::MSG_LEASE => rep::Lease::decode(payload).map(|l| self.on_lease(cookie, l)),
             _ => unreachable!("dispatched above"),
         };
         if let Err(e) = r {
@@ -1478,6 +1525,13 @@ impl<D: BlockDevice> Core<D> {
                     match rep::Push::decode(&m.payload) {
                         Ok(p) => self.on_pulled(m.from, p),
                         Err(e) => tracing::warn!("{} sent an undecodable push: {e}", m.from),
+                    }
+                    continue;
+                }
+                rep::MSG_LEASE_ACK => {
+                    match rep::LeaseAck::decode(&m.payload) {
+                        Ok(a) => self.on_lease_ack(m.from, a),
+                        Err(e) => tracing::warn!("{} sent an undecodable lease ack: {e}", m.from),
                     }
                     continue;
                 }

@@ -86,6 +86,16 @@ pub(crate) struct Peering {
     phase: Phase,
     /// Members recovery could not bring up to date (backfill needed, or a failure).
     behind: Vec<OsdId>,
+    /// Until when a previous primary may still serve reads, as the members' answers
+    /// bound it: the PG goes active no earlier (the `lease` module).
+    prior_readable: MonoTime,
+}
+
+impl Peering {
+    /// Recovered, waiting out a previous primary's read lease.
+    pub(super) fn waits_for_leases(&self) -> bool {
+        matches!(self.phase, Phase::WaitLease)
+    }
 }
 
 #[derive(Debug)]
@@ -111,6 +121,8 @@ enum Phase {
     /// The primary's own log catching up with the authoritative one (a transaction).
     OwnLog,
     Push(HashMap<OsdId, Target>),
+    /// Recovered: waiting until `prior_readable` has passed.
+    WaitLease,
 }
 
 /// What one member needs.
@@ -273,6 +285,8 @@ impl<D: BlockDevice> Core<D> {
             } else if let Some(pg) = self.pgs.get_mut(&pgid) {
                 pg.active_with = None;
                 pg.want_peer = false;
+                pg.readable_until = MonoTime::ZERO;
+                pg.lease_waiting.clear();
                 if pg.peering.take().is_some() {
                     tracing::info!("PG {pgid}: no longer its primary; peering stopped");
                 }
@@ -302,7 +316,7 @@ impl<D: BlockDevice> Core<D> {
     }
 
     /// Every PG of `map` that this core owns, with its acting set (primary first).
-    fn core_pgs(&mut self, map: &OsdMap) -> Vec<(PgId, Vec<OsdId>)> {
+    pub(super) fn core_pgs(&mut self, map: &OsdMap) -> Vec<(PgId, Vec<OsdId>)> {
         let mut out = Vec::new();
         for pool in map.pools.values() {
             for n in 0..pool.pg_num {
@@ -333,6 +347,7 @@ impl<D: BlockDevice> Core<D> {
                     if *failed { ", one failed" } else { "" }
                 ),
                 Phase::OwnLog => "its own log".to_string(),
+                Phase::WaitLease => "a previous primary's read lease".to_string(),
                 Phase::Push(t) => {
                     let left: Vec<String> = t
                         .iter()
@@ -381,8 +396,9 @@ impl<D: BlockDevice> Core<D> {
         pg.held.push_back((origin, payload.to_vec()));
     }
 
-    /// Routes a PG's held ops again (it went active, or is not ours any more).
-    fn release_held(&mut self, pgid: PgId) {
+    /// Routes a PG's held ops again (it went active, or is not ours any more, or its read
+    /// lease was renewed).
+    pub(super) fn release_held(&mut self, pgid: PgId) {
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let held = std::mem::take(&mut pg.held);
         let now = self.now;
@@ -411,6 +427,10 @@ impl<D: BlockDevice> Core<D> {
         };
         let now = self.now;
         let pg = self.pgs.get_mut(&pgid).expect("entered above");
+        // A lease this OSD granted another primary as a member is waited out too.
+        let me = self.view.as_ref().map(|v| (v.me, up_from(&v.map, v.me)));
+        let prior_readable =
+            if pg.lease_by.is_some() && pg.lease_by == me { MonoTime::ZERO } else { pg.lease_ub };
         pg.peering = Some(Box::new(Peering {
             epoch,
             acting: acting.clone(),
@@ -420,6 +440,7 @@ impl<D: BlockDevice> Core<D> {
             waiting: replicas.clone(),
             phase: Phase::GetInfo,
             behind: Vec::new(),
+            prior_readable,
         }));
         self.pg_dirty = true;
         if replicas.is_empty() {
@@ -472,6 +493,12 @@ impl<D: BlockDevice> Core<D> {
     pub(super) fn on_pg_query(&mut self, cookie: u64, q: PgQuery) {
         let pgid = PgId { pool: PoolId(q.pool), pg: q.pg };
         let pg = self.pgs.entry(pgid).or_default();
+        if q.epoch >= pg.interval_epoch {
+            // Another primary peers for a newer interval: reads stop here at once (it
+            // waits out only the leases the members report).
+            pg.readable_until = MonoTime::ZERO;
+            pg.lease_waiting.clear();
+        }
         pg.interval_epoch = pg.interval_epoch.max(q.epoch);
         if pg.inflight.is_empty() {
             self.answer_query(cookie, q);
@@ -485,12 +512,16 @@ impl<D: BlockDevice> Core<D> {
         let pg = self.pgs.entry(pgid).or_default();
         let encoded: Vec<(u64, Vec<u8>)> =
             pg.log.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
+        let last_version = pg.version;
+        let (lease_remaining_us, lease_by) = self.lease_info(pgid);
         let info = PgInfo {
             epoch: q.epoch,
             pool: q.pool,
             pg: q.pg,
-            last_version: pg.version,
+            last_version,
             entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
+            lease_remaining_us,
+            lease_by,
         };
         info.encode(&mut self.reply_buf);
         self.replies.push((cookie, rep::MSG_PG_INFO, self.reply_buf.len()));
@@ -499,11 +530,17 @@ impl<D: BlockDevice> Core<D> {
     /// The primary's side: a member's log arrived.
     pub(super) fn on_pg_info(&mut self, from: OsdId, info: PgInfo<'_>) {
         let pgid = PgId { pool: PoolId(info.pool), pg: info.pg };
+        let me = self.view.as_ref().map(|v| (v.me.0, up_from(&v.map, v.me)));
         let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else {
             return;
         };
         if p.epoch != info.epoch || !matches!(p.phase, Phase::GetInfo) {
             return; // an earlier peering's answer
+        }
+        if info.lease_remaining_us > 0 && (info.lease_by.is_none() || info.lease_by != me) {
+            // Measured from now, after the answer travelled: later, never earlier.
+            let until = lease::clock().after(Duration::from_micros(info.lease_remaining_us));
+            p.prior_readable = p.prior_readable.max(until);
         }
         let Some(at) = p.waiting.iter().position(|o| *o == from) else { return };
         let mut log = BTreeMap::new();
@@ -703,8 +740,23 @@ impl<D: BlockDevice> Core<D> {
         }
     }
 
-    fn activate(&mut self, pgid: PgId) {
+    pub(super) fn activate(&mut self, pgid: PgId) {
         let pg = self.pgs.get_mut(&pgid).expect("peering PG");
+        let p = pg.peering.as_mut().expect("peering");
+        let now = lease::clock();
+        if p.prior_readable > now {
+            tracing::info!(
+                "PG {pgid}: recovered at epoch {}; waiting {:?} for a previous primary's read \
+                 lease to run out",
+                p.epoch,
+                p.prior_readable.saturating_sub(now)
+            );
+            p.phase = Phase::WaitLease;
+            let (until, epoch) = (p.prior_readable, p.epoch);
+            self.lease_waits.push((until, pgid, epoch));
+            self.pg_dirty = true;
+            return;
+        }
         let p = pg.peering.take().expect("peering");
         let members: Vec<String> = p.acting.iter().map(|o| o.to_string()).collect();
         tracing::info!(
@@ -726,6 +778,8 @@ impl<D: BlockDevice> Core<D> {
         if enough {
             self.answer_parked(pgid, false);
         }
+        // Reads wait for the first lease round (writes go on meanwhile).
+        self.lease_round(vec![(pgid, p.acting)]);
         self.release_held(pgid);
     }
 
@@ -1168,6 +1222,9 @@ impl<D: BlockDevice> Core<D> {
                     let ok =
                         acting.len() - behind_n.min(acting.len()) >= usize::from(pool.min_size);
                     state.push(if ok { "active" } else { "peered" });
+                    if ok && pg.is_some_and(|p| p.readable_until <= self.now) {
+                        state.push("laggy"); // reads wait for a lease round
+                    }
                 }
                 Some(p) => match &p.phase {
                     Phase::GetInfo => state.push("peering"),
@@ -1176,6 +1233,7 @@ impl<D: BlockDevice> Core<D> {
                         recovering = objects.len() + in_flight;
                     }
                     Phase::OwnLog => state.push("recovering"),
+                    Phase::WaitLease => state.push("wait"),
                     Phase::Push(t) => {
                         state.push("recovering");
                         recovering = t.values().map(|t| t.objects.len() + t.in_flight).sum();

@@ -43,6 +43,11 @@ pub enum DevCmd {
         /// is created.
         #[arg(long, default_value = "cephx", value_parser = ["cephx", "none"])]
         auth: String,
+        /// The address every daemon listens on and is reached at (one of this machine's:
+        /// e.g. a veth end, so an OSD can later be moved into a network namespace).
+        /// Used when the cluster is created.
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: std::net::IpAddr,
     },
     /// Stop every daemon cleanly (OSDs first), killing what does not stop in time.
     Down {
@@ -186,8 +191,9 @@ async fn stop(dir: &Path, name: &str, grace: Duration) -> bool {
     false
 }
 
-fn free_port() -> Result<u16, Fail> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(fail)?;
+fn free_port(ip: std::net::IpAddr) -> Result<u16, Fail> {
+    let l = std::net::TcpListener::bind((ip, 0))
+        .map_err(|e| fail(format!("no port on {ip} ({e}): is it an address of this machine?")))?;
     Ok(l.local_addr().map_err(fail)?.port())
 }
 
@@ -279,11 +285,11 @@ async fn wait_healthy(c: &MonClient, dir: &Path, end: Instant) -> Result<api::St
 
 pub async fn run(cmd: &DevCmd, json: bool) -> Result<(), Fail> {
     match cmd {
-        DevCmd::Up { mons, osds, dir, device_size, wait, auth } => {
+        DevCmd::Up { mons, osds, dir, device_size, wait, auth, ip } => {
             let end = Instant::now() + Duration::from_secs(*wait);
             let fresh = !dir.join("dev.json").exists();
             if fresh {
-                create(dir, *mons, *osds, *device_size, auth == "cephx")?;
+                create(dir, *mons, *osds, *device_size, auth == "cephx", *ip)?;
             }
             let st = load(dir)?;
             let c = client(dir).await?;
@@ -422,6 +428,7 @@ fn create(
     osds: usize,
     device_size: ByteSize,
     cephx: bool,
+    ip: std::net::IpAddr,
 ) -> Result<(), Fail> {
     if !matches!(mons, 1 | 3 | 5) {
         return Err(Fail(2, format!("--mons {mons}: use 1, 3 or 5")));
@@ -434,7 +441,7 @@ fn create(
     let names = ["a", "b", "c", "d", "e"];
     let mut members = Vec::new();
     for n in &names[..mons] {
-        members.push((n.to_string(), format!("127.0.0.1:{}", free_port()?)));
+        members.push((n.to_string(), std::net::SocketAddr::new(ip, free_port(ip)?).to_string()));
     }
     let list: Vec<String> = members.iter().map(|(n, a)| format!("{n}={a}")).collect();
     let mut daemons = Vec::new();
@@ -496,6 +503,8 @@ fn create(
             "rack0".into(),
             "--host".into(),
             format!("host{i}"),
+            "--public-ip".into(),
+            ip.to_string(),
         ];
         // One OSD pins its reactor to the CPU taking the disk's interrupts (`--cpus
         // auto`); several on one machine would all pick that CPU, so they are left to
