@@ -285,6 +285,14 @@ pub struct PgReport {
     pub state: Vec<String>,
     /// Objects still to copy by recovery.
     pub recovering: u64,
+    /// Inconsistent copies the last scrub found (0: none, or never scrubbed).
+    #[serde(default)]
+    pub scrub_errors: u64,
+    /// When its last scrub and deep scrub by this primary finished (Unix ms; 0: none).
+    #[serde(default)]
+    pub last_scrub_ms: u64,
+    #[serde(default)]
+    pub last_deep_scrub_ms: u64,
 }
 
 /// An OSD's report of the PGs it leads, sent to every monitor.
@@ -294,6 +302,27 @@ pub struct PgStatsReport {
     pub uuid: [u8; 16],
     pub epoch: u64,
     pub pgs: Vec<PgReport>,
+}
+
+/// `POST /v1/pg/scrub`: scrub a PG (`sluice pg scrub|deep-scrub|repair`). The monitor
+/// hands it to the PG's primary with the answer to its next PG report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubRequest {
+    /// POOL.PG, the PG in hex (as `sluice pg ls` prints it).
+    pub pgid: String,
+    pub pool: u32,
+    pub pg: u32,
+    /// Data checksums too.
+    pub deep: bool,
+    /// Copy good copies over the inconsistent ones it finds.
+    pub repair: bool,
+}
+
+/// The answer to an OSD's PG report: the map epoch, and scrubs for PGs it leads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PgStatsAck {
+    pub epoch: u64,
+    pub scrub: Vec<ScrubRequest>,
 }
 
 /// One PG as a monitor sees it (`GET /v1/pg/stats`).
@@ -310,6 +339,14 @@ pub struct PgRow {
     pub primary: Option<u32>,
     pub version: u64,
     pub recovering: u64,
+    /// Inconsistent copies its last scrub found, and when its primary last scrubbed and
+    /// deep-scrubbed it (Unix ms; 0: not since it leads the PG).
+    #[serde(default)]
+    pub scrub_errors: u64,
+    #[serde(default)]
+    pub last_scrub_ms: u64,
+    #[serde(default)]
+    pub last_deep_scrub_ms: u64,
     pub reported_secs_ago: Option<f64>,
     pub reported_epoch: u64,
 }

@@ -736,6 +736,7 @@ fn need_of(path: &str) -> Need {
     match path {
         "/v1/status" | "/v1/mon" | "/v1/osdmap" | "/v1/osd/map" | "/v1/config"
         | "/v1/subscribe" | "/v1/pg/stats" => Need::Caps(Perms::R),
+        "/v1/pg/scrub" => Need::Caps(Perms::W),
         "/v1/command" => Need::Command,
         "/v1/osd/boot" | "/v1/osd/beacon" | "/v1/osd/failure" | "/v1/osd/pgstats" => {
             Need::Caps(Perms::X)
@@ -851,6 +852,7 @@ pub fn router(m: Arc<Monitor>) -> Router {
         .route("/v1/osd/beacon", post(osd_beacon))
         .route("/v1/osd/pgstats", post(osd_pgstats))
         .route("/v1/pg/stats", get(pg_stats))
+        .route("/v1/pg/scrub", post(pg_scrub))
         .route("/v1/osd/failure", post(osd_failure))
         .route("/v1/auth/challenge", get(auth_challenge))
         .route("/v1/auth/session", post(auth_session))
@@ -1415,8 +1417,9 @@ async fn osd_beacon(State(m): St, h: HeaderMap, body: Bytes) -> Result<axum::Jso
     .await
 }
 
-/// An OSD's PG report: kept by this monitor (every OSD reports to every monitor).
-async fn osd_pgstats(State(m): St, body: Bytes) -> Result<axum::Json<u64>, Failure> {
+/// An OSD's PG report: kept by this monitor (every OSD reports to every monitor). The
+/// answer carries the scrubs asked of this monitor for PGs the OSD leads.
+async fn osd_pgstats(State(m): St, body: Bytes) -> Result<axum::Json<api::PgStatsAck>, Failure> {
     let r: api::PgStatsReport = parse(&body)?;
     let st = m.sm.shared.read().expect("state lock");
     match st.cluster.osdmap.osd(r.id) {
@@ -1429,9 +1432,32 @@ async fn osd_pgstats(State(m): St, body: Bytes) -> Result<axum::Json<u64>, Failu
         }
     }
     let epoch = st.cluster.osdmap.epoch;
-    drop(st);
-    m.pg_stats.lock().expect("pg stats lock").record(r, Instant::now());
-    Ok(axum::Json(epoch))
+    let id = r.id;
+    let mut stats = m.pg_stats.lock().expect("pg stats lock");
+    stats.record(r, Instant::now());
+    let scrub = stats.take_scrubs(&st.cluster.osdmap, id);
+    Ok(axum::Json(api::PgStatsAck { epoch, scrub }))
+}
+
+/// `POST /v1/pg/scrub`: queued for the PG's primary (see `api::ScrubRequest`).
+async fn pg_scrub(State(m): St, body: Bytes) -> Result<axum::Json<api::ScrubRequest>, Failure> {
+    let mut r: api::ScrubRequest = parse(&body)?;
+    let st = m.sm.shared.read().expect("state lock");
+    let map = &st.cluster.osdmap;
+    let found = map.pools.values().find_map(|pool| {
+        (0..pool.pg_num)
+            .map(|n| crate::maps::placement::PgId { pool: pool.id, pg: n })
+            .find(|pgid| pgid.to_string() == r.pgid)
+    });
+    let Some(pgid) = found else {
+        return Err(Failure::new(
+            ErrorKind::Rejected,
+            format!("no PG {} at osdmap e{} (POOL.PG, the PG in hex)", r.pgid, map.epoch),
+        ));
+    };
+    (r.pool, r.pg) = (pgid.pool.0, pgid.pg);
+    m.pg_stats.lock().expect("pg stats lock").request_scrub(r.clone());
+    Ok(axum::Json(r))
 }
 
 async fn pg_stats(State(m): St) -> axum::Json<api::PgTable> {

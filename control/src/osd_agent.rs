@@ -49,6 +49,18 @@ pub struct AgentConfig {
     pub auth: Option<AgentAuth>,
     /// The dataplane cores' PG reports, forwarded to every monitor.
     pub pg_reports: Option<PgReportRx>,
+    /// Where scrubs the monitors ask for go (the dataplane cores).
+    pub on_scrub: Option<ScrubSink>,
+}
+
+/// Where the agent hands scrub requests (`sluice pg scrub|deep-scrub|repair`).
+#[derive(Clone)]
+pub struct ScrubSink(pub std::sync::Arc<dyn Fn(api::ScrubRequest) + Send + Sync>);
+
+impl std::fmt::Debug for ScrubSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrubSink")
+    }
 }
 
 /// One core's report of the PGs it leads (its whole list, replacing the last one).
@@ -131,6 +143,14 @@ struct AuthRun {
 pub struct MapSink(
     pub std::sync::Arc<dyn Fn(std::sync::Arc<OsdMap>, OsdId, Duration) + Send + Sync>,
 );
+
+fn scrub_name(s: &api::ScrubRequest) -> &'static str {
+    match (s.repair, s.deep) {
+        (true, _) => "repair",
+        (false, true) => "deep scrub",
+        (false, false) => "scrub",
+    }
+}
 
 /// The read lease a primary asks its PGs' members for: `osd_read_lease_ratio` (0.8) x
 /// `osd_heartbeat_grace` (20 s), as Ceph's `osd_pool_default_read_lease_ratio`: it has
@@ -499,9 +519,18 @@ impl Agent {
         for m in &self.per_mon {
             let m = m.clone();
             let r = r.clone();
+            let sink = self.cfg.on_scrub.clone();
             tokio::spawn(async move {
-                if let Err(e) = m.post::<_, u64>("/v1/osd/pgstats", &r).await {
-                    tracing::debug!("PG report to {}: {e}", m.current());
+                match m.post::<_, api::PgStatsAck>("/v1/osd/pgstats", &r).await {
+                    Ok(ack) => {
+                        for s in ack.scrub {
+                            tracing::info!("{} of PG {} asked for", scrub_name(&s), s.pgid);
+                            if let Some(sink) = &sink {
+                                (sink.0)(s);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!("PG report to {}: {e}", m.current()),
                 }
             });
         }

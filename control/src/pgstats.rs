@@ -25,11 +25,33 @@ pub const STALE_AFTER: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct PgStats {
     by_osd: HashMap<OsdId, (Instant, PgStatsReport)>,
+    /// Scrubs asked for and not yet handed to their PG's primary.
+    scrubs: Vec<crate::api::ScrubRequest>,
 }
 
 impl PgStats {
     pub fn record(&mut self, r: PgStatsReport, now: Instant) {
         self.by_osd.insert(r.id, (now, r));
+    }
+
+    /// Queues a scrub for the primary of its PG (one per PG: a newer request replaces
+    /// an older one).
+    pub fn request_scrub(&mut self, r: crate::api::ScrubRequest) {
+        self.scrubs.retain(|s| (s.pool, s.pg) != (r.pool, r.pg));
+        self.scrubs.push(r);
+    }
+
+    /// The queued scrubs of the PGs `osd` leads in `map`, taken from the queue.
+    pub fn take_scrubs(&mut self, map: &OsdMap, osd: OsdId) -> Vec<crate::api::ScrubRequest> {
+        let leads = |s: &crate::api::ScrubRequest| {
+            map.pools.get(&crate::maps::PoolId(s.pool)).is_some_and(|pool| {
+                let pgid = PgId { pool: pool.id, pg: s.pg };
+                placement::pg_mapping(map, pool, pgid).primary() == Some(osd)
+            })
+        };
+        let (mine, rest) = std::mem::take(&mut self.scrubs).into_iter().partition(leads);
+        self.scrubs = rest;
+        mine
     }
 
     /// Every PG of every pool of `map`, in pool and PG order.
@@ -46,6 +68,9 @@ impl PgStats {
                 let found = report.and_then(|(at, r)| {
                     r.pgs.iter().find(|p| p.pool == pool.id.0 && p.pg == n).map(|p| (*at, r, p))
                 });
+                let scrub_errors = found.map_or(0, |(_, _, p)| p.scrub_errors);
+                let last_scrub_ms = found.map_or(0, |(_, _, p)| p.last_scrub_ms);
+                let last_deep_scrub_ms = found.map_or(0, |(_, _, p)| p.last_deep_scrub_ms);
                 let (state, acting, version, recovering, age, epoch) = match (primary, found) {
                     (None, _) => ("down".to_string(), Vec::new(), 0, 0, None, 0),
                     (Some(_), Some((at, r, p))) => {
@@ -78,6 +103,9 @@ impl PgStats {
                     primary: primary.map(|p| p.0),
                     version,
                     recovering,
+                    scrub_errors,
+                    last_scrub_ms,
+                    last_deep_scrub_ms,
                     reported_secs_ago: age.map(|a| a.as_secs_f64()),
                     reported_epoch: epoch,
                 });
@@ -140,6 +168,29 @@ impl PgStats {
                     .collect(),
             });
         }
+        let damaged: Vec<&PgRow> =
+            table.pgs.iter().filter(|r| r.state.split('+').any(|x| x == "inconsistent")).collect();
+        if !damaged.is_empty() {
+            let errors: u64 = damaged.iter().map(|r| r.scrub_errors).sum();
+            checks.push(Check {
+                name: "PG_DAMAGED".into(),
+                severity: HealthStatus::Err,
+                summary: format!(
+                    "possible data damage: {} pgs inconsistent ({errors} scrub errors)",
+                    damaged.len()
+                ),
+                detail: damaged
+                    .iter()
+                    .take(50)
+                    .map(|r| {
+                        format!(
+                            "pg {} is {}, {} scrub errors: `sluice pg repair {}`",
+                            r.pgid, r.state, r.scrub_errors, r.pgid
+                        )
+                    })
+                    .collect(),
+            });
+        }
         checks
     }
 }
@@ -154,6 +205,9 @@ pub fn report(pgid: PgId, epoch: u64, acting: &[OsdId], state: Vec<&str>) -> PgR
         version: 0,
         state: state.into_iter().map(str::to_string).collect(),
         recovering: 0,
+        scrub_errors: 0,
+        last_scrub_ms: 0,
+        last_deep_scrub_ms: 0,
     }
 }
 

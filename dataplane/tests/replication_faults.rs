@@ -17,7 +17,7 @@ use sluice_control::maps::osdmap::{
 use sluice_control::maps::placement;
 use sluice_control::maps::{OsdId, OsdMap, PoolId};
 use sluice_control::osd_agent::{CorePgReport, PgReportRx};
-use sluice_dataplane::osd::{CoreMsg, MapView, OsdCore};
+use sluice_dataplane::osd::{CoreCmd, CoreMsg, MapView, OsdCore};
 use sluice_dataplane::reactor::{self, ReactorConfig};
 use sluice_dataplane::store::{MkfsOptions, Shard, StoreConfig, mkfs};
 use sluice_dataplane::{ParkState, PollMode, ReactorHandle, Waker, mesh};
@@ -25,7 +25,7 @@ use sluice_net::frame::Limits;
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
 use sluice_net::session::{self, Event};
 use sluice_net::tcp::{ClientConn, Server};
-use sluice_nvme::{FaultHandle, FaultRule, FaultyDevice, IoError, OpSet, RamDevice};
+use sluice_nvme::{FaultHandle, FaultRule, FaultyDevice, IoError, OpSet, RamDevice, RamMedia};
 use sluice_vocab::{CoreId, Lba, SystemClock};
 
 /// The read lease of the OSDs' primaries: short, so a new interval's wait for the
@@ -39,10 +39,15 @@ struct Osd {
     port: u16,
     faults: FaultHandle,
     reports: tokio::sync::mpsc::UnboundedReceiver<CorePgReport>,
+    /// The device's bytes (to corrupt), and commands for the core (scrubs).
+    media: Arc<RamMedia>,
+    commands: mpsc::Sender<CoreCmd>,
 }
 
 fn start_osd() -> Osd {
-    let mut dev = FaultyDevice::new(RamDevice::new(64 << 20, 64), Arc::new(SystemClock));
+    let ram = RamDevice::new(64 << 20, 64);
+    let media = Arc::clone(ram.media());
+    let mut dev = FaultyDevice::new(ram, Arc::new(SystemClock));
     let opts = MkfsOptions { shards: 1, segment_bytes: Some(1 << 20), ..Default::default() };
     mkfs(&mut dev, &opts).unwrap();
     let faults = dev.handle();
@@ -53,6 +58,7 @@ fn start_osd() -> Osd {
     let (mut outs, mut ins) = mesh::<CoreMsg>(vec![waker.clone()], 0, 64);
     let (outbox, inbox) = (outs.remove(0), ins.remove(0));
     let (maps, map_rx) = mpsc::channel();
+    let (commands, cmd_rx) = mpsc::channel();
     let (pg_tx, pg_rx) = PgReportRx::channel();
     let reports = pg_rx.0.lock().unwrap().take().unwrap();
     let cfg =
@@ -64,10 +70,11 @@ fn start_osd() -> Osd {
         let mut core = OsdCore::open(shard, server, 0, 1, outbox, inbox, map_rx, None)
             .map_err(std::io::Error::other)?;
         core.report_pgs_to(pg_tx);
+        core.commands_from(cmd_rx);
         r.add_poller(Box::new(core)).map(|_| ())
     })
     .unwrap();
-    Osd { _reactor: reactor, maps, waker, port, faults, reports }
+    Osd { _reactor: reactor, maps, waker, port, faults, reports, media, commands }
 }
 
 /// Every OSD up on its own host, one pool of size 3 / min_size 2 with one PG.
@@ -119,6 +126,8 @@ struct Cluster {
     tid: u64,
     replies: std::collections::HashMap<u64, (Status, Vec<u8>)>,
     cookie: u64,
+    /// The newest scrub and deep-scrub times the primary reported.
+    scrubbed: (u64, u64),
 }
 
 impl Cluster {
@@ -136,7 +145,16 @@ impl Cluster {
         let acting = placement::pg_mapping(&map, pool, placement::PgId { pool: pool.id, pg: 0 }).up;
         let primary = SocketAddr::from(([127, 0, 0, 1], osds[acting[0].0 as usize].port));
         let client = ClientConn::new(primary, 0x77, ops::FEATURES, Limits::DEFAULT);
-        Cluster { osds, map, acting, client, tid: 0, replies: Default::default(), cookie: 0x77 }
+        Cluster {
+            osds,
+            map,
+            acting,
+            client,
+            tid: 0,
+            replies: Default::default(),
+            cookie: 0x77,
+            scrubbed: (0, 0),
+        }
     }
 
     /// [`Self::start`], then object `a` written ("first") and the PG active+clean.
@@ -151,6 +169,19 @@ impl Cluster {
         assert_eq!(st, Status::Ok);
         c.wait_state("active+clean");
         c
+    }
+
+    /// The PG reports `osd` sent since the last call (the newest scrub times noted).
+    fn reports(&mut self, osd: OsdId) -> Vec<sluice_control::api::PgReport> {
+        let mut out = Vec::new();
+        while let Ok(r) = self.osd(osd).reports.try_recv() {
+            if let Some(p) = r.pgs.into_iter().next() {
+                self.scrubbed.0 = self.scrubbed.0.max(p.last_scrub_ms);
+                self.scrubbed.1 = self.scrubbed.1.max(p.last_deep_scrub_ms);
+                out.push(p);
+            }
+        }
+        out
     }
 
     fn osd(&mut self, id: OsdId) -> &mut Osd {
@@ -228,10 +259,8 @@ impl Cluster {
         let end = Instant::now() + Duration::from_secs(60);
         let mut last = String::new();
         loop {
-            while let Ok(r) = self.osd(primary).reports.try_recv() {
-                if let Some(p) = r.pgs.first() {
-                    last = p.state.join("+");
-                }
+            for p in self.reports(primary) {
+                last = p.state.join("+");
             }
             if last == state {
                 return;
@@ -477,4 +506,86 @@ fn a_primary_cut_off_stops_serving_reads_before_the_new_one_takes_a_write() {
     c.map = Arc::new(m2);
     let (st, got) = c.call("a", Op::Read { offset: 0, len: 0 });
     assert_eq!((st, got.as_slice()), (Status::Ok, &b"second"[..]));
+}
+
+/// 64 KiB whose every 4 KiB block starts with `tag` (so it can be found on a device).
+fn tagged(tag: &[u8; 8]) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..64 << 10).map(|i| (i * 7 % 251) as u8).collect();
+    for b in v.chunks_mut(4096) {
+        b[..8].copy_from_slice(tag);
+    }
+    v
+}
+
+/// Flips a byte in every device block that starts with `tag`; returns how many.
+fn corrupt(media: &RamMedia, tag: &[u8; 8]) -> usize {
+    let mut n = 0;
+    let mut block = vec![0u8; 4096];
+    for i in 0..(64u64 << 20) / 4096 {
+        media.read(Lba(i), &mut block);
+        if &block[..8] == tag {
+            block[100] ^= 0xff;
+            media.write(Lba(i), &block);
+            n += 1;
+        }
+    }
+    n
+}
+
+impl Cluster {
+    /// Asks the primary for a scrub and waits until one finishes (its report says a
+    /// later time than before); returns the PG's state then.
+    fn scrub(&mut self, deep: bool, repair: bool) -> String {
+        let pg = placement::PgId { pool: PoolId(1), pg: 0 };
+        let primary = self.acting[0];
+        let stamp = |s: (u64, u64)| if deep { s.1 } else { s.0 };
+        self.reports(primary);
+        let before = stamp(self.scrubbed);
+        let o = self.osd(primary);
+        o.commands.send(CoreCmd::Scrub { pg, deep, repair }).unwrap();
+        o.waker.wake();
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            for p in self.reports(primary) {
+                if stamp((p.last_scrub_ms, p.last_deep_scrub_ms)) > before {
+                    return p.state.join("+");
+                }
+            }
+            assert!(Instant::now() < end, "no scrub finished");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn deep_scrub_finds_corrupt_copies_and_repair_replaces_them_from_good_ones() {
+    let mut c = Cluster::start_active();
+    let (p, r) = (c.acting[0], c.acting[2]);
+    let on_replica = tagged(b"REPLICA!");
+    let on_primary = tagged(b"PRIMARY!");
+    for (name, data) in [("x", &on_replica), ("y", &on_primary)] {
+        let (st, _) = c.call(name, Op::WriteFull { data });
+        assert_eq!(st, Status::Ok);
+    }
+    // A plain scrub compares sizes and xattrs only: all agree.
+    assert_eq!(c.scrub(false, false), "active+clean");
+
+    // x rots on one replica, y on the primary: a deep scrub reads every copy.
+    assert!(corrupt(&c.osd(r).media, b"REPLICA!") > 0);
+    assert!(corrupt(&c.osd(p).media, b"PRIMARY!") > 0);
+    assert_eq!(c.scrub(true, false), "active+clean+inconsistent");
+    // Writes wait during a scrub, never fail; this one after it.
+    let (st, _) = c.call("z", Op::WriteFull { data: b"after the scrub" });
+    assert_eq!(st, Status::Ok);
+
+    // Repair: x is pushed to the replica, y pulled by the primary from a good copy; the
+    // deep scrub that follows finds nothing (the first report after it may show the
+    // repair's own scrub, or already the one after).
+    c.scrub(true, true);
+    c.wait_state("active+clean");
+    for (name, data) in [("x", &on_replica), ("y", &on_primary)] {
+        let (st, got) = c.call(name, Op::Read { offset: 0, len: 0 });
+        assert_eq!((st, &got), (Status::Ok, data), "{name} after the repair");
+    }
+    assert_eq!(c.scrub(true, false), "active+clean");
 }

@@ -12,6 +12,10 @@
 //! hearing from its PGs' members; members report the leases they granted in their
 //! [`PgInfo`], so a new primary can wait them out (`osd_internals/stale_read.rst`).
 //!
+//! Scrub: the primary asks every acting member for a [`ScrubMap`] of a PG ([`Scrub`]):
+//! each object's size and a crc32c of its xattrs, with deep scrub a crc32c of its data,
+//! or why it could not be read. It compares them and repairs through recovery.
+//!
 //! A `RepOp` carries the PG log entry the primary assigned (the PG version, the
 //! client's request id) and the client's request itself, encoded as the client sent it
 //! ([`crate::ops::Request`]), so a replica applies exactly the op the primary applied,
@@ -34,6 +38,8 @@ pub const MSG_PUSH: u16 = 0x0205;
 pub const MSG_PUSH_ACK: u16 = 0x0206;
 pub const MSG_LEASE: u16 = 0x0207;
 pub const MSG_LEASE_ACK: u16 = 0x0208;
+pub const MSG_SCRUB: u16 = 0x0209;
+pub const MSG_SCRUB_MAP: u16 = 0x020a;
 
 /// Most PG log entries one [`PgInfo`] or [`Push`] carries.
 pub const MAX_ENTRIES: usize = 65_536;
@@ -41,6 +47,8 @@ pub const MAX_ENTRIES: usize = 65_536;
 pub const MAX_XATTRS: usize = 4096;
 /// Most PGs one [`Lease`] or [`LeaseAck`] names.
 pub const MAX_LEASE_PGS: usize = 65_536;
+/// Most objects one [`ScrubMap`] describes (a PG with more is not scrubbed).
+pub const MAX_SCRUB_OBJECTS: usize = 262_144;
 /// Most object bytes one push carries.
 pub const PUSH_CHUNK_BYTES: usize = 4 << 20;
 
@@ -197,6 +205,45 @@ pub struct Lease {
     pub pgs: Vec<(u32, u32)>,
 }
 
+/// A primary's request for a member's [`ScrubMap`] of a PG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scrub {
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+    /// The primary's scrub (echoed in the map).
+    pub id: u64,
+    /// Read every object's data and checksum it (else metadata only).
+    pub deep: bool,
+}
+
+/// One object in a [`ScrubMap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubObject<'a> {
+    pub name: &'a str,
+    pub size: u64,
+    /// crc32c of the xattrs (names and values, in name order, each with its length).
+    pub xattrs_crc: u32,
+    /// crc32c of the data (deep scrub only).
+    pub data_crc: Option<u32>,
+    /// Why the object could not be read (then the checksums mean nothing).
+    pub error: Option<&'a str>,
+}
+
+/// A member's description of every object of a PG, in name order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubMap<'a> {
+    pub epoch: u64,
+    pub pool: u32,
+    pub pg: u32,
+    pub id: u64,
+    /// The member's PG version when it listed the objects.
+    pub version: u64,
+    /// Why no map could be made (then `objects` is empty).
+    pub error: Option<&'a str>,
+    pub objects: Vec<ScrubObject<'a>>,
+}
+
 /// A member's answer to a [`Lease`]: the PGs it granted the lease for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseAck {
@@ -272,6 +319,13 @@ impl<'a> D<'a> {
             return Err(DecodeError::TooLong { what, len: n, max });
         }
         Ok(n)
+    }
+    fn opt_str(&mut self, what: &'static str) -> Result<Option<&'a str>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.str(what, MAX_MESSAGE_BYTES)?)),
+            c => Err(DecodeError::Unknown { what, code: u32::from(c) }),
+        }
     }
     fn pgs(&mut self) -> Result<Vec<(u32, u32)>, DecodeError> {
         let n = self.count("leased PGs", MAX_LEASE_PGS)?;
@@ -371,6 +425,89 @@ impl Lease {
             duration_us: d.u64()?,
             pgs: d.pgs()?,
         })
+    }
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_bytes(out, truncated(s, MAX_MESSAGE_BYTES).as_bytes());
+        }
+    }
+}
+
+impl Scrub {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.push(u8::from(self.deep));
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Scrub, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "scrub");
+        Ok(Scrub {
+            epoch: d.u64()?,
+            pool: d.u32()?,
+            pg: d.u32()?,
+            id: d.u64()?,
+            deep: d.u8()? != 0,
+        })
+    }
+}
+
+impl<'a> ScrubMap<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let m = message::begin(out, VERSION, 1);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pool.to_le_bytes());
+        out.extend_from_slice(&self.pg.to_le_bytes());
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        put_opt_str(out, self.error);
+        out.extend_from_slice(&(self.objects.len() as u32).to_le_bytes());
+        for o in &self.objects {
+            put_bytes(out, o.name.as_bytes());
+            out.extend_from_slice(&o.size.to_le_bytes());
+            out.extend_from_slice(&o.xattrs_crc.to_le_bytes());
+            match o.data_crc {
+                None => out.push(0),
+                Some(c) => {
+                    out.push(1);
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+            put_opt_str(out, o.error);
+        }
+        message::finish(out, m);
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<ScrubMap<'a>, DecodeError> {
+        let mut d = D(Dec::new(message::open(buf, VERSION)?.body), "scrub map");
+        let (epoch, pool, pg, id, version) = (d.u64()?, d.u32()?, d.u32()?, d.u64()?, d.u64()?);
+        let error = d.opt_str("scrub error")?;
+        let n = d.count("scrubbed objects", MAX_SCRUB_OBJECTS)?;
+        let mut objects = Vec::with_capacity(n.min(d.0.remaining() / 18));
+        for _ in 0..n {
+            let name = d.str("object name", crate::ops::MAX_NAME_BYTES)?;
+            let size = d.u64()?;
+            let xattrs_crc = d.u32()?;
+            let data_crc = match d.u8()? {
+                0 => None,
+                1 => Some(d.u32()?),
+                c => {
+                    return Err(DecodeError::Unknown { what: "data checksum", code: u32::from(c) });
+                }
+            };
+            let error = d.opt_str("object error")?;
+            objects.push(ScrubObject { name, size, xattrs_crc, data_crc, error });
+        }
+        Ok(ScrubMap { epoch, pool, pg, id, version, error, objects })
     }
 }
 
@@ -552,6 +689,8 @@ mod tests {
             let _ = Push::decode(&b);
             let _ = Lease::decode(&b);
             let _ = LeaseAck::decode(&b);
+            let _ = Scrub::decode(&b);
+            let _ = ScrubMap::decode(&b);
         }
 
         #[test]
@@ -601,6 +740,22 @@ mod tests {
             let ack = LeaseAck { round: last, pgs };
             ack.encode(all.push_get());
             prop_assert_eq!(LeaseAck::decode(all.last().unwrap()).unwrap(), ack);
+            let scrub = Scrub { epoch, pool, pg, id: last, deep: exists };
+            scrub.encode(all.push_get());
+            prop_assert_eq!(Scrub::decode(all.last().unwrap()).unwrap(), scrub);
+            let map = ScrubMap {
+                epoch, pool, pg, id: last, version: epoch ^ last,
+                error: with_object.then_some("no store"),
+                objects: keys.iter().enumerate().map(|(i, k)| ScrubObject {
+                    name: k,
+                    size: (i as u64).wrapping_mul(last),
+                    xattrs_crc: pg ^ i as u32,
+                    data_crc: exists.then_some(pool),
+                    error: (i % 2 == 1).then_some(k.as_str()),
+                }).collect(),
+            };
+            map.encode(all.push_get());
+            prop_assert_eq!(ScrubMap::decode(all.last().unwrap()).unwrap(), map);
             for (i, b) in all.iter().enumerate() {
                 for n in 0..b.len() {
                     let refused = match i {
@@ -609,7 +764,9 @@ mod tests {
                         2 => Pull::decode(&b[..n]).is_err(),
                         3 => Push::decode(&b[..n]).is_err(),
                         4 => Lease::decode(&b[..n]).is_err(),
-                        _ => LeaseAck::decode(&b[..n]).is_err(),
+                        5 => LeaseAck::decode(&b[..n]).is_err(),
+                        6 => Scrub::decode(&b[..n]).is_err(),
+                        _ => ScrubMap::decode(&b[..n]).is_err(),
                     };
                     prop_assert!(refused, "message {} prefix {} accepted", i, n);
                 }

@@ -49,6 +49,6 @@ pub use device::{
 pub use dma::{DmaBuf, DmaPool, PoolOptions};
 pub use error::{IoError, RejectReason, SubmitError};
 pub use faulty::{CutPolicy, CutReport, Fate, FaultHandle, FaultRule, FaultyDevice, OpSet};
-pub use ram::RamDevice;
+pub use ram::{RamDevice, RamMedia};
 pub use spec::{DeviceSpec, NvmeSpec};
 pub use uring::{OpenError, TaskRun, UringDevice, UringOptions, create_device_file};

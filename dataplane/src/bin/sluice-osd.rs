@@ -13,9 +13,10 @@ use std::sync::mpsc;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use sluice_control::maps::{OsdId, OsdMap};
-use sluice_control::osd_agent::{AgentAuth, DataplaneAuth, MapSink, SecretsSink};
-use sluice_dataplane::osd::{CoreAuth, CoreMsg, MapView, OsdCore};
+use sluice_control::maps::placement::PgId;
+use sluice_control::maps::{OsdId, OsdMap, PoolId};
+use sluice_control::osd_agent::{AgentAuth, DataplaneAuth, MapSink, ScrubSink, SecretsSink};
+use sluice_dataplane::osd::{CoreAuth, CoreCmd, CoreMsg, MapView, OsdCore};
 use sluice_dataplane::park::ParkState;
 use sluice_dataplane::reactor::{self, CpuPlan, PollArgs, PollMode, ReactorConfig};
 use sluice_dataplane::store::{
@@ -507,6 +508,7 @@ fn run(
     let wakers: Vec<Waker> = parks.iter().map(|p| Waker::new(Arc::clone(p))).collect();
     let (outboxes, inboxes) = mesh::<CoreMsg>(wakers.clone(), 0, 4096);
     let mut map_txs = Vec::new();
+    let mut cmd_txs = Vec::new();
     let auth_on = conf.as_ref().is_some_and(|c| c.auth == sluice_control::conf::Auth::Cephx);
     let secure = conf.as_ref().is_some_and(|c| c.secure);
     let mut secret_txs = Vec::new();
@@ -523,6 +525,8 @@ fn run(
         let tx = tx.clone();
         let (map_tx, map_rx) = mpsc::channel::<MapView>();
         map_txs.push(map_tx);
+        let (cmd_tx, cmd_rx) = mpsc::channel::<CoreCmd>();
+        cmd_txs.push(cmd_tx);
         let core_auth = auth_on.then(|| {
             let (tx, rx) = mpsc::channel();
             secret_txs.push(tx);
@@ -558,6 +562,7 @@ fn run(
                         )
                         .map_err(|e| e.to_string())?;
                         core.report_pgs_to(pg_tx);
+                        core.commands_from(cmd_rx);
                         let msg = format!("{msg}, {} PG(s)", core.pg_count());
                         return Ok((msg, Box::new(core) as Box<dyn Poller>));
                     }
@@ -601,6 +606,16 @@ fn run(
                 path.display()
             );
             let map_wakers = wakers.clone();
+            let cmd_wakers = wakers.clone();
+            let scrubs = ScrubSink(Arc::new(move |s: sluice_control::api::ScrubRequest| {
+                let pg = PgId { pool: PoolId(s.pool), pg: s.pg };
+                let cmd = CoreCmd::Scrub { pg, deep: s.deep || s.repair, repair: s.repair };
+                // Every core is told; the one that owns the PG scrubs it.
+                for (tx, w) in cmd_txs.iter().zip(&cmd_wakers) {
+                    let _ = tx.send(cmd.clone());
+                    w.wake();
+                }
+            }));
             let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId, read_lease| {
                 for (tx, w) in map_txs.iter().zip(&map_wakers) {
                     let _ = tx.send(MapView { map: Arc::clone(&map), me, read_lease });
@@ -622,7 +637,7 @@ fn run(
                 );
                 None
             };
-            Some(start_agent(conf, dsb.fsid, core_ports, sink, auth, pg_rx, cluster)?)
+            Some(start_agent(conf, dsb.fsid, core_ports, (sink, scrubs), auth, pg_rx, cluster)?)
         }
         None => {
             tracing::info!(
@@ -695,7 +710,7 @@ fn start_agent(
     conf: sluice_control::conf::Conf,
     uuid: [u8; 16],
     core_ports: Vec<u16>,
-    on_map: MapSink,
+    (on_map, on_scrub): (MapSink, ScrubSink),
     auth: Option<AgentAuth>,
     pg_reports: sluice_control::osd_agent::PgReportRx,
     cluster: &ClusterArgs,
@@ -718,6 +733,7 @@ fn start_agent(
         on_map: Some(on_map),
         auth,
         pg_reports: Some(pg_reports),
+        on_scrub: Some(on_scrub),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new().name("cluster-agent".into()).spawn(move || {

@@ -60,11 +60,18 @@ impl<D: BlockDevice> Core<D> {
         self.pgs.get(&pgid).is_some_and(|pg| pg.readable_until > self.now)
     }
 
+    /// When the next renewal round is due: a quarter lease after the last, by the lease
+    /// of the current map view (a new one may shorten it).
+    fn next_round(&self) -> MonoTime {
+        self.last_lease_round.after(self.read_lease() / 4)
+    }
+
     /// When the next renewal round or lease wait is due.
     pub(super) fn next_lease_event(&self) -> Option<MonoTime> {
         self.view.as_ref()?;
+        let next = self.next_round();
         let wait = self.lease_waits.iter().map(|(t, ..)| *t).min();
-        Some(wait.map_or(self.next_lease, |w| w.min(self.next_lease)))
+        Some(wait.map_or(next, |w| w.min(next)))
     }
 
     /// Renews the leases of every PG this core leads, when due; ends the waits that ran
@@ -88,11 +95,11 @@ impl<D: BlockDevice> Core<D> {
                 }
             }
         }
-        if now < self.next_lease {
+        if now < self.next_round() {
             return busy;
         }
         let Some(view) = self.view.clone() else { return busy };
-        self.next_lease = now.after(self.read_lease() / 4);
+        self.last_lease_round = now;
         let led: Vec<(PgId, Vec<OsdId>)> = self
             .core_pgs(&view.map)
             .into_iter()

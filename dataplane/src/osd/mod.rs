@@ -68,6 +68,7 @@ use crate::peers::{self, Peers, Received};
 
 mod lease;
 mod peering;
+mod scrub;
 use crate::store::{
     Answer, CollId, Missing, Query, Shard, StoreError, StoreEvent, Transaction, TxOp, blocking,
     txn_data,
@@ -75,6 +76,7 @@ use crate::store::{
 use crate::{Context, Inbox, Outbox, PollResult, Poller};
 pub use lease::{DEFAULT_READ_LEASE, USABLE_PERCENT};
 pub use peering::{MAX_HELD, MAX_PUSHES_PER_PEER};
+pub use scrub::CoreCmd;
 
 /// PG log entries kept per PG (the window in which a resent write is recognised).
 pub const LOG_KEEP: u64 = 2000;
@@ -246,6 +248,19 @@ struct Pg {
     /// one (`None`: more than one primary may hold one).
     lease_ub: MonoTime,
     lease_by: Option<(OsdId, u64)>,
+    /// As primary: the scrub running (its writes are held), one asked for (deep,
+    /// repair), the errors the last one found, and copies to repair by recovery.
+    scrub: Option<Box<scrub::PgScrub>>,
+    want_scrub: Option<(bool, bool)>,
+    scrub_errors: u64,
+    repair: BTreeMap<OsdId, std::collections::BTreeSet<String>>,
+    /// When the last scrub and deep scrub finished (Unix ms).
+    last_scrub_ms: u64,
+    last_deep_scrub_ms: u64,
+    /// As primary: objects with writes not yet committed on every acting member (in
+    /// flight or parked), with how many; reads of them wait (never see a value that a
+    /// failure could still roll back).
+    writing: HashMap<String, u32>,
 }
 
 impl Pg {
@@ -291,6 +306,11 @@ enum Kind {
         /// The last piece of an object, or a log push (the ones that are answered).
         answer: bool,
     },
+    /// A scrub reading an object (or listing them).
+    ScrubRead {
+        job: Box<scrub::Job>,
+        stage: scrub::ScrubStage,
+    },
     Read,
     Stat,
     List,
@@ -300,6 +320,8 @@ enum Kind {
 /// A write whose reply waits for its PG (see [`Pg::parked`]).
 #[derive(Debug)]
 struct Parked {
+    /// The object it wrote (reads of it wait until it is answered).
+    object: String,
     origin: Origin,
     tid: u64,
     dups: Vec<(Origin, u64)>,
@@ -415,12 +437,13 @@ struct Core<D: BlockDevice> {
     next_pg_report: MonoTime,
     last_pg_report: MonoTime,
     /// Read lease rounds: the last one started, the recent ones with when they were
-    /// sent and for how long, when the next is due, and PGs waiting out the leases of a
+    /// sent and for how long, when the last round for every PG went out, and PGs waiting out the leases of a
     /// previous interval before they go active: (until, PG, peering epoch).
     lease_round: u64,
     lease_sent: VecDeque<(u64, MonoTime, Duration)>,
-    next_lease: MonoTime,
+    last_lease_round: MonoTime,
     lease_waits: Vec<(MonoTime, PgId, u64)>,
+    next_scrub_id: u64,
 }
 
 /// The serving poller of one core. See the module documentation.
@@ -444,6 +467,9 @@ pub struct OsdCore<D: BlockDevice> {
     pg_timer: bool,
     /// A timer is set for this lease event.
     lease_timer: Option<MonoTime>,
+    /// Commands from the cluster agent (scrubs), and those taken while preparing to park.
+    commands: Option<mpsc::Receiver<CoreCmd>>,
+    new_commands: Vec<CoreCmd>,
     park: Epoll,
     /// When idle sessions were last expired (the reactor's clock: no clock read per pass).
     last_expire: MonoTime,
@@ -545,8 +571,9 @@ impl<D: BlockDevice> OsdCore<D> {
                 last_pg_report: MonoTime::ZERO,
                 lease_round: 0,
                 lease_sent: VecDeque::new(),
-                next_lease: MonoTime::ZERO,
+                last_lease_round: MonoTime::ZERO,
                 lease_waits: Vec::new(),
+                next_scrub_id: 0,
             },
             inbox,
             maps,
@@ -558,6 +585,8 @@ impl<D: BlockDevice> OsdCore<D> {
             last_now: MonoTime::ZERO,
             pg_timer: false,
             lease_timer: None,
+            commands: None,
+            new_commands: Vec::new(),
             park,
             last_expire: MonoTime::ZERO,
             last_stats_log: Instant::now(),
@@ -568,6 +597,11 @@ impl<D: BlockDevice> OsdCore<D> {
     /// change, and every [`PG_REPORT_INTERVAL`].
     pub fn report_pgs_to(&mut self, tx: PgReportTx) {
         self.c.pg_tx = Some(tx);
+    }
+
+    /// Commands for this core (scrubs) come from `rx` (the cluster agent).
+    pub fn commands_from(&mut self, rx: mpsc::Receiver<CoreCmd>) {
+        self.commands = Some(rx);
     }
 
     /// PGs with state on this core.
@@ -663,6 +697,14 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         self.c.now = now;
         let mut busy = self.take_secrets();
         busy |= self.take_maps(now);
+        let mut cmds = std::mem::take(&mut self.new_commands);
+        if let Some(rx) = &self.commands {
+            cmds.extend(rx.try_iter());
+        }
+        for cmd in cmds {
+            busy = true;
+            self.c.command(cmd);
+        }
         // Other cores: forwarded requests and replies to forwarded requests.
         while let Some(m) = self.inbox.recv() {
             busy = true;
@@ -713,6 +755,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
                         | rep::MSG_PULL
                         | rep::MSG_PUSH
                         | rep::MSG_LEASE
+                        | rep::MSG_SCRUB
                 ) {
                     let allowed = peer_check(c.auth_required, peer, now_ms);
                     c.handle_peer_msg(cookie, msg_type, payload, allowed);
@@ -771,6 +814,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
             self.last_expire = now;
             let now = Instant::now();
             self.c.report_stuck_peerings();
+            self.c.expire_scrubs();
             let n = self.server.expire_idle(now, SESSION_IDLE);
             if n > 0 {
                 tracing::info!("core {}: forgot {n} idle session(s)", self.c.core);
@@ -796,6 +840,12 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         if let Ok(v) = self.maps.try_recv() {
             self.new_view = Some(v);
             return false; // taken (and waiting requests retried) by the next poll
+        }
+        if let Some(rx) = &self.commands
+            && let Ok(c) = rx.try_recv()
+        {
+            self.new_commands.push(c);
+            return false;
         }
         if let Some(a) = &self.auth
             && let Ok(s) = a.secrets.try_recv()
@@ -1097,10 +1147,27 @@ impl<D: BlockDevice> Core<D> {
             return self.hold(pg, origin, req.tid, payload);
         }
         if req.op.is_write() {
+            if self.pgs.get(&pg).is_some_and(|p| p.scrub.is_some() || p.want_scrub.is_some()) {
+                // Scrubbed at one version on every member: routed again when it is done.
+                return self.hold(pg, origin, req.tid, payload);
+            }
             return self.write(origin, &req, payload, pg, &view, &acting);
         }
         if !self.readable(pg) {
             // No current read lease (laggy): routed again once one is granted.
+            if let Some(p) = self.pgs.get(&pg)
+                && p.held.is_empty()
+            {
+                tracing::debug!(
+                    "PG {pg}: laggy (no read lease; waiting for {:?} in round {})",
+                    p.lease_waiting,
+                    p.lease_round
+                );
+            }
+            return self.hold(pg, origin, req.tid, payload);
+        }
+        if self.pgs.get(&pg).is_some_and(|p| p.writing.contains_key(req.object)) {
+            // A write to it is not committed everywhere yet: read once it is.
             return self.hold(pg, origin, req.tid, payload);
         }
         self.execute(origin, &req, pg);
@@ -1239,7 +1306,9 @@ impl<D: BlockDevice> Core<D> {
             }
             return self.error(p.origin, p.tid, status_of(&e), &e.to_string());
         }
-        self.pgs.get_mut(&pgid).expect("entered above").inflight.insert(reqid, slot);
+        let pg = self.pgs.get_mut(&pgid).expect("entered above");
+        pg.inflight.insert(reqid, slot);
+        *pg.writing.entry(req.object.to_string()).or_default() += 1;
         if replicas.is_empty() {
             return;
         }
@@ -1286,6 +1355,7 @@ impl<D: BlockDevice> Core<D> {
         }
         let p = self.ops.remove(slot);
         let Kind::Write(w) = p.kind else { unreachable!("checked above") };
+        let object = w.logged.object.clone();
         self.rep_waiting.remove(&(w.pg, w.version));
         let epoch = self.epoch();
         let st = self.pgs.get_mut(&w.pg).expect("a PG with writes in flight stays");
@@ -1330,6 +1400,7 @@ impl<D: BlockDevice> Core<D> {
                         w.min_size
                     );
                     st.parked.push(Parked {
+                        object,
                         origin: p.origin,
                         tid: p.tid,
                         dups: p.dups,
@@ -1367,7 +1438,26 @@ impl<D: BlockDevice> Core<D> {
                 }
             }
         }
+        self.done_writing(pgid, &[object]);
         self.after_writes(pgid);
+    }
+
+    /// Writes of `objects` are answered: reads that waited for them run.
+    pub(super) fn done_writing(&mut self, pgid: PgId, objects: &[String]) {
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
+        let mut freed = false;
+        for o in objects {
+            if let Some(n) = pg.writing.get_mut(o) {
+                *n -= 1;
+                if *n == 0 {
+                    pg.writing.remove(o);
+                    freed = true;
+                }
+            }
+        }
+        if freed && !pg.held.is_empty() {
+            self.release_held(pgid);
+        }
     }
 
     /// A primary's write for a PG this core owns (a replica's side).
@@ -1497,6 +1587,7 @@ impl<D: BlockDevice> Core<D> {
             rep::MSG_PULL => rep::Pull::decode(payload).map(|p| self.on_pull(cookie, p)),
             rep::MSG_PUSH => rep::Push::decode(payload).map(|p| self.on_push(Some(cookie), p)),
             rep::MSG_LEASE => rep::Lease::decode(payload).map(|l| self.on_lease(cookie, l)),
+            rep::MSG_SCRUB => rep::Scrub::decode(payload).map(|s| self.on_scrub(cookie, s)),
             _ => unreachable!("dispatched above"),
         };
         if let Err(e) = r {
@@ -1525,6 +1616,13 @@ impl<D: BlockDevice> Core<D> {
                     match rep::Push::decode(&m.payload) {
                         Ok(p) => self.on_pulled(m.from, p),
                         Err(e) => tracing::warn!("{} sent an undecodable push: {e}", m.from),
+                    }
+                    continue;
+                }
+                rep::MSG_SCRUB_MAP => {
+                    match rep::ScrubMap::decode(&m.payload) {
+                        Ok(map) => self.on_scrub_map(m.from, map),
+                        Err(e) => tracing::warn!("{} sent an undecodable scrub map: {e}", m.from),
                     }
                     continue;
                 }
@@ -1662,6 +1760,7 @@ impl<D: BlockDevice> Core<D> {
                 return self.recovery_read_done(pg, object, to, stage, result);
             }
             kind @ Kind::PushApply { .. } => return self.push_applied(kind, result.map(|_| ())),
+            Kind::ScrubRead { job, stage } => return self.scrub_read_done(*job, stage, result),
             kind => Pending { kind, ..p },
         };
         let epoch = self.epoch();
@@ -1674,9 +1773,13 @@ impl<D: BlockDevice> Core<D> {
             body,
         };
         match (p.kind, result) {
-            (Kind::Write(_) | Kind::RecoveryRead { .. } | Kind::PushApply { .. }, _) => {
-                unreachable!("handled above")
-            }
+            (
+                Kind::Write(_)
+                | Kind::RecoveryRead { .. }
+                | Kind::PushApply { .. }
+                | Kind::ScrubRead { .. },
+                _,
+            ) => unreachable!("handled above"),
             (Kind::RepWrite { pg, version, created, logged }, r) => {
                 let st = self.pgs.get_mut(&pg).expect("a PG with writes in flight stays");
                 st.inflight.remove(&logged.reqid);

@@ -86,8 +86,11 @@ pub(crate) struct Peering {
     phase: Phase,
     /// Members recovery could not bring up to date (backfill needed, or a failure).
     behind: Vec<OsdId>,
-    /// Until when a previous primary may still serve reads, as the members' answers
-    /// bound it: the PG goes active no earlier (the `lease` module).
+    /// The read leases the members (this OSD included) granted, as their answers bound
+    /// them, with their holders; and, once recovered, until when the PG must wait for
+    /// them: the leases of members that answered (they stopped their reads when asked)
+    /// and this OSD's own do not count (the `lease` module).
+    prior_leases: Vec<(MonoTime, Option<(OsdId, u64)>)>,
     prior_readable: MonoTime,
 }
 
@@ -287,6 +290,9 @@ impl<D: BlockDevice> Core<D> {
                 pg.want_peer = false;
                 pg.readable_until = MonoTime::ZERO;
                 pg.lease_waiting.clear();
+                pg.want_scrub = None;
+                pg.scrub = None;
+                pg.repair.clear();
                 if pg.peering.take().is_some() {
                     tracing::info!("PG {pgid}: no longer its primary; peering stopped");
                 }
@@ -409,6 +415,7 @@ impl<D: BlockDevice> Core<D> {
     }
 
     pub(super) fn start_peering(&mut self, pgid: PgId, acting: Vec<OsdId>, epoch: u64) {
+        self.stop_scrub(pgid);
         let pg = self.pgs.entry(pgid).or_default();
         if !pg.inflight.is_empty() {
             // Started when the writes in flight are done (`after_writes`).
@@ -428,9 +435,7 @@ impl<D: BlockDevice> Core<D> {
         let now = self.now;
         let pg = self.pgs.get_mut(&pgid).expect("entered above");
         // A lease this OSD granted another primary as a member is waited out too.
-        let me = self.view.as_ref().map(|v| (v.me, up_from(&v.map, v.me)));
-        let prior_readable =
-            if pg.lease_by.is_some() && pg.lease_by == me { MonoTime::ZERO } else { pg.lease_ub };
+        let prior_leases = vec![(pg.lease_ub, pg.lease_by)];
         pg.peering = Some(Box::new(Peering {
             epoch,
             acting: acting.clone(),
@@ -440,7 +445,8 @@ impl<D: BlockDevice> Core<D> {
             waiting: replicas.clone(),
             phase: Phase::GetInfo,
             behind: Vec::new(),
-            prior_readable,
+            prior_leases,
+            prior_readable: MonoTime::ZERO,
         }));
         self.pg_dirty = true;
         if replicas.is_empty() {
@@ -455,7 +461,7 @@ impl<D: BlockDevice> Core<D> {
 
     /// Sends to the core of `osd` that owns `pgid`; a member without an address is
     /// logged (the map that took it away starts peering again).
-    fn send_peer(&mut self, pgid: PgId, osd: OsdId, msg_type: u16, payload: &[u8]) {
+    pub(super) fn send_peer(&mut self, pgid: PgId, osd: OsdId, msg_type: u16, payload: &[u8]) {
         let Some(view) = &self.view else { return };
         let r = peers::core_addr(&view.map, osd, |n| placement::pg_core(pgid, n))
             .ok_or_else(|| format!("{osd} has no address at epoch {}", view.map.epoch))
@@ -475,7 +481,8 @@ impl<D: BlockDevice> Core<D> {
         for (cookie, q) in std::mem::take(&mut pg.queries) {
             self.answer_query(cookie, q);
         }
-        let pg = self.pgs.get_mut(&pgid).expect("checked above");
+        self.maybe_start_scrub(pgid);
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         if pg.want_peer
             && let Some(view) = self.view.clone()
             && let Some(pool) = view.map.pools.get(&pgid.pool)
@@ -530,19 +537,18 @@ impl<D: BlockDevice> Core<D> {
     /// The primary's side: a member's log arrived.
     pub(super) fn on_pg_info(&mut self, from: OsdId, info: PgInfo<'_>) {
         let pgid = PgId { pool: PoolId(info.pool), pg: info.pg };
-        let me = self.view.as_ref().map(|v| (v.me.0, up_from(&v.map, v.me)));
         let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else {
             return;
         };
         if p.epoch != info.epoch || !matches!(p.phase, Phase::GetInfo) {
             return; // an earlier peering's answer
         }
-        if info.lease_remaining_us > 0 && (info.lease_by.is_none() || info.lease_by != me) {
+        let Some(at) = p.waiting.iter().position(|o| *o == from) else { return };
+        if info.lease_remaining_us > 0 {
             // Measured from now, after the answer travelled: later, never earlier.
             let until = lease::clock().after(Duration::from_micros(info.lease_remaining_us));
-            p.prior_readable = p.prior_readable.max(until);
+            p.prior_leases.push((until, info.lease_by.map(|(o, u)| (OsdId(o), u))));
         }
-        let Some(at) = p.waiting.iter().position(|o| *o == from) else { return };
         let mut log = BTreeMap::new();
         for (v, e) in &info.entries {
             match LogEntry::decode(e).filter(|_| *v > 0) {
@@ -575,12 +581,21 @@ impl<D: BlockDevice> Core<D> {
             .filter(|(last, _)| *last > mine)
             .max()
             .map(|(_, o)| o);
+        // Copies a scrub found bad here come from a member whose copies of them are good.
+        let mine_bad = pg.repair.get(&me).cloned().unwrap_or_default();
+        let good_for_me = |o: &OsdId| pg.repair.get(o).is_none_or(|b| b.is_disjoint(&mine_bad));
+        let auth = auth.or_else(|| {
+            (!mine_bad.is_empty())
+                .then(|| p.infos.keys().copied().filter(good_for_me).min())
+                .flatten()
+        });
         let Some(from) = auth else {
             return self.start_push(pgid);
         };
         let info = &p.infos[&from];
         match plan(&info.log, &pg.log, pg.version) {
-            Ok((objects, entries)) => {
+            Ok((mut objects, entries)) => {
+                objects.extend(mine_bad);
                 tracing::info!(
                     "PG {pgid}: {from} has the authoritative log (v{} against v{}): pulling {} object(s)",
                     info.version,
@@ -592,7 +607,7 @@ impl<D: BlockDevice> Core<D> {
                     objects: objects.into_iter().collect(),
                     in_flight: 0,
                     entries,
-                    version: info.version,
+                    version: info.version.max(pg.version),
                     failed: false,
                 };
                 self.pull_more(pgid);
@@ -608,7 +623,9 @@ impl<D: BlockDevice> Core<D> {
     }
 
     fn pull_more(&mut self, pgid: PgId) {
-        let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else { return };
+        let Some(pg) = self.pgs.get_mut(&pgid) else { return };
+        let mine = pg.version;
+        let Some(p) = pg.peering.as_mut() else { return };
         let epoch = p.epoch;
         let Phase::Pull { from, objects, in_flight, entries, version, failed } = &mut p.phase
         else {
@@ -628,6 +645,10 @@ impl<D: BlockDevice> Core<D> {
             send.push(o);
         }
         if send.is_empty() && *in_flight == 0 {
+            if entries.is_empty() && *version == mine {
+                // A repair's pulls only: the log is the same.
+                return self.start_push(pgid);
+            }
             // Every object is here: the log follows, a transaction per piece.
             let entries = std::mem::take(entries);
             let version = *version;
@@ -652,7 +673,12 @@ impl<D: BlockDevice> Core<D> {
         let p = pg.peering.as_mut().expect("peering");
         let mut targets = HashMap::new();
         for (osd, info) in &p.infos {
-            match plan(&pg.log, &info.log, info.version) {
+            let plan = plan(&pg.log, &info.log, info.version).map(|(mut objects, entries)| {
+                // Copies a scrub found bad there.
+                objects.extend(pg.repair.get(osd).into_iter().flatten().cloned());
+                (objects, entries)
+            });
+            match plan {
                 Ok((objects, entries)) if objects.is_empty() && entries.is_empty() => {}
                 Ok((objects, entries)) => {
                     tracing::info!(
@@ -744,6 +770,24 @@ impl<D: BlockDevice> Core<D> {
         let pg = self.pgs.get_mut(&pgid).expect("peering PG");
         let p = pg.peering.as_mut().expect("peering");
         let now = lease::clock();
+        if !p.waits_for_leases()
+            && let Some(view) = &self.view
+        {
+            // Holders that answered this peering (the same boot) dropped their reads.
+            let me = view.me;
+            let void = |by: &Option<(OsdId, u64)>| {
+                by.is_some_and(|(o, u)| {
+                    (o == me || p.infos.contains_key(&o)) && u == up_from(&view.map, o)
+                })
+            };
+            p.prior_readable = p
+                .prior_leases
+                .iter()
+                .filter(|(_, by)| !void(by))
+                .map(|(t, _)| *t)
+                .max()
+                .unwrap_or(MonoTime::ZERO);
+        }
         if p.prior_readable > now {
             tracing::info!(
                 "PG {pgid}: recovered at epoch {}; waiting {:?} for a previous primary's read \
@@ -774,6 +818,10 @@ impl<D: BlockDevice> Core<D> {
         let enough = p.acting.len().saturating_sub(p.behind.len()) >= min_size;
         pg.active_with = Some(p.interval);
         pg.behind = p.behind;
+        if !pg.repair.is_empty() {
+            tracing::info!("PG {pgid}: repaired {} member(s)' copies", pg.repair.len());
+            pg.repair.clear();
+        }
         self.pg_dirty = true;
         if enough {
             self.answer_parked(pgid, false);
@@ -781,6 +829,8 @@ impl<D: BlockDevice> Core<D> {
         // Reads wait for the first lease round (writes go on meanwhile).
         self.lease_round(vec![(pgid, p.acting)]);
         self.release_held(pgid);
+        // A scrub asked for meanwhile (or the one that checks a repair) holds new writes.
+        self.maybe_start_scrub(pgid);
     }
 
     /// Answers the writes that waited for the PG: done if their entry is (still) in the
@@ -790,6 +840,7 @@ impl<D: BlockDevice> Core<D> {
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let parked = std::mem::take(&mut pg.parked);
         let epoch = self.epoch();
+        let objects: Vec<String> = parked.iter().map(|w| w.object.clone()).collect();
         for w in parked {
             let pg = self.pgs.get_mut(&pgid).expect("checked above");
             let logged = pg.log.get(&w.version).is_some_and(|l| l.reqid == w.reqid);
@@ -819,6 +870,7 @@ impl<D: BlockDevice> Core<D> {
                 }
             }
         }
+        self.done_writing(pgid, &objects);
     }
 
     /// A member's answer to a push: an object (or, once all were acknowledged, the log).
@@ -1100,6 +1152,10 @@ impl<D: BlockDevice> Core<D> {
             reply,
             answer,
         };
+        if txn.ops.is_empty() {
+            // A log push with nothing to write (a repair copied objects only).
+            return self.push_applied(kind, Ok(()));
+        }
         let slot =
             self.ops.insert(Pending { origin: Origin::Local(0), tid: 0, kind, dups: Vec::new() });
         if let Err(e) = self.shard.submit(txn, slot as u64) {
@@ -1251,9 +1307,22 @@ impl<D: BlockDevice> Core<D> {
             if active && !undersized && !behind {
                 state.push("clean");
             }
+            if let Some(s) = pg.and_then(|p| p.scrub.as_ref()) {
+                state.push("scrubbing");
+                if s.is_deep() {
+                    state.push("deep");
+                }
+            }
+            let scrub_errors = pg.map_or(0, |p| p.scrub_errors);
+            if scrub_errors > 0 {
+                state.push("inconsistent");
+            }
             let mut r = sluice_control::pgstats::report(pgid, view.map.epoch, &acting, state);
             r.version = pg.map_or(0, |p| p.version);
             r.recovering = recovering as u64;
+            r.scrub_errors = scrub_errors;
+            r.last_scrub_ms = pg.map_or(0, |p| p.last_scrub_ms);
+            r.last_deep_scrub_ms = pg.map_or(0, |p| p.last_deep_scrub_ms);
             out.push(r);
         }
         out

@@ -127,6 +127,16 @@ enum PgCmd {
     Stat,
     /// One PG, e.g. 1.1f (POOL.PG, the PG in hex, as `sluice osd map` prints it).
     Query { pgid: String },
+    /// Compare every acting member's copies of a PG's objects: sizes and xattrs. The
+    /// PG's writes wait meanwhile; differences show as `inconsistent` and in health
+    /// (`PG_DAMAGED`). Asked of the PG's primary with its next PG report (seconds).
+    Scrub { pgid: String },
+    /// Scrub with data checksums: every object's data is read on every member (a
+    /// corrupt block is an error).
+    DeepScrub { pgid: String },
+    /// Deep-scrub, then copy a good copy over every inconsistent one (from the copy most
+    /// members agree on; the primary's on a tie), then deep-scrub again.
+    Repair { pgid: String },
 }
 
 #[derive(Subcommand)]
@@ -679,6 +689,32 @@ fn pg_summary(t: &api::PgTable) -> String {
 
 async fn pg(cli: &Cli, cmd: &PgCmd, json: bool) -> Result<(), Fail> {
     let c = client(cli).await?;
+    let scrub = match cmd {
+        PgCmd::Scrub { pgid } => Some((pgid, false, false)),
+        PgCmd::DeepScrub { pgid } => Some((pgid, true, false)),
+        PgCmd::Repair { pgid } => Some((pgid, true, true)),
+        _ => None,
+    };
+    if let Some((pgid, deep, repair)) = scrub {
+        let r = api::ScrubRequest { pgid: pgid.clone(), pool: 0, pg: 0, deep, repair };
+        let r: api::ScrubRequest = c.post("/v1/pg/scrub", &r).await?;
+        if json {
+            print_json(&r);
+        } else {
+            let what = if repair {
+                "repair"
+            } else if deep {
+                "deep scrub"
+            } else {
+                "scrub"
+            };
+            println!(
+                "{what} of PG {} asked of its primary; `sluice pg query {}` shows the result",
+                r.pgid, r.pgid
+            );
+        }
+        return Ok(());
+    }
     let t: api::PgTable = c.get("/v1/pg/stats").await?;
     let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     match cmd {
@@ -726,6 +762,9 @@ async fn pg(cli: &Cli, cmd: &PgCmd, json: bool) -> Result<(), Fail> {
                 }
             }
         }
+        PgCmd::Scrub { .. } | PgCmd::DeepScrub { .. } | PgCmd::Repair { .. } => {
+            unreachable!("answered above")
+        }
         PgCmd::Query { pgid } => {
             let Some(r) = t.pgs.iter().find(|r| &r.pgid == pgid) else {
                 return Err(Fail(1, format!("no PG {pgid} at osdmap e{}", t.epoch)));
@@ -741,6 +780,27 @@ async fn pg(cli: &Cli, cmd: &PgCmd, json: bool) -> Result<(), Fail> {
                     r.primary.map_or("none".to_string(), |p| format!("osd.{p}"))
                 );
                 println!("  version: {}  objects to recover: {}", r.version, r.recovering);
+                let ago = |ms: u64| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    if ms == 0 {
+                        "never (since its primary leads it)".to_string()
+                    } else {
+                        format!("{:.0} s ago", now.saturating_sub(ms) as f64 / 1000.0)
+                    }
+                };
+                println!(
+                    "  last scrub: {}  last deep scrub: {}",
+                    ago(r.last_scrub_ms),
+                    ago(r.last_deep_scrub_ms)
+                );
+                if r.scrub_errors > 0 {
+                    println!(
+                        "  scrub errors: {} (`sluice pg repair {}`; the OSD's log names them)",
+                        r.scrub_errors, r.pgid
+                    );
+                }
                 match r.reported_secs_ago {
                     Some(a) => println!(
                         "  reported by its primary {a:.1} s ago, at osdmap e{}",
