@@ -474,6 +474,9 @@ fn deep_scrub_finds_a_corrupt_block_on_a_replica_and_repair_fixes_it() {
         let t = c.json(&["pg", "ls"]);
         t.as_array().unwrap().iter().find(|r| r["pgid"] == pgid.as_str()).cloned().unwrap()
     };
+    let bad = c.sluice(&["pg", "scrub", "1.ff"]);
+    assert!(!bad.status.success(), "{}", common::text(&bad));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no PG 1.ff"), "{}", common::text(&bad));
     let out = c.ok(&["pg", "deep-scrub", &pgid]);
     assert!(out.contains("deep scrub of PG"), "{out}");
     let row = wait_for(120, "the deep scrub to find the corrupt copy", || {

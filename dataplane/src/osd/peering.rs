@@ -21,12 +21,16 @@
 //!    most [`MAX_PUSHES_PER_PEER`] in flight per member), then the entries themselves and
 //!    the version ([`Push`] without an object): the member is then at the primary's
 //!    version, and its divergent entries are rolled back.
-//! 5. The PG goes active and the held ops run.
+//! 5. If a previous primary that is not a member now may still hold a read lease, the PG
+//!    waits until it has run out (`wait`, the `lease` module).
+//! 6. The PG goes active and the held ops run.
+//!
+//! A repair (the `scrub` module) runs the same steps with the copies a scrub found bad
+//! added to what is pulled and pushed.
 //!
 //! **Not built yet** (issue 7): backfill (a member behind the start of the
 //! authoritative log, or new to the PG, is reported and left out of recovery), members
-//! of prior intervals outside the acting set, throttling across PGs, PG states in
-//! `sluice pg`.
+//! of prior intervals outside the acting set, throttling across PGs.
 
 use std::collections::BTreeSet;
 
