@@ -150,6 +150,24 @@ fn writes_reach_every_replica_and_continue_when_one_is_killed() {
     wait_pgs(&c, "active+clean");
     assert!(c.ok(&["status"]).contains("8 pgs: 8 active+clean"), "{}", c.ok(&["status"]));
 
+    // Periodic scrubs: with 1 s and 2 s intervals every PG is scrubbed and deep-scrubbed
+    // without being asked (one PG per core at a time), and finds nothing wrong.
+    c.ok(&["config", "set", "osd_scrub_interval", "1"]);
+    c.ok(&["config", "set", "osd_deep_scrub_interval", "2"]);
+    wait_for(120, "every PG scrubbed and deep-scrubbed on its own", || {
+        let rows = c.json(&["pg", "ls", "r"]);
+        let rows = rows.as_array().unwrap();
+        rows.iter()
+            .all(|r| {
+                r["last_scrub_ms"].as_u64() > Some(0)
+                    && r["last_deep_scrub_ms"].as_u64() > Some(0)
+                    && r["scrub_errors"] == 0
+            })
+            .then_some(())
+    });
+    c.ok(&["config", "set", "osd_scrub_interval", "0"]);
+    c.ok(&["config", "set", "osd_deep_scrub_interval", "0"]);
+
     // kill -9 one OSD: once the map says it is down, its PGs have 2 of 3 members, which
     // is min_size, and writes go on (ops in flight wait, none fails).
     c.ok(&["dev", "kill", "osd.2"]);
@@ -339,10 +357,26 @@ fn add_osd(c: &Cluster, n: usize) {
     c.ok(&["dev", "start", &format!("osd.{n}")]);
 }
 
+/// How many lines of the OSDs' logs contain `what`.
+fn osd_log_lines(c: &Cluster, what: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir(c.path().join("log")) else { return 0 };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("osd."))
+        .map(|e| {
+            let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+            t.lines().filter(|l| l.contains(what)).count()
+        })
+        .sum()
+}
+
 #[test]
-fn an_osd_marked_out_hands_its_pgs_over_and_a_new_one_takes_only_its_share() {
+fn an_osd_marked_out_is_backfilled_out_and_in_and_a_new_one_takes_only_its_share() {
     let c = Cluster::up_with(1, 4, "256M");
     short_leases(&c);
+    // Short PG logs: a member new to a PG, or back after 16 writes to it, is backfilled
+    // (every object copied, those gone deleted), two objects at a time per OSD.
+    c.ok(&["config", "set", "osd_pg_log_keep", "16"]);
+    c.ok(&["config", "set", "osd_recovery_max_active", "2"]);
     c.ok(&["pool", "create", "r", "--size", "3", "--min-size", "2", "--pg-num", "8"]);
     let opts = Options { op_timeout: Duration::from_secs(120), ..Options::default() };
     let client = sluice_client::Cluster::connect_file(&c.conf(), opts).unwrap();
@@ -356,13 +390,27 @@ fn an_osd_marked_out_hands_its_pgs_over_and_a_new_one_takes_only_its_share() {
     workload(&mut io, &mut model, 0, 600, 16);
     wait_pgs(&c, "active+clean");
 
-    // Out: its PGs move to the other OSDs, which get every object (and the log).
+    // Out: its PGs move to the other OSDs, which are backfilled with every object (the
+    // logs were trimmed) while ops wait.
     c.ok(&["osd", "out", "3"]);
     wait_pgs(&c, "active+clean");
-    let before = acting_sets(&c);
-    assert!(before.values().all(|a| !a.contains(&3)), "{before:?}");
+    let without = acting_sets(&c);
+    assert!(without.values().all(|a| !a.contains(&3)), "{without:?}");
     wait_for(60, "HEALTH_OK", || (c.json(&["health"])["status"] == "HEALTH_OK").then_some(()));
-    workload(&mut io, &mut model, 600, 200, 16);
+    let backfills = osd_log_lines(&c, "backfilling osd.");
+    assert!(backfills > 0, "no member was backfilled:\n{}", c.logs());
+    workload(&mut io, &mut model, 600, 400, 16);
+    verify(&mut io, &model);
+
+    // In again: osd.3 is far behind every log and holds objects deleted since, which
+    // its backfill removes (the dumps below compare its copies).
+    c.ok(&["osd", "in", "3"]);
+    touch_every_pg(&client, &mut io, &mut model);
+    wait_pgs(&c, "active+clean");
+    let before = acting_sets(&c);
+    assert!(before.values().any(|a| a.contains(&3)), "{before:?}");
+    assert!(osd_log_lines(&c, "backfilling osd.3") > 0, "osd.3 was not backfilled");
+    wait_for(60, "HEALTH_OK", || (c.json(&["health"])["status"] == "HEALTH_OK").then_some(()));
     verify(&mut io, &model);
 
     // A fifth OSD: PGs move only onto it (rendezvous placement), and it gets them whole.

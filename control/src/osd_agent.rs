@@ -137,12 +137,57 @@ struct AuthRun {
 }
 
 /// Where the agent hands each new map (the dataplane's cores), with this OSD's id and the
-/// read lease its primaries ask for ([`read_lease`]).
+/// settings of the central config the cores follow ([`OsdTuning::of`]).
 #[derive(Clone)]
 #[allow(clippy::type_complexity)]
 pub struct MapSink(
-    pub std::sync::Arc<dyn Fn(std::sync::Arc<OsdMap>, OsdId, Duration) + Send + Sync>,
+    pub std::sync::Arc<dyn Fn(std::sync::Arc<OsdMap>, OsdId, OsdTuning) + Send + Sync>,
 );
+
+/// What the dataplane's cores take from the central config (`sluice config set`), handed
+/// to them with every map and whenever it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OsdTuning {
+    /// The read lease a primary asks its PGs' members for ([`read_lease`]).
+    pub read_lease: Duration,
+    /// `osd_recovery_max_active` (default 8): objects this OSD copies at once for
+    /// recovery and backfill, over all its PGs (shared between its cores, at least one
+    /// each).
+    pub recovery_max_active: usize,
+    /// `osd_pg_log_keep` (default 2000, at least 16): PG log entries a primary keeps per
+    /// PG. A member whose last version is older than the log's start is backfilled.
+    pub pg_log_keep: u64,
+    /// `osd_scrub_interval` (default 86400 s) and `osd_deep_scrub_interval` (default
+    /// 604800 s): a primary scrubs (deep-scrubs) each of its PGs once at least this long
+    /// has passed since its last one, one PG per core at a time; 0 turns it off.
+    pub scrub_interval: Duration,
+    pub deep_scrub_interval: Duration,
+}
+
+impl Default for OsdTuning {
+    fn default() -> OsdTuning {
+        OsdTuning::of(&BTreeMap::new())
+    }
+}
+
+impl OsdTuning {
+    pub fn of(config: &BTreeMap<String, String>) -> OsdTuning {
+        let int = |key: &str, default: u64, min: u64| {
+            config.get(key).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(default).max(min)
+        };
+        let interval = |key: &str, default: f64| {
+            let s = api::config_secs(config, key, default);
+            if s <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(s.max(0.05)) }
+        };
+        OsdTuning {
+            read_lease: read_lease(config),
+            recovery_max_active: int("osd_recovery_max_active", 8, 1) as usize,
+            pg_log_keep: int("osd_pg_log_keep", 2000, 16),
+            scrub_interval: interval("osd_scrub_interval", 86400.0),
+            deep_scrub_interval: interval("osd_deep_scrub_interval", 604800.0),
+        }
+    }
+}
 
 fn scrub_name(s: &api::ScrubRequest) -> &'static str {
     match (s.repair, s.deep) {
@@ -216,7 +261,7 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyho
         mon,
         sock,
         config: BTreeMap::new(),
-        published_lease: Duration::ZERO,
+        published: None,
         me: None,
         need_boot: true,
         boot_epoch: u64::MAX,
@@ -331,7 +376,8 @@ struct Agent {
     map: OsdMap,
     config: BTreeMap<String, String>,
     /// The read lease last handed to the dataplane with a map.
-    published_lease: Duration,
+    /// What the cores were last handed.
+    published: Option<OsdTuning>,
     me: Option<OsdId>,
     need_boot: bool,
     /// The epoch of our last boot: only a later map saying we are down means it.
@@ -412,9 +458,9 @@ impl Agent {
     /// Hands the current map to the dataplane (once we know who we are).
     fn publish(&mut self) {
         if let (Some(sink), Some(me)) = (&self.cfg.on_map, self.me) {
-            let lease = read_lease(&self.config);
-            self.published_lease = lease;
-            (sink.0)(std::sync::Arc::new(self.map.clone()), me, lease);
+            let tuning = OsdTuning::of(&self.config);
+            self.published = Some(tuning);
+            (sink.0)(std::sync::Arc::new(self.map.clone()), me, tuning);
         }
     }
 
@@ -435,7 +481,7 @@ impl Agent {
         if self.map.epoch != before {
             tracing::debug!("map epoch {} -> {}", before, self.map.epoch);
             self.publish();
-        } else if self.map.epoch > 0 && read_lease(&self.config) != self.published_lease {
+        } else if self.map.epoch > 0 && Some(OsdTuning::of(&self.config)) != self.published {
             self.publish();
         }
         if let Some(id) = self.me
@@ -716,5 +762,28 @@ mod tests {
             c.insert("osd_read_lease_ratio".to_string(), bad.to_string());
             assert_eq!(read_lease(&c), Duration::from_millis(2400), "ratio {bad}");
         }
+    }
+
+    #[test]
+    fn tuning_has_sane_defaults_floors_and_an_off_switch_for_scrubs() {
+        let mut c = BTreeMap::new();
+        let t = OsdTuning::of(&c);
+        assert_eq!((t.recovery_max_active, t.pg_log_keep), (8, 2000));
+        assert_eq!(t.scrub_interval, Duration::from_secs(86400));
+        assert_eq!(t.deep_scrub_interval, Duration::from_secs(7 * 86400));
+        for (k, v) in [
+            ("osd_recovery_max_active", "0"),
+            ("osd_pg_log_keep", "3"),
+            ("osd_scrub_interval", "0"),
+            ("osd_deep_scrub_interval", "2.5"),
+        ] {
+            c.insert(k.to_string(), v.to_string());
+        }
+        let t = OsdTuning::of(&c);
+        assert_eq!((t.recovery_max_active, t.pg_log_keep), (1, 16));
+        assert_eq!(t.scrub_interval, Duration::ZERO, "0 turns periodic scrubs off");
+        assert_eq!(t.deep_scrub_interval, Duration::from_millis(2500));
+        c.insert("osd_pg_log_keep".to_string(), "x".to_string());
+        assert_eq!(OsdTuning::of(&c).pg_log_keep, 2000, "nonsense falls back to the default");
     }
 }

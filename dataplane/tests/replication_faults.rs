@@ -17,7 +17,7 @@ use sluice_control::maps::osdmap::{
 use sluice_control::maps::placement;
 use sluice_control::maps::{OsdId, OsdMap, PoolId};
 use sluice_control::osd_agent::{CorePgReport, PgReportRx};
-use sluice_dataplane::osd::{CoreCmd, CoreMsg, MapView, OsdCore};
+use sluice_dataplane::osd::{CoreCmd, CoreMsg, MapView, OsdCore, OsdTuning};
 use sluice_dataplane::reactor::{self, ReactorConfig};
 use sluice_dataplane::store::{MkfsOptions, Shard, StoreConfig, mkfs};
 use sluice_dataplane::{ParkState, PollMode, ReactorHandle, Waker, mesh};
@@ -31,6 +31,10 @@ use sluice_vocab::{CoreId, Lba, SystemClock};
 /// The read lease of the OSDs' primaries: short, so a new interval's wait for the
 /// previous primary's lease stays short.
 const LEASE: Duration = Duration::from_secs(2);
+
+fn tuning() -> OsdTuning {
+    OsdTuning { read_lease: LEASE, ..OsdTuning::default() }
+}
 
 struct Osd {
     _reactor: ReactorHandle,
@@ -137,7 +141,7 @@ impl Cluster {
         let map = Arc::new(map(&ports, 1));
         for (i, o) in osds.iter().enumerate() {
             o.maps
-                .send(MapView { map: Arc::clone(&map), me: OsdId(i as u32), read_lease: LEASE })
+                .send(MapView { map: Arc::clone(&map), me: OsdId(i as u32), tuning: tuning() })
                 .unwrap();
             o.waker.wake();
         }
@@ -324,11 +328,7 @@ impl Cluster {
         self.map = Arc::new(map);
         for (i, o) in self.osds.iter().enumerate() {
             o.maps
-                .send(MapView {
-                    map: Arc::clone(&self.map),
-                    me: OsdId(i as u32),
-                    read_lease: LEASE,
-                })
+                .send(MapView { map: Arc::clone(&self.map), me: OsdId(i as u32), tuning: tuning() })
                 .unwrap();
             o.waker.wake();
         }
@@ -406,7 +406,7 @@ impl Cluster {
         let map = Arc::new(map.clone());
         for id in to {
             let o = &self.osds[id.0 as usize];
-            o.maps.send(MapView { map: Arc::clone(&map), me: *id, read_lease: LEASE }).unwrap();
+            o.maps.send(MapView { map: Arc::clone(&map), me: *id, tuning: tuning() }).unwrap();
             o.waker.wake();
         }
     }

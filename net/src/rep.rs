@@ -296,6 +296,10 @@ pub struct Push<'a> {
     /// is acknowledged.
     pub last: bool,
     pub last_version: u64,
+    /// Log entries up to and including this version go first (0: none): a backfilled
+    /// member keeps nothing older than the primary's log (a trailing field; absent in
+    /// pushes of earlier builds).
+    pub trim_upto: u64,
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -571,6 +575,7 @@ impl<'a> Push<'a> {
         put_entries(out, &self.entries);
         out.push(u8::from(self.last));
         out.extend_from_slice(&self.last_version.to_le_bytes());
+        out.extend_from_slice(&self.trim_upto.to_le_bytes());
         message::finish(out, m);
     }
 
@@ -624,7 +629,8 @@ impl<'a> Push<'a> {
         }
         let last = d.u8()? != 0;
         let last_version = d.u64()?;
-        Ok(Push { epoch, pool, pg, object, entries, last, last_version })
+        let trim_upto = if d.0.remaining() >= 8 { d.u64()? } else { 0 };
+        Ok(Push { epoch, pool, pg, object, entries, last, last_version, trim_upto })
     }
 }
 
@@ -728,7 +734,9 @@ mod tests {
                 xattrs: keys.iter().map(|k| (k.as_str(), k.as_bytes())).collect(),
             });
             let entries: Vec<(u64, &[u8])> = entries.into_iter().map(|(v, e)| (v | 1, e)).collect();
-            let push = Push { epoch, pool, pg, object, entries, last: exists, last_version: last };
+            let push = Push {
+                epoch, pool, pg, object, entries, last: exists, last_version: last, trim_upto: last / 3,
+            };
             push.encode(all.push_get());
             prop_assert_eq!(Push::decode(all.last().unwrap()).unwrap(), push);
             let lease = Lease {

@@ -616,9 +616,9 @@ fn run(
                     w.wake();
                 }
             }));
-            let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId, read_lease| {
+            let sink = MapSink(Arc::new(move |map: Arc<OsdMap>, me: OsdId, tuning| {
                 for (tx, w) in map_txs.iter().zip(&map_wakers) {
-                    let _ = tx.send(MapView { map: Arc::clone(&map), me, read_lease });
+                    let _ = tx.send(MapView { map: Arc::clone(&map), me, tuning });
                     w.wake();
                 }
             }));

@@ -52,7 +52,7 @@ fn usable(lease: Duration) -> Duration {
 
 impl<D: BlockDevice> Core<D> {
     pub(super) fn read_lease(&self) -> Duration {
-        self.view.as_ref().map_or(DEFAULT_READ_LEASE, |v| v.read_lease)
+        self.view.as_ref().map_or(DEFAULT_READ_LEASE, |v| v.tuning.read_lease)
     }
 
     /// Whether this primary may serve a read of `pgid` now.

@@ -13,8 +13,8 @@
 //! next version, the request id and the object), so the request id is durable with the
 //! data. A request id seen before (a resend after a lost session, a map change or an OSD
 //! restart) is answered from the log without applying it again; one still in flight is
-//! answered when the original finishes. The log keeps the last [`LOG_KEEP`] entries per
-//! PG; replication (peering, recovery) builds on the same log.
+//! answered when the original finishes. The log keeps the last `osd_pg_log_keep` (2000)
+//! entries per PG; replication (peering, recovery) builds on the same log.
 //!
 //! **Replication.** The PG's acting set is its up set (placement minus down OSDs,
 //! primary first). The primary takes a write only while the acting set has at least
@@ -57,6 +57,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use sluice_auth::{AuthTicket, Caps, EntityKind, Perms, Service};
 use sluice_control::maps::placement::{self, PgId, PrimaryCache};
 use sluice_control::maps::{OsdId, OsdMap, PoolId};
+pub use sluice_control::osd_agent::OsdTuning;
 use sluice_control::osd_agent::{CorePgReport, DataplaneAuth, PgReportTx};
 use sluice_net::ops::{self, Body, Op, Reply, Request, Status};
 use sluice_net::rep::{self, RepOp, RepReply};
@@ -78,8 +79,6 @@ pub use lease::{DEFAULT_READ_LEASE, USABLE_PERCENT};
 pub use peering::{MAX_HELD, MAX_PUSHES_PER_PEER};
 pub use scrub::CoreCmd;
 
-/// PG log entries kept per PG (the window in which a resent write is recognised).
-pub const LOG_KEEP: u64 = 2000;
 /// How long a request from a newer map epoch waits for that map.
 pub const MAP_WAIT: Duration = Duration::from_secs(10);
 /// Payload bytes of requests waiting for a newer map, at most (more are told to retry).
@@ -96,9 +95,9 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 pub struct MapView {
     pub map: Arc<OsdMap>,
     pub me: OsdId,
-    /// How long a read lease this OSD's primaries ask for lasts (see the `lease`
-    /// module): `osd_read_lease_ratio` x `osd_heartbeat_grace` of the central config.
-    pub read_lease: Duration,
+    /// What the central config sets: the read lease (the `lease` module), recovery's
+    /// cap, the PG log's length, the scrub intervals.
+    pub tuning: OsdTuning,
 }
 
 /// Authentication on a core's server: every connection must present a ticket for the
@@ -257,6 +256,11 @@ struct Pg {
     /// When the last scrub and deep scrub finished (Unix ms).
     last_scrub_ms: u64,
     last_deep_scrub_ms: u64,
+    /// As primary: since when the PG is due no periodic scrub (deep scrub): its last
+    /// one, or when this OSD first led it (`osd_scrub_interval`; not kept across
+    /// restarts).
+    scrub_stamp: MonoTime,
+    deep_scrub_stamp: MonoTime,
     /// As primary: objects with writes not yet committed on every acting member (in
     /// flight or parked), with how many; reads of them wait (never see a value that a
     /// failure could still roll back).
@@ -264,6 +268,16 @@ struct Pg {
 }
 
 impl Pg {
+    /// Drops the log entries up to and including `upto` (and their request ids).
+    fn trim_log(&mut self, upto: u64) {
+        let kept = self.log.split_off(&(upto + 1));
+        for (v, l) in std::mem::replace(&mut self.log, kept) {
+            if self.done.get(&l.reqid) == Some(&v) {
+                self.done.remove(&l.reqid);
+            }
+        }
+    }
+
     fn insert_log(&mut self, version: u64, l: Logged) {
         if let Some(old) = self.log.insert(version, l.clone())
             && self.done.get(&old.reqid) == Some(&version)
@@ -301,6 +315,8 @@ enum Kind {
         epoch: u64,
         entries: Vec<(u64, Logged)>,
         version: Option<u64>,
+        /// Log entries up to this went first (0: none).
+        trim_upto: u64,
         created: bool,
         reply: Option<u64>,
         /// The last piece of an object, or a log push (the ones that are answered).
@@ -444,6 +460,8 @@ struct Core<D: BlockDevice> {
     last_lease_round: MonoTime,
     lease_waits: Vec<(MonoTime, PgId, u64)>,
     next_scrub_id: u64,
+    /// PGs whose recovery waits for a slot (`osd_recovery_max_active`).
+    recovery_queue: VecDeque<PgId>,
 }
 
 /// The serving poller of one core. See the module documentation.
@@ -473,6 +491,8 @@ pub struct OsdCore<D: BlockDevice> {
     park: Epoll,
     /// When idle sessions were last expired (the reactor's clock: no clock read per pass).
     last_expire: MonoTime,
+    /// When periodic scrubs were last looked for.
+    last_scrub_check: MonoTime,
     last_stats_log: Instant,
 }
 
@@ -574,6 +594,7 @@ impl<D: BlockDevice> OsdCore<D> {
                 last_lease_round: MonoTime::ZERO,
                 lease_waits: Vec::new(),
                 next_scrub_id: 0,
+                recovery_queue: VecDeque::new(),
             },
             inbox,
             maps,
@@ -589,6 +610,7 @@ impl<D: BlockDevice> OsdCore<D> {
             new_commands: Vec::new(),
             park,
             last_expire: MonoTime::ZERO,
+            last_scrub_check: MonoTime::ZERO,
             last_stats_log: Instant::now(),
         })
     }
@@ -810,10 +832,15 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         }
         busy |= self.send_replies();
         busy |= self.server.flush();
+        if now.saturating_sub(self.last_scrub_check) >= Duration::from_secs(1) {
+            self.last_scrub_check = now;
+            self.c.periodic_scrubs();
+        }
         if now.saturating_sub(self.last_expire) > Duration::from_secs(10) {
             self.last_expire = now;
             let now = Instant::now();
             self.c.report_stuck_peerings();
+            self.c.kick_recovery();
             self.c.expire_scrubs();
             let n = self.server.expire_idle(now, SESSION_IDLE);
             if n > 0 {
@@ -911,8 +938,10 @@ fn peer_check(
 /// What a write does to a PG's log besides appending its entry.
 #[derive(Debug, Clone, Copy)]
 enum Trim {
-    /// Every 64 writes past [`LOG_KEEP`] entries, trim to the last `LOG_KEEP` (primary).
-    Auto,
+    /// Past `keep` entries by a step (an eighth of `keep`, 1 to 64), trim to the last
+    /// `keep` (primary; `osd_pg_log_keep`, the window in which a resent write is
+    /// recognised and a member that was away is recovered from the log).
+    Auto { keep: u64 },
     /// As the primary said (0: none).
     Upto(u64),
 }
@@ -956,21 +985,16 @@ fn write_txn(
     txn.ops.push(TxOp::PgLogAppend { coll, key: version, entry: logged.entry().encode() });
     let upto = match trim {
         // Trim in steps of 64 so most writes carry no trim.
-        Trim::Auto if pg.log.len() as u64 >= LOG_KEEP + 64 => {
-            let keep_from = pg.log.keys().nth(pg.log.len() - LOG_KEEP as usize);
+        Trim::Auto { keep } if pg.log.len() as u64 >= keep + (keep / 8).clamp(1, 64) => {
+            let keep_from = pg.log.keys().nth(pg.log.len() - keep as usize);
             keep_from.expect("counted") - 1
         }
-        Trim::Auto => 0,
+        Trim::Auto { .. } => 0,
         Trim::Upto(u) => u,
     };
     if upto > 0 {
         txn.ops.push(TxOp::PgLogTrim { coll, upto });
-        let kept = pg.log.split_off(&(upto + 1));
-        for (v, l) in std::mem::replace(&mut pg.log, kept) {
-            if pg.done.get(&l.reqid) == Some(&v) {
-                pg.done.remove(&l.reqid);
-            }
-        }
+        pg.trim_log(upto);
     }
     (txn, created, upto, logged)
 }
@@ -1227,6 +1251,7 @@ impl<D: BlockDevice> Core<D> {
         acting: &[OsdId],
     ) {
         self.stats.writes += 1;
+        let keep = view.tuning.pg_log_keep.max(1);
         let min_size =
             view.map.pools.get(&pgid.pool).map_or(usize::MAX, |p| usize::from(p.min_size));
         let reqid = (req.client, req.tid);
@@ -1277,7 +1302,7 @@ impl<D: BlockDevice> Core<D> {
         let pg = self.pgs.get_mut(&pgid).expect("entered above");
         let version = pg.version + 1;
         let (txn, created, trim_upto, logged) =
-            write_txn(pg, pgid, req, version, view.map.epoch, Trim::Auto);
+            write_txn(pg, pgid, req, version, view.map.epoch, Trim::Auto { keep });
         pg.version = version;
         let replicas: Vec<OsdId> = acting.iter().copied().filter(|o| *o != view.me).collect();
         let state = WriteState {

@@ -28,9 +28,23 @@
 //! A repair (the `scrub` module) runs the same steps with the copies a scrub found bad
 //! added to what is pulled and pushed.
 //!
-//! **Not built yet** (issue 7): backfill (a member behind the start of the
-//! authoritative log, or new to the PG, is reported and left out of recovery), members
-//! of prior intervals outside the acting set, throttling across PGs.
+//! **Backfill.** A member whose last version is older than the start of the
+//! authoritative log (trimmed to `osd_pg_log_keep` entries), or new to the PG, cannot
+//! be recovered from the log: the objects it lacks need not be named in it. The PG is
+//! `backfilling`: the primary lists the objects of that member and its own (a shallow
+//! scrub map each, [`rep::Scrub`]) and pushes every object of either list (those the
+//! primary lacks are pushed as deleted), then its whole log, with the member's older
+//! entries trimmed ([`Push::trim_upto`]). A primary that is itself behind pulls every
+//! object of the member with the authoritative log and of its own list the same way.
+//! Ops wait meanwhile, as for log-based recovery. A backfill cut short (a restart, a
+//! new interval) leaves the member's old log, so the next peering backfills it again.
+//!
+//! **Throttle.** A core copies at most its share of `osd_recovery_max_active` objects
+//! at once over all its PGs (and [`MAX_PUSHES_PER_PEER`] per PG and member); PGs that
+//! wait for a slot are `recovery_wait` / `backfill_wait`.
+//!
+//! **Not built yet** (issue 7): backfill alongside writes (Ceph's `last_backfill`),
+//! members of prior intervals outside the acting set.
 
 use std::collections::BTreeSet;
 
@@ -88,8 +102,12 @@ pub(crate) struct Peering {
     /// Members whose info has not arrived.
     waiting: Vec<OsdId>,
     phase: Phase,
-    /// Members recovery could not bring up to date (backfill needed, or a failure).
+    /// Members recovery could not bring up to date (a failure).
     behind: Vec<OsdId>,
+    /// Members (this OSD included) this peering backfills: their logs do not reach the
+    /// authoritative log's start, so every object is copied, not only those the log
+    /// names.
+    backfill: Vec<OsdId>,
     /// The read leases the members (this OSD included) granted, as their answers bound
     /// them, with their holders; and, once recovered, until when the PG must wait for
     /// them: the leases of members that answered (they stopped their reads when asked)
@@ -114,6 +132,18 @@ struct Info {
 #[derive(Debug)]
 enum Phase {
     GetInfo,
+    /// Listing the objects of the members to backfill and of the one that has them
+    /// (scrub maps of scrub `id`), before pulling or pushing them all.
+    List {
+        id: u64,
+        waiting: Vec<OsdId>,
+        names: HashMap<OsdId, BTreeSet<String>>,
+        /// This primary backfills from a member (its log is authoritative)...
+        pull: Option<Pulling>,
+        /// ...or pushes to these members (the backfilled ones get the listed objects).
+        push: HashMap<OsdId, Target>,
+        failed: Option<String>,
+    },
     /// Pulling objects from the member with the authoritative log.
     Pull {
         from: OsdId,
@@ -121,6 +151,8 @@ enum Phase {
         in_flight: usize,
         entries: Vec<(u64, Logged)>,
         version: u64,
+        /// Own log entries up to this go (a backfill: nothing older than `from`'s log).
+        trim_upto: u64,
         /// A piece failed to apply: the PG stays peering until the timeout starts it
         /// again.
         failed: bool,
@@ -132,12 +164,23 @@ enum Phase {
     WaitLease,
 }
 
+/// A backfill of this primary, once the objects are listed.
+#[derive(Debug)]
+struct Pulling {
+    from: OsdId,
+    plan: Plan,
+    version: u64,
+    trim_upto: u64,
+}
+
 /// What one member needs.
 #[derive(Debug)]
 struct Target {
     objects: VecDeque<String>,
     in_flight: usize,
     entries: Vec<(u64, Logged)>,
+    /// The member's log entries up to this go first (a backfill).
+    trim_upto: u64,
     log_sent: bool,
     done: bool,
 }
@@ -226,14 +269,20 @@ fn plan(
     log: &BTreeMap<u64, Logged>,
     version: u64,
 ) -> Result<Plan, String> {
-    let first = auth.keys().next().copied();
-    if let Some(f) = first
+    if let Some(&f) = auth.keys().next()
         && version + 1 < f
     {
         return Err(format!(
             "at version {version}, before the start of the authoritative log ({f})"
         ));
     }
+    Ok(log_plan(auth, log))
+}
+
+/// The entries a member with `log` lacks of `auth` (and markers over its divergent
+/// ones), with the objects they name; a backfill copies every object besides.
+fn log_plan(auth: &BTreeMap<u64, Logged>, log: &BTreeMap<u64, Logged>) -> Plan {
+    let first = auth.keys().next().copied();
     let mut objects = BTreeSet::new();
     let mut entries = Vec::new();
     for (v, a) in auth {
@@ -265,7 +314,12 @@ fn plan(
         }
     }
     entries.sort_by_key(|(v, _)| *v);
-    Ok((objects, entries))
+    (objects, entries)
+}
+
+/// What a backfilled member's log keeps nothing of: everything before `auth`'s start.
+fn trim_before(auth: &BTreeMap<u64, Logged>) -> u64 {
+    auth.keys().next().map_or(0, |f| f - 1)
 }
 
 impl<D: BlockDevice> Core<D> {
@@ -357,6 +411,10 @@ impl<D: BlockDevice> Core<D> {
                     if *failed { ", one failed" } else { "" }
                 ),
                 Phase::OwnLog => "its own log".to_string(),
+                Phase::List { waiting, failed: None, .. } => {
+                    format!("the object listings of {waiting:?} (backfill)")
+                }
+                Phase::List { failed: Some(why), .. } => format!("a new interval ({why})"),
                 Phase::WaitLease => "a previous primary's read lease".to_string(),
                 Phase::Push(t) => {
                     let left: Vec<String> = t
@@ -449,6 +507,7 @@ impl<D: BlockDevice> Core<D> {
             waiting: replicas.clone(),
             phase: Phase::GetInfo,
             behind: Vec::new(),
+            backfill: Vec::new(),
             prior_leases,
             prior_readable: MonoTime::ZERO,
         }));
@@ -612,26 +671,46 @@ impl<D: BlockDevice> Core<D> {
                     in_flight: 0,
                     entries,
                     version: info.version.max(pg.version),
+                    trim_upto: 0,
                     failed: false,
                 };
                 self.pull_more(pgid);
             }
             Err(why) => {
-                // Only a backfill from `from` could bring this primary up to date.
-                tracing::error!(
-                    "PG {pgid}: this primary ({me}) is {why} of {from}: it needs a backfill, \
-                     which is not built; the PG stays peering"
+                // Every object of `from`, and every one here (those it lacks go).
+                let version = info.version.max(pg.version);
+                let mut plan = log_plan(&info.log, &pg.log);
+                plan.0.extend(mine_bad);
+                let trim = trim_before(&info.log);
+                tracing::info!(
+                    "PG {pgid}: this primary ({me}) is {why} of {from}: backfilling from it"
                 );
+                p.backfill = vec![me];
+                self.next_scrub_id += 1;
+                let id = self.next_scrub_id;
+                let p =
+                    self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()).expect("peering");
+                p.phase = Phase::List {
+                    id,
+                    waiting: vec![from, me],
+                    names: HashMap::new(),
+                    pull: Some(Pulling { from, plan, version, trim_upto: trim }),
+                    push: HashMap::new(),
+                    failed: None,
+                };
+                self.list_objects(pgid, id, &[from, me]);
             }
         }
     }
 
     fn pull_more(&mut self, pgid: PgId) {
+        let mut room = self.recovery_room();
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let mine = pg.version;
         let Some(p) = pg.peering.as_mut() else { return };
         let epoch = p.epoch;
-        let Phase::Pull { from, objects, in_flight, entries, version, failed } = &mut p.phase
+        let Phase::Pull { from, objects, in_flight, entries, version, trim_upto, failed } =
+            &mut p.phase
         else {
             return;
         };
@@ -643,24 +722,30 @@ impl<D: BlockDevice> Core<D> {
         let from = *from;
         let mut send = Vec::new();
         while *in_flight < MAX_PUSHES_PER_PEER
+            && room > 0
             && let Some(o) = objects.pop_front()
         {
             *in_flight += 1;
+            room -= 1;
             send.push(o);
         }
-        if send.is_empty() && *in_flight == 0 {
-            if entries.is_empty() && *version == mine {
+        if !objects.is_empty() && room == 0 {
+            self.recovery_queue.push_back(pgid); // a slot frees when an object is done
+        }
+        if send.is_empty() && *in_flight == 0 && objects.is_empty() {
+            if entries.is_empty() && *version == mine && *trim_upto == 0 {
                 // A repair's pulls only: the log is the same.
                 return self.start_push(pgid);
             }
             // Every object is here: the log follows, a transaction per piece.
             let entries = std::mem::take(entries);
-            let version = *version;
+            let (version, trim) = (*version, *trim_upto);
             p.phase = Phase::OwnLog;
             let pieces = log_pieces(entries);
             let n = pieces.len();
             for (i, piece) in pieces.into_iter().enumerate() {
-                self.apply_push(pgid, epoch, None, piece, i + 1 == n, version, None);
+                let trim = if i == 0 { trim } else { 0 };
+                self.apply_push(pgid, epoch, None, piece, i + 1 == n, version, trim, None);
             }
             return;
         }
@@ -673,52 +758,177 @@ impl<D: BlockDevice> Core<D> {
 
     /// The primary is authoritative: plan what each member needs and start pushing.
     fn start_push(&mut self, pgid: PgId) {
+        let me = self.view.as_ref().expect("peering needs a map").me;
         let pg = self.pgs.get_mut(&pgid).expect("peering PG");
         let p = pg.peering.as_mut().expect("peering");
         let mut targets = HashMap::new();
+        let mut backfill = Vec::new();
         for (osd, info) in &p.infos {
-            let plan = plan(&pg.log, &info.log, info.version).map(|(mut objects, entries)| {
+            let plan = plan(&pg.log, &info.log, info.version);
+            let (plan, trim_upto) = match plan {
+                Ok(plan) => (Ok(plan), 0),
+                Err(why) => {
+                    tracing::info!("PG {pgid}: {osd} is {why}: backfilling it");
+                    backfill.push(*osd);
+                    (Ok(log_plan(&pg.log, &info.log)), trim_before(&pg.log))
+                }
+            };
+            let plan = plan.map(|(mut objects, entries): Plan| {
                 // Copies a scrub found bad there.
                 objects.extend(pg.repair.get(osd).into_iter().flatten().cloned());
                 (objects, entries)
             });
             match plan {
-                Ok((objects, entries)) if objects.is_empty() && entries.is_empty() => {}
+                Ok((objects, entries))
+                    if objects.is_empty() && entries.is_empty() && trim_upto == 0 => {}
                 Ok((objects, entries)) => {
-                    tracing::info!(
-                        "PG {pgid}: recovering {osd} (v{} -> v{}): {} object(s), {} log entries",
-                        info.version,
-                        pg.version,
-                        objects.len(),
-                        entries.len()
-                    );
+                    if trim_upto == 0 {
+                        tracing::info!(
+                            "PG {pgid}: recovering {osd} (v{} -> v{}): {} object(s), {} log entries",
+                            info.version,
+                            pg.version,
+                            objects.len(),
+                            entries.len()
+                        );
+                    }
                     targets.insert(
                         *osd,
                         Target {
                             objects: objects.into_iter().collect(),
                             in_flight: 0,
                             entries,
+                            trim_upto,
                             log_sent: false,
                             done: false,
                         },
                     );
                 }
-                Err(why) => {
-                    tracing::error!(
-                        "PG {pgid}: {osd} is {why}: it needs a backfill, which is not built; \
-                         it stays behind"
-                    );
+                Err::<_, String>(why) => {
+                    tracing::error!("PG {pgid}: {osd}: {why}; it stays behind");
                     p.behind.push(*osd);
                 }
             }
         }
-        p.phase = Phase::Push(targets);
-        self.push_more(pgid);
+        if backfill.is_empty() {
+            p.phase = Phase::Push(targets);
+            return self.push_more(pgid);
+        }
+        // Every object here and there (those the primary lacks go) is pushed.
+        backfill.sort();
+        p.backfill = backfill.clone();
+        self.next_scrub_id += 1;
+        let id = self.next_scrub_id;
+        let p = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()).expect("peering");
+        backfill.push(me);
+        p.phase = Phase::List {
+            id,
+            waiting: backfill.clone(),
+            names: HashMap::new(),
+            pull: None,
+            push: targets,
+            failed: None,
+        };
+        self.list_objects(pgid, id, &backfill);
+    }
+
+    /// Asks `members` (this OSD among them) for the names of the PG's objects (a
+    /// shallow scrub map, as a scrub's; see `listed`).
+    fn list_objects(&mut self, pgid: PgId, id: u64, members: &[OsdId]) {
+        let Some(view) = self.view.clone() else { return };
+        let epoch = self.pgs.get(&pgid).and_then(|pg| pg.peering.as_ref()).map_or(0, |p| p.epoch);
+        let mut b = Vec::new();
+        rep::Scrub { epoch, pool: pgid.pool.0, pg: pgid.pg, id, deep: false }.encode(&mut b);
+        for osd in members {
+            if *osd == view.me {
+                self.list_own(pgid, id, epoch);
+            } else {
+                self.send_peer(pgid, *osd, rep::MSG_SCRUB, &b);
+            }
+        }
+    }
+
+    /// A listing for a backfill arrived (`error`: the member could not make one).
+    pub(super) fn listed(
+        &mut self,
+        pgid: PgId,
+        from: OsdId,
+        id: u64,
+        error: Option<String>,
+        names: BTreeSet<String>,
+    ) {
+        let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else { return };
+        let Phase::List { id: want, waiting, names: all, failed, .. } = &mut p.phase else {
+            return;
+        };
+        let Some(at) = waiting.iter().position(|o| *o == from).filter(|_| *want == id) else {
+            return; // an earlier peering's
+        };
+        waiting.swap_remove(at);
+        if let Some(e) = error {
+            *failed = Some(format!("listing the objects of {from}: {e}"));
+        }
+        all.insert(from, names);
+        if !waiting.is_empty() {
+            return;
+        }
+        let me = self.view.as_ref().expect("peering needs a map").me;
+        let phase = std::mem::replace(&mut p.phase, Phase::GetInfo);
+        let Phase::List { mut names, pull, mut push, failed, .. } = phase else {
+            unreachable!("matched above")
+        };
+        if let Some(why) = failed {
+            // Stays so: the next interval (or `sluice osd down` of the member) tries again.
+            tracing::error!("PG {pgid}: backfill: {why}; the PG stays peering");
+            p.phase = Phase::List {
+                id: 0,
+                waiting: Vec::new(),
+                names: HashMap::new(),
+                pull,
+                push,
+                failed: Some(why),
+            };
+            return;
+        }
+        let mine = names.remove(&me).unwrap_or_default();
+        match pull {
+            Some(Pulling { from, plan: (mut objects, entries), version, trim_upto }) => {
+                objects.extend(mine);
+                objects.extend(names.remove(&from).unwrap_or_default());
+                tracing::info!(
+                    "PG {pgid}: backfilling this primary from {from}: {} object(s)",
+                    objects.len()
+                );
+                p.phase = Phase::Pull {
+                    from,
+                    objects: objects.into_iter().collect(),
+                    in_flight: 0,
+                    entries,
+                    version,
+                    trim_upto,
+                    failed: false,
+                };
+                self.pull_more(pgid);
+            }
+            None => {
+                for (osd, theirs) in names {
+                    let t = push.get_mut(&osd).expect("a backfill target has a target");
+                    let mut objects: BTreeSet<String> =
+                        std::mem::take(&mut t.objects).into_iter().collect();
+                    objects.extend(mine.iter().cloned());
+                    objects.extend(theirs);
+                    tracing::info!("PG {pgid}: backfilling {osd}: {} object(s)", objects.len());
+                    t.objects = objects.into_iter().collect();
+                }
+                p.phase = Phase::Push(push);
+                self.push_more(pgid);
+            }
+        }
     }
 
     /// Starts reads for the next objects of every member being recovered, sends the log
     /// to members whose objects are all there, and activates when all are done.
     fn push_more(&mut self, pgid: PgId) {
+        let mut room = self.recovery_room();
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let version = pg.version;
         let Some(p) = pg.peering.as_mut() else { return };
@@ -726,23 +936,30 @@ impl<D: BlockDevice> Core<D> {
         let Phase::Push(targets) = &mut p.phase else { return };
         let mut reads = Vec::new();
         let mut logs = Vec::new();
+        let mut starved = false;
         for (osd, t) in targets.iter_mut() {
             if t.done {
                 continue;
             }
             while t.in_flight < MAX_PUSHES_PER_PEER
+                && room > 0
                 && let Some(o) = t.objects.pop_front()
             {
                 t.in_flight += 1;
+                room -= 1;
                 reads.push((*osd, o));
             }
+            starved |= !t.objects.is_empty() && room == 0;
             if t.objects.is_empty() && t.in_flight == 0 && !t.log_sent {
                 t.log_sent = true;
-                logs.push((*osd, std::mem::take(&mut t.entries)));
+                logs.push((*osd, std::mem::take(&mut t.entries), t.trim_upto));
             }
         }
         let all_done = targets.values().all(|t| t.done);
-        for (osd, entries) in logs {
+        if starved {
+            self.recovery_queue.push_back(pgid); // a slot frees when an object is done
+        }
+        for (osd, entries, trim_upto) in logs {
             let pieces = log_pieces(entries);
             let n = pieces.len();
             for (i, piece) in pieces.into_iter().enumerate() {
@@ -756,6 +973,7 @@ impl<D: BlockDevice> Core<D> {
                     entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
                     last: i + 1 == n,
                     last_version: version,
+                    trim_upto: if i == 0 { trim_upto } else { 0 },
                 };
                 let mut b = Vec::new();
                 push.encode(&mut b);
@@ -822,6 +1040,12 @@ impl<D: BlockDevice> Core<D> {
         let enough = p.acting.len().saturating_sub(p.behind.len()) >= min_size;
         pg.active_with = Some(p.interval);
         pg.behind = p.behind;
+        // Periodic scrubs count from when this OSD first leads the PG.
+        let mono = self.now;
+        if pg.scrub_stamp == MonoTime::ZERO {
+            pg.scrub_stamp = mono;
+            pg.deep_scrub_stamp = mono;
+        }
         if !pg.repair.is_empty() {
             tracing::info!("PG {pgid}: repaired {} member(s)' copies", pg.repair.len());
             pg.repair.clear();
@@ -900,6 +1124,38 @@ impl<D: BlockDevice> Core<D> {
             t.done = true;
         }
         self.push_more(pgid);
+        self.kick_recovery();
+    }
+
+    /// Objects recovery may start copying now on this core: its share of
+    /// `osd_recovery_max_active` less those in flight over all its PGs.
+    fn recovery_room(&self) -> usize {
+        let max = self.view.as_ref().map_or(8, |v| v.tuning.recovery_max_active);
+        let cap = (max / self.cores.max(1)).max(1);
+        let busy: usize = self
+            .pgs
+            .values()
+            .filter_map(|pg| pg.peering.as_ref())
+            .map(|p| match &p.phase {
+                Phase::Pull { in_flight, .. } => *in_flight,
+                Phase::Push(t) => t.values().map(|t| t.in_flight).sum(),
+                _ => 0,
+            })
+            .sum();
+        cap.saturating_sub(busy)
+    }
+
+    /// Recovery slots freed (or the tick): PGs that waited for one go on.
+    pub(super) fn kick_recovery(&mut self) {
+        while self.recovery_room() > 0
+            && let Some(pgid) = self.recovery_queue.pop_front()
+        {
+            match self.pgs.get(&pgid).and_then(|pg| pg.peering.as_ref()).map(|p| &p.phase) {
+                Some(Phase::Pull { .. }) => self.pull_more(pgid),
+                Some(Phase::Push(_)) => self.push_more(pgid),
+                _ => {}
+            }
+        }
     }
 
     /// Reads an object's state for a push: its size, its xattrs, then its data a
@@ -1002,6 +1258,7 @@ impl<D: BlockDevice> Core<D> {
             entries: Vec::new(),
             last: false,
             last_version: 0,
+            trim_upto: 0,
         };
         match to {
             PushTo::Peer(osd) => {
@@ -1029,6 +1286,7 @@ impl<D: BlockDevice> Core<D> {
                     p.behind.push(osd);
                 }
                 self.push_more(pgid);
+                self.kick_recovery();
             }
             PushTo::Session(cookie) => {
                 let m = format!("reading {object}: {why}");
@@ -1098,7 +1356,8 @@ impl<D: BlockDevice> Core<D> {
                 return self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
             }
         }
-        self.apply_push(pgid, push.epoch, object, entries, push.last, push.last_version, reply);
+        let (last, version, trim) = (push.last, push.last_version, push.trim_upto);
+        self.apply_push(pgid, push.epoch, object, entries, last, version, trim, reply);
     }
 
     /// One transaction: a piece of an object's state and/or log entries (and the
@@ -1112,6 +1371,7 @@ impl<D: BlockDevice> Core<D> {
         entries: Vec<(u64, Logged)>,
         last: bool,
         version: u64,
+        trim_upto: u64,
         reply: Option<u64>,
     ) {
         let coll = CollId(pgid.collection());
@@ -1143,6 +1403,9 @@ impl<D: BlockDevice> Core<D> {
                 txn.ops.push(TxOp::Write { coll, name, offset: p.offset, data: p.data });
             }
         }
+        if trim_upto > 0 {
+            txn.ops.push(TxOp::PgLogTrim { coll, upto: trim_upto });
+        }
         for (v, l) in &entries {
             txn.ops.push(TxOp::PgLogAppend { coll, key: *v, entry: l.entry().encode() });
         }
@@ -1152,6 +1415,7 @@ impl<D: BlockDevice> Core<D> {
             epoch,
             entries,
             version: set_version,
+            trim_upto,
             created,
             reply,
             answer,
@@ -1170,13 +1434,25 @@ impl<D: BlockDevice> Core<D> {
 
     /// A push's transaction finished.
     pub(super) fn push_applied(&mut self, kind: Kind, result: Result<(), StoreError>) {
-        let Kind::PushApply { pg: pgid, epoch, entries, version, created, reply, answer } = kind
+        let Kind::PushApply {
+            pg: pgid,
+            epoch,
+            entries,
+            version,
+            trim_upto,
+            created,
+            reply,
+            answer,
+        } = kind
         else {
             unreachable!("push_applied takes pushes")
         };
         let pg = self.pgs.get_mut(&pgid).expect("entered at submit");
         match &result {
             Ok(()) => {
+                if trim_upto > 0 {
+                    pg.trim_log(trim_upto);
+                }
                 for (v, l) in entries {
                     pg.insert_log(v, l);
                 }
@@ -1227,6 +1503,7 @@ impl<D: BlockDevice> Core<D> {
                     Phase::Pull { in_flight, .. } => {
                         *in_flight = in_flight.saturating_sub(1);
                         self.pull_more(pgid);
+                        self.kick_recovery();
                     }
                     Phase::OwnLog => self.start_push(pgid),
                     _ => {}
@@ -1286,26 +1563,44 @@ impl<D: BlockDevice> Core<D> {
                         state.push("laggy"); // reads wait for a lease round
                     }
                 }
-                Some(p) => match &p.phase {
-                    Phase::GetInfo => state.push("peering"),
-                    Phase::Pull { objects, in_flight, .. } => {
-                        state.push("recovering");
-                        recovering = objects.len() + in_flight;
+                Some(p) => {
+                    let copying = if p.backfill.is_empty() { "recovering" } else { "backfilling" };
+                    let waiting =
+                        if p.backfill.is_empty() { "recovery_wait" } else { "backfill_wait" };
+                    match &p.phase {
+                        Phase::GetInfo => state.push("peering"),
+                        Phase::List { .. } => state.push(copying),
+                        Phase::Pull { objects, in_flight, .. } => {
+                            state.push(if *in_flight == 0 && !objects.is_empty() {
+                                waiting
+                            } else {
+                                copying
+                            });
+                            recovering = objects.len() + in_flight;
+                        }
+                        Phase::OwnLog => state.push(copying),
+                        Phase::WaitLease => state.push("wait"),
+                        Phase::Push(t) => {
+                            let in_flight: usize = t.values().map(|t| t.in_flight).sum();
+                            recovering =
+                                t.values().map(|t| t.objects.len()).sum::<usize>() + in_flight;
+                            state.push(if in_flight == 0 && recovering > 0 {
+                                waiting
+                            } else {
+                                copying
+                            });
+                        }
                     }
-                    Phase::OwnLog => state.push("recovering"),
-                    Phase::WaitLease => state.push("wait"),
-                    Phase::Push(t) => {
-                        state.push("recovering");
-                        recovering = t.values().map(|t| t.objects.len() + t.in_flight).sum();
-                    }
-                },
+                }
                 None => state.push("peering"),
             }
             let undersized = acting.len() < usize::from(pool.size);
             if undersized {
                 state.push("undersized");
             }
-            if undersized || behind || recovering > 0 {
+            let copying =
+                state.iter().any(|s| s.starts_with("backfill") || s.starts_with("recover"));
+            if undersized || behind || recovering > 0 || copying {
                 state.push("degraded");
             }
             if active && !undersized && !behind {
@@ -1376,6 +1671,22 @@ mod tests {
         assert_eq!(plan(&auth, &auth.clone(), 11).unwrap(), (BTreeSet::new(), Vec::new()));
         assert!(plan(&auth, &BTreeMap::new(), 8).is_err(), "v9 was trimmed");
         assert!(plan(&auth, &BTreeMap::new(), 9).is_ok(), "v10 onwards is all it needs");
+    }
+
+    #[test]
+    fn a_backfill_gets_the_whole_log_and_loses_its_older_and_divergent_entries() {
+        let auth = log(&[(10, l(1, 5, "a")), (11, l(2, 5, "b")), (12, l(3, 6, "c"))]);
+        // Away since v3, with v11 written at an epoch the others never took.
+        let stale = log(&[(2, l(7, 1, "x")), (3, l(8, 1, "y")), (11, l(9, 4, "z"))]);
+        assert!(plan(&auth, &stale, 3).is_err());
+        let (objects, entries) = log_plan(&auth, &stale);
+        let want: BTreeSet<String> = ["a", "b", "c", "z"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(objects, want, "the log's objects and the divergent one");
+        let versions: Vec<u64> = entries.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, [10, 11, 12]);
+        assert_eq!(entries[1].1, auth[&11], "the divergent entry is overwritten");
+        assert_eq!(trim_before(&auth), 9, "v2 and v3 go");
+        assert_eq!(trim_before(&BTreeMap::new()), 0, "an empty log trims nothing");
     }
 
     #[test]

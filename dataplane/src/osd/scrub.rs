@@ -252,6 +252,21 @@ impl<D: BlockDevice> Core<D> {
         });
     }
 
+    /// This OSD's own listing of a PG for a backfill (`Peering::listed`).
+    pub(super) fn list_own(&mut self, pgid: PgId, id: u64, epoch: u64) {
+        self.start_job(Job {
+            pg: pgid,
+            id,
+            epoch,
+            deep: false,
+            reply: None,
+            version: 0,
+            names: VecDeque::new(),
+            objects: Vec::new(),
+            error: None,
+        });
+    }
+
     /// A member's side: a primary asks for its scrub map.
     pub(super) fn on_scrub(&mut self, cookie: u64, s: Scrub) {
         let pg = PgId { pool: PoolId(s.pool), pg: s.pg };
@@ -448,7 +463,9 @@ impl<D: BlockDevice> Core<D> {
         let me = self.view.as_ref().map(|v| v.me);
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let Some(s) = pg.scrub.as_mut().filter(|s| s.id == id) else {
-            return; // a scrub that was stopped (a new interval)
+            // A backfill's listing, or a scrub that was stopped (a new interval).
+            let names = map.into_keys().collect();
+            return self.listed(pgid, from, id, error, names);
         };
         let Some(at) = s.waiting.iter().position(|o| *o == from) else { return };
         s.waiting.swap_remove(at);
@@ -466,10 +483,16 @@ impl<D: BlockDevice> Core<D> {
     }
 
     fn finish_scrub(&mut self, pgid: PgId) {
+        let mono = self.now;
         let pg = self.pgs.get_mut(&pgid).expect("scrubbing PG");
         let s = pg.scrub.take().expect("scrubbing");
         let what = if s.deep { "deep scrub" } else { "scrub" };
         self.pg_dirty = true;
+        // A periodic scrub that failed is tried again an interval later, not at once.
+        pg.scrub_stamp = mono;
+        if s.deep {
+            pg.deep_scrub_stamp = mono;
+        }
         if !s.failed.is_empty() {
             tracing::error!("PG {pgid}: {what} could not finish: {}", s.failed.join("; "));
         } else {
@@ -535,6 +558,40 @@ impl<D: BlockDevice> Core<D> {
             );
             self.pg_dirty = true;
             self.release_held(pgid);
+        }
+    }
+
+    /// Periodic scrubs (`osd_scrub_interval`, `osd_deep_scrub_interval`): when no scrub
+    /// runs on this core, the active PG it leads most overdue for one is scrubbed (deep
+    /// if that is due too), one at a time.
+    pub(super) fn periodic_scrubs(&mut self) {
+        let Some(view) = self.view.clone() else { return };
+        let (every, deep_every) = (view.tuning.scrub_interval, view.tuning.deep_scrub_interval);
+        if every.is_zero() && deep_every.is_zero() {
+            return;
+        }
+        if self.pgs.values().any(|pg| pg.scrub.is_some() || pg.want_scrub.is_some()) {
+            return;
+        }
+        let now = self.now;
+        let overdue = |stamp: MonoTime, interval: Duration| {
+            let since = now.saturating_sub(stamp);
+            (!interval.is_zero() && since >= interval).then(|| since - interval)
+        };
+        let mut due: Option<(Duration, PgId, bool)> = None;
+        for (pgid, pg) in &self.pgs {
+            if pg.active_with.is_none() || pg.peering.is_some() || !pg.exists {
+                continue;
+            }
+            let deep = overdue(pg.deep_scrub_stamp, deep_every);
+            let Some(late) = deep.or_else(|| overdue(pg.scrub_stamp, every)) else { continue };
+            if due.is_none_or(|(l, ..)| late > l) {
+                due = Some((late, *pgid, deep.is_some()));
+            }
+        }
+        if let Some((_, pgid, deep)) = due {
+            tracing::info!("PG {pgid}: periodic {}", if deep { "deep scrub" } else { "scrub" });
+            self.request_scrub(pgid, deep, false);
         }
     }
 

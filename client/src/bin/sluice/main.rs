@@ -407,6 +407,24 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 println!("  pools: {}", s.pools);
                 if let Ok(t) = client(&cli).await?.get::<api::PgTable>("/v1/pg/stats").await {
                     println!("  pgs: {}", pg_summary(&t));
+                    let copying: Vec<&api::PgRow> = t
+                        .pgs
+                        .iter()
+                        .filter(|r| {
+                            r.recovering > 0
+                                || r.state.contains("backfill")
+                                || r.state.contains("recover")
+                        })
+                        .collect();
+                    if !copying.is_empty() {
+                        let objects: u64 = copying.iter().map(|r| r.recovering).sum();
+                        let backfill =
+                            copying.iter().filter(|r| r.state.contains("backfill")).count();
+                        println!(
+                            "  recovery: {objects} object(s) left to copy in {} PG(s) ({backfill} backfilling)",
+                            copying.len()
+                        );
+                    }
                 }
                 // The mode is the configuration's (every program of the cluster reads it).
                 let conf = match (&cli.conf, cli.mon.is_empty()) {
