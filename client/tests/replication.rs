@@ -105,9 +105,10 @@ fn verify(io: &mut Io, model: &Model) {
     }
 }
 
-/// The object lines of a dump (no logs), for comparing against the model's count.
+/// The object lines of a dump (no logs), for comparing against the model's count
+/// (sluice-bench's own objects, `bench-*`, are not in the model).
 fn objects_in(dump: &str) -> usize {
-    dump.lines().filter(|l| l.contains(" crc32c ")).count()
+    dump.lines().filter(|l| l.contains(" crc32c ") && !l.contains(" object bench-")).count()
 }
 
 /// Waits until every PG of the cluster (8, pool `r`) is in `state`.
@@ -236,6 +237,19 @@ fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
     let wait_ops = |n: u64| {
         wait_for(120, "writes to progress", || (done.load(Ordering::Relaxed) >= n).then_some(()))
     };
+    // sluice-bench writes through all of it too (4 KiB objects of its own, QD 16); it
+    // exits non-zero if any op failed.
+    let report = c.path().join("bench.json");
+    let mut bench = std::process::Command::new(common::bin_dir().join("sluice-bench"))
+        .args(["objects", "-c"])
+        .arg(c.conf())
+        .args(["--pool", "r", "--rw", "write", "--size", "4k", "--qd", "16", "--objects", "256"])
+        .args(["--runtime", "25s", "--quiet", "--json"])
+        .arg(&report)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut model = std::thread::scope(|s| {
         let writer = s.spawn(|| {
             let mut io = client.io();
@@ -267,6 +281,11 @@ fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
     wait_for(120, "osd.2 up again in the client's map", || {
         client.map().osds.values().filter(|o| o.up).count().eq(&3).then_some(())
     });
+    let out = bench.wait_with_output().unwrap();
+    assert!(out.status.success(), "sluice-bench: {}", common::text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["results"]["errors"], 0, "{r}");
+    assert!(r["results"]["ios"].as_u64() > Some(1000), "sluice-bench wrote: {r}");
     let mut io = client.io();
     touch_every_pg(&client, &mut io, &mut model);
     verify(&mut io, &model);
@@ -391,15 +410,36 @@ fn an_osd_marked_out_is_backfilled_out_and_in_and_a_new_one_takes_only_its_share
     wait_pgs(&c, "active+clean");
 
     // Out: its PGs move to the other OSDs, which are backfilled with every object (the
-    // logs were trimmed) while ops wait.
+    // logs were trimmed) alongside writes. Held first (osd_nobackfill): the PGs go
+    // active without their new members' copies, and writes go on.
+    c.ok(&["config", "set", "osd_nobackfill", "true"]);
     c.ok(&["osd", "out", "3"]);
+    wait_for(120, "every PG active, some waiting for a backfill", || {
+        let rows = c.json(&["pg", "ls", "r"]);
+        let states: Vec<String> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["state"].as_str().unwrap().to_string())
+            .collect();
+        (states.iter().all(|s| s.starts_with("active") && !s.contains("laggy"))
+            && states.iter().any(|s| s.contains("backfill_wait+degraded")))
+        .then_some(())
+    });
+    let status = c.ok(&["status"]);
+    assert!(status.contains("backfilling)"), "{status}");
+    workload(&mut io, &mut model, 600, 300, 16);
+    verify(&mut io, &model);
+    c.ok(&["config", "set", "osd_nobackfill", "false"]);
+    // And now copied while writes go on.
+    workload(&mut io, &mut model, 900, 300, 16);
     wait_pgs(&c, "active+clean");
     let without = acting_sets(&c);
     assert!(without.values().all(|a| !a.contains(&3)), "{without:?}");
     wait_for(60, "HEALTH_OK", || (c.json(&["health"])["status"] == "HEALTH_OK").then_some(()));
-    let backfills = osd_log_lines(&c, "backfilling osd.");
+    let backfills = osd_log_lines(&c, "backfilled");
     assert!(backfills > 0, "no member was backfilled:\n{}", c.logs());
-    workload(&mut io, &mut model, 600, 400, 16);
+    workload(&mut io, &mut model, 1200, 300, 16);
     verify(&mut io, &model);
 
     // In again: osd.3 is far behind every log and holds objects deleted since, which
@@ -409,7 +449,10 @@ fn an_osd_marked_out_is_backfilled_out_and_in_and_a_new_one_takes_only_its_share
     wait_pgs(&c, "active+clean");
     let before = acting_sets(&c);
     assert!(before.values().any(|a| a.contains(&3)), "{before:?}");
-    assert!(osd_log_lines(&c, "backfilling osd.3") > 0, "osd.3 was not backfilled");
+    assert!(
+        osd_log_lines(&c, "osd.3 backfilled") + osd_log_lines(&c, "primary (osd.3)") > 0,
+        "osd.3 was not backfilled"
+    );
     wait_for(60, "HEALTH_OK", || (c.json(&["health"])["status"] == "HEALTH_OK").then_some(()));
     verify(&mut io, &model);
 
@@ -489,13 +532,6 @@ fn deep_scrub_finds_a_corrupt_block_on_a_replica_and_repair_fixes_it() {
     let mut io = client.io();
     let data = tagged(b"ROTTING!");
     io.write_full("r", "rot", data.clone()).unwrap();
-    // 48 MiB more, so every store has checkpointed past the object's record (a block
-    // of the journal after the checkpoint is a torn tail at replay, and then recovery
-    // copies the object back before any scrub: also right, but not this test).
-    let filler = pattern(4 << 20, 9);
-    for i in 0..12 {
-        io.write_full("r", &format!("filler-{i}"), filler.clone()).unwrap();
-    }
     let map = client.map();
     let pool = map.pool_by_name("r").unwrap();
     let pgid = placement::object_pg(pool, "rot");
@@ -504,9 +540,17 @@ fn deep_scrub_finds_a_corrupt_block_on_a_replica_and_repair_fixes_it() {
     let pgid = pgid.to_string();
     wait_pgs(&c, "active+clean");
 
-    // A block of the object rots on one replica's device while it is stopped.
+    // A block of the object rots on one replica's device while it is stopped. The stop
+    // checkpoints the store, so its next start replays no journal: the block reads as
+    // corrupt (were it in the journal's newest batch at replay, it would look like a
+    // torn tail and be cut off, with every record after it).
     let name = format!("osd.{replica}");
+    let clean_stops = osd_log_lines(&c, "checkpoint written for a clean stop");
     c.ok(&["dev", "stop", &name]);
+    assert!(
+        osd_log_lines(&c, "checkpoint written for a clean stop") > clean_stops,
+        "{name} stopped without a checkpoint"
+    );
     let dev = c.path().join(format!("osd.{replica}.dev"));
     assert!(corrupt_file(&dev, b"ROTTING!") > 0, "the object's blocks are on {name}");
     c.ok(&["dev", "start", &name]);

@@ -162,6 +162,10 @@ pub struct OsdTuning {
     /// has passed since its last one, one PG per core at a time; 0 turns it off.
     pub scrub_interval: Duration,
     pub deep_scrub_interval: Duration,
+    /// `osd_nobackfill` (`true`/`1`; default off): backfills alongside writes copy
+    /// nothing while set (their PGs show `backfill_wait`; writes go on), for
+    /// maintenance. A primary that must be backfilled itself is not held.
+    pub nobackfill: bool,
 }
 
 impl Default for OsdTuning {
@@ -185,6 +189,9 @@ impl OsdTuning {
             pg_log_keep: int("osd_pg_log_keep", 2000, 16),
             scrub_interval: interval("osd_scrub_interval", 86400.0),
             deep_scrub_interval: interval("osd_deep_scrub_interval", 604800.0),
+            nobackfill: config
+                .get("osd_nobackfill")
+                .is_some_and(|v| matches!(v.trim(), "true" | "1" | "yes" | "on")),
         }
     }
 }
@@ -785,5 +792,10 @@ mod tests {
         assert_eq!(t.deep_scrub_interval, Duration::from_millis(2500));
         c.insert("osd_pg_log_keep".to_string(), "x".to_string());
         assert_eq!(OsdTuning::of(&c).pg_log_keep, 2000, "nonsense falls back to the default");
+        assert!(!t.nobackfill);
+        c.insert("osd_nobackfill".to_string(), "true".to_string());
+        assert!(OsdTuning::of(&c).nobackfill);
+        c.insert("osd_nobackfill".to_string(), "false".to_string());
+        assert!(!OsdTuning::of(&c).nobackfill);
     }
 }

@@ -132,6 +132,8 @@ struct Cluster {
     cookie: u64,
     /// The newest scrub and deep-scrub times the primary reported.
     scrubbed: (u64, u64),
+    /// What [`Cluster::publish`] hands the OSDs with a map.
+    tuning: OsdTuning,
 }
 
 impl Cluster {
@@ -158,6 +160,7 @@ impl Cluster {
             replies: Default::default(),
             cookie: 0x77,
             scrubbed: (0, 0),
+            tuning: tuning(),
         }
     }
 
@@ -328,7 +331,11 @@ impl Cluster {
         self.map = Arc::new(map);
         for (i, o) in self.osds.iter().enumerate() {
             o.maps
-                .send(MapView { map: Arc::clone(&self.map), me: OsdId(i as u32), tuning: tuning() })
+                .send(MapView {
+                    map: Arc::clone(&self.map),
+                    me: OsdId(i as u32),
+                    tuning: self.tuning,
+                })
                 .unwrap();
             o.waker.wake();
         }
@@ -400,13 +407,100 @@ fn a_member_away_for_600_writes_gets_them_from_the_log_and_can_lead() {
     c.wait_state("active+clean");
 }
 
+#[test]
+fn a_member_behind_the_log_is_backfilled_alongside_writes() {
+    let mut c = Cluster::start_active();
+    // 16-entry logs; backfills held to begin with.
+    c.tuning = OsdTuning { pg_log_keep: 16, nobackfill: true, ..tuning() };
+    let away = c.acting[2];
+    let ports: Vec<u16> = c.osds.iter().map(|o| o.port).collect();
+    let mut m = map(&ports, 2);
+    m.osds.get_mut(&away).unwrap().up = false;
+    c.publish(m);
+    c.follow_primary();
+    c.wait_state("active+undersized+degraded");
+    // Deleted first: the entry is trimmed by the time the member is back, so only its
+    // own listing names it.
+    let (st, _) = c.call("a", Op::Delete);
+    assert_eq!(st, Status::Ok);
+    let data = |i: usize, round: u32| format!("object {i}, round {round}").into_bytes();
+    for i in 0..60 {
+        let (st, _) = c.call(&format!("o{i}"), Op::WriteFull { data: &data(i, 1) });
+        assert_eq!(st, Status::Ok, "o{i}");
+    }
+
+    // Back (booted again), 60 writes behind a 16-entry log: backfilled, not recovered
+    // from the log. Held, the PG is active without its copies and takes writes: to
+    // objects still to copy (not sent to it), new ones (sent), a delete.
+    let mut m = map(&ports, 3);
+    m.osds.get_mut(&away).unwrap().up_from = 3;
+    c.publish(m.clone());
+    c.follow_primary();
+    assert!(c.acting.contains(&away));
+    c.wait_state("active+backfill_wait+degraded");
+    for i in 0..20 {
+        let (st, _) = c.call(&format!("o{i}"), Op::WriteFull { data: &data(i, 2) });
+        assert_eq!(st, Status::Ok, "o{i} while the backfill waits");
+    }
+    for i in 60..70 {
+        let (st, _) = c.call(&format!("o{i}"), Op::WriteFull { data: &data(i, 2) });
+        assert_eq!(st, Status::Ok, "new o{i} while the backfill waits");
+    }
+    let (st, _) = c.call("o59", Op::Delete);
+    assert_eq!(st, Status::Ok);
+
+    // Going on (the same map, backfills allowed), with writes alongside.
+    c.tuning.nobackfill = false;
+    let mut m3 = m.clone();
+    m3.epoch = 4;
+    c.publish(m3);
+    c.follow_primary();
+    let mut tids = Vec::new();
+    for i in 20..40 {
+        tids.push((i, c.send(&format!("o{i}"), Op::WriteFull { data: &data(i, 3) })));
+    }
+    for (i, tid) in tids {
+        let r = c.reply(tid, Instant::now() + Duration::from_secs(60)).expect("a reply");
+        assert_eq!(r.0, Status::Ok, "o{i} during the backfill");
+    }
+    c.wait_state("active+clean");
+
+    // It leads (the others take no primaries) and has everything, and nothing deleted.
+    let mut m5 = m;
+    m5.epoch = 5;
+    for (id, o) in m5.osds.iter_mut() {
+        if *id != away {
+            o.primary_affinity = 0;
+        }
+    }
+    c.publish(m5);
+    c.follow_primary();
+    assert_eq!(c.acting[0], away);
+    for i in 0..70 {
+        let want = match i {
+            59 => None,
+            0..20 | 60..70 => Some(data(i, 2)),
+            20..40 => Some(data(i, 3)),
+            _ => Some(data(i, 1)),
+        };
+        let (st, got) = c.call(&format!("o{i}"), Op::Read { offset: 0, len: 0 });
+        match want {
+            Some(d) => assert_eq!((st, got), (Status::Ok, d), "o{i} on the backfilled member"),
+            None => assert_eq!(st, Status::NotFound, "o{i} was deleted during the backfill"),
+        }
+    }
+    let (st, _) = c.call("a", Op::Stat);
+    assert_eq!(st, Status::NotFound, "deleted before: gone from the backfilled member");
+    c.wait_state("active+clean");
+}
+
 impl Cluster {
     /// Hands `map` to some OSDs only (the others keep the map they have).
     fn publish_to(&mut self, map: &OsdMap, to: &[OsdId]) {
         let map = Arc::new(map.clone());
         for id in to {
             let o = &self.osds[id.0 as usize];
-            o.maps.send(MapView { map: Arc::clone(&map), me: *id, tuning: tuning() }).unwrap();
+            o.maps.send(MapView { map: Arc::clone(&map), me: *id, tuning: self.tuning }).unwrap();
             o.waker.wake();
         }
     }

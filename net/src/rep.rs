@@ -300,6 +300,11 @@ pub struct Push<'a> {
     /// member keeps nothing older than the primary's log (a trailing field; absent in
     /// pushes of earlier builds).
     pub trim_upto: u64,
+    /// The start of a backfill alongside writes (with no object and no entries): the
+    /// member drops its whole log and, until a closing log push (`last`), applies the
+    /// primary's writes without logging them, so it reports version 0 and is backfilled
+    /// again if the backfill is cut short. A trailing field, like `trim_upto`.
+    pub begin_backfill: bool,
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -576,6 +581,7 @@ impl<'a> Push<'a> {
         out.push(u8::from(self.last));
         out.extend_from_slice(&self.last_version.to_le_bytes());
         out.extend_from_slice(&self.trim_upto.to_le_bytes());
+        out.push(u8::from(self.begin_backfill));
         message::finish(out, m);
     }
 
@@ -630,7 +636,11 @@ impl<'a> Push<'a> {
         let last = d.u8()? != 0;
         let last_version = d.u64()?;
         let trim_upto = if d.0.remaining() >= 8 { d.u64()? } else { 0 };
-        Ok(Push { epoch, pool, pg, object, entries, last, last_version, trim_upto })
+        let begin_backfill = d.0.remaining() >= 1 && d.u8()? != 0;
+        if begin_backfill && (object.is_some() || !entries.is_empty()) {
+            return Err(DecodeError::Unknown { what: "backfill start with content", code: 1 });
+        }
+        Ok(Push { epoch, pool, pg, object, entries, last, last_version, trim_upto, begin_backfill })
     }
 }
 
@@ -736,6 +746,7 @@ mod tests {
             let entries: Vec<(u64, &[u8])> = entries.into_iter().map(|(v, e)| (v | 1, e)).collect();
             let push = Push {
                 epoch, pool, pg, object, entries, last: exists, last_version: last, trim_upto: last / 3,
+                begin_backfill: false,
             };
             push.encode(all.push_get());
             prop_assert_eq!(Push::decode(all.last().unwrap()).unwrap(), push);
@@ -802,6 +813,36 @@ mod tests {
         let d = RepReply::decode(&b).unwrap();
         assert!(d.message.len() <= MAX_MESSAGE_BYTES && d.message.len() >= MAX_MESSAGE_BYTES - 1);
         assert!(m.starts_with(d.message));
+    }
+
+    #[test]
+    fn a_push_of_an_earlier_build_decodes_and_a_backfill_start_carries_nothing() {
+        let push = Push {
+            epoch: 3,
+            pool: 1,
+            pg: 2,
+            object: None,
+            entries: Vec::new(),
+            last: true,
+            last_version: 0,
+            trim_upto: u64::MAX,
+            begin_backfill: true,
+        };
+        let mut b = Vec::new();
+        push.encode(&mut b);
+        assert_eq!(Push::decode(&b).unwrap(), push);
+        // Without the trailing fields (9 bytes), as an earlier build sent it.
+        let mut old = b[..b.len() - 9].to_vec();
+        let len = (old.len() - message::HEADER_BYTES) as u32;
+        old[4..8].copy_from_slice(&len.to_le_bytes());
+        let d = Push::decode(&old).unwrap();
+        assert_eq!((d.trim_upto, d.begin_backfill), (0, false));
+        // A backfill start with log entries is refused.
+        let e = [0u8; 30];
+        let bad = Push { entries: vec![(5, &e[..])], ..push };
+        let mut b = Vec::new();
+        bad.encode(&mut b);
+        assert!(Push::decode(&b).is_err());
     }
 
     #[test]

@@ -421,6 +421,15 @@ struct ShardPoller {
 }
 
 impl Poller for ShardPoller {
+    fn on_stop(&mut self) {
+        let shard = self.shard.shard_id();
+        if let Err(e) = self.shard.checkpoint_for_stop(&mut |_| {}) {
+            tracing::warn!(
+                "shard {shard}: no checkpoint at stop ({e}); the journal is replayed at the next start"
+            );
+        }
+    }
+
     fn name(&self) -> &'static str {
         "store-shard"
     }

@@ -67,6 +67,7 @@ use sluice_vocab::{CoreId, MonoTime};
 
 use crate::peers::{self, Peers, Received};
 
+mod backfill;
 mod lease;
 mod peering;
 mod scrub;
@@ -261,6 +262,13 @@ struct Pg {
     /// restarts).
     scrub_stamp: MonoTime,
     deep_scrub_stamp: MonoTime,
+    /// As primary: replicas being backfilled alongside writes, and writes waiting for
+    /// an object being copied to one (the `backfill` module).
+    backfills: BTreeMap<OsdId, backfill::Backfill>,
+    backfill_held: Vec<(String, Origin, Vec<u8>)>,
+    /// As member: backfilled by the primary (its writes are applied without logging
+    /// them, the version stays 0, until the closing log push).
+    backfilling: bool,
     /// As primary: objects with writes not yet committed on every acting member (in
     /// flight or parked), with how many; reads of them wait (never see a value that a
     /// failure could still roll back).
@@ -270,7 +278,7 @@ struct Pg {
 impl Pg {
     /// Drops the log entries up to and including `upto` (and their request ids).
     fn trim_log(&mut self, upto: u64) {
-        let kept = self.log.split_off(&(upto + 1));
+        let kept = upto.checked_add(1).map_or_else(BTreeMap::new, |k| self.log.split_off(&k));
         for (v, l) in std::mem::replace(&mut self.log, kept) {
             if self.done.get(&l.reqid) == Some(&v) {
                 self.done.remove(&l.reqid);
@@ -300,6 +308,8 @@ enum Kind {
         version: u64,
         created: bool,
         logged: Logged,
+        /// Logged (false: applied while this replica is backfilled).
+        logged_here: bool,
     },
     /// Recovery reading an object to push (size, xattrs, then data piece by piece).
     RecoveryRead {
@@ -313,6 +323,8 @@ enum Kind {
     PushApply {
         pg: PgId,
         epoch: u64,
+        /// The object pushed (`None`: log entries only).
+        object: Option<String>,
         entries: Vec<(u64, Logged)>,
         version: Option<u64>,
         /// Log entries up to this went first (0: none).
@@ -368,6 +380,8 @@ struct WriteState {
     replica_error: Option<(Status, String)>,
     /// The map epoch it was sent at (a member that booted later lost it).
     sent_epoch: u64,
+    /// Backfill targets it was sent to: their acknowledgement is not a copy.
+    partial: Vec<OsdId>,
 }
 
 #[derive(Debug)]
@@ -713,6 +727,19 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         "osd-core"
     }
 
+    /// A clean stop checkpoints the shard (see [`Shard::checkpoint_for_stop`]); what
+    /// finishes meanwhile is not answered (clients resend to the next primary, and a
+    /// write that became durable here is recognised by its request id).
+    fn on_stop(&mut self) {
+        let shard = self.c.shard.shard_id();
+        match self.c.shard.checkpoint_for_stop(&mut |_| {}) {
+            Ok(()) => tracing::info!("shard {shard}: checkpoint written for a clean stop"),
+            Err(e) => tracing::warn!(
+                "shard {shard}: no checkpoint at stop ({e}); the journal is replayed at the next start"
+            ),
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> PollResult {
         let now = cx.now;
         self.last_now = now;
@@ -835,6 +862,7 @@ impl<D: BlockDevice> Poller for OsdCore<D> {
         if now.saturating_sub(self.last_scrub_check) >= Duration::from_secs(1) {
             self.last_scrub_check = now;
             self.c.periodic_scrubs();
+            self.c.resume_backfills();
         }
         if now.saturating_sub(self.last_expire) > Duration::from_secs(10) {
             self.last_expire = now;
@@ -1286,14 +1314,35 @@ impl<D: BlockDevice> Core<D> {
             return self.error(origin, req.tid, Status::NotFound, "no such object");
         }
         debug_assert!(self.pgs[&pgid].peering.is_none(), "writes wait while a PG peers");
-        // Members recovery could not bring up to date are not copies (backfill).
-        let behind = &self.pgs[&pgid].behind;
-        let acting: Vec<OsdId> = acting.iter().copied().filter(|o| !behind.contains(o)).collect();
-        if acting.len() < min_size {
+        // Members recovery could not bring up to date are not copies; members being
+        // backfilled are not either, but get the writes to objects they have (the
+        // `backfill` module).
+        let pg = &self.pgs[&pgid];
+        let mut partial = Vec::new();
+        for (osd, b) in &pg.backfills {
+            match b.for_write(req.object) {
+                backfill::ForTarget::Send => partial.push(*osd),
+                backfill::ForTarget::Skip => {}
+                backfill::ForTarget::Wait => {
+                    return self.hold_for_backfill(pgid, origin, req, payload);
+                }
+            }
+        }
+        let copies = acting
+            .iter()
+            .filter(|o| !pg.behind.contains(o) && !pg.backfills.contains_key(o))
+            .count();
+        let acting: Vec<OsdId> = acting
+            .iter()
+            .copied()
+            .filter(|o| {
+                !pg.behind.contains(o) && (!pg.backfills.contains_key(o) || partial.contains(o))
+            })
+            .collect();
+        if copies < min_size {
             self.stats.below_min_size += 1;
             let m = format!(
-                "PG {pgid} has {} of min_size {min_size} OSDs up at epoch {}: writes wait",
-                acting.len(),
+                "PG {pgid} has {copies} of min_size {min_size} copies at epoch {}: writes wait",
                 view.map.epoch
             );
             return self.error(origin, req.tid, Status::Again, &m);
@@ -1318,6 +1367,7 @@ impl<D: BlockDevice> Core<D> {
             min_size,
             replica_error: None,
             sent_epoch: view.map.epoch,
+            partial,
         };
         let kind = Kind::Write(Box::new(state));
         let slot = self.ops.insert(Pending { origin, tid: req.tid, kind, dups: Vec::new() });
@@ -1480,8 +1530,13 @@ impl<D: BlockDevice> Core<D> {
                 }
             }
         }
+        let backfilling = !pg.backfills.is_empty();
         if freed && !pg.held.is_empty() {
             self.release_held(pgid);
+        }
+        if freed && backfilling {
+            // Objects skipped for their writes may be copied now.
+            self.backfill_more(pgid);
         }
     }
 
@@ -1526,6 +1581,34 @@ impl<D: BlockDevice> Core<D> {
             );
             return refuse(self, Status::Again, &m);
         }
+        if pg.backfilling {
+            // Backfilled alongside writes: applied, not logged (the `backfill` module).
+            let (mut txn, created, _, logged) =
+                write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(0));
+            txn.ops.retain(|o| !matches!(o, TxOp::PgLogAppend { .. }));
+            let kind = Kind::RepWrite {
+                pg: pgid,
+                version: op.version,
+                created,
+                logged,
+                logged_here: false,
+            };
+            let slot = self.ops.insert(Pending {
+                origin: Origin::Local(cookie),
+                tid: 0,
+                kind,
+                dups: Vec::new(),
+            });
+            if let Err(e) = self.shard.submit(txn, slot as u64) {
+                self.ops.remove(slot);
+                if created && let Some(pg) = self.pgs.get_mut(&pgid) {
+                    pg.exists = false;
+                }
+                return refuse(self, status_of(&e), &e.to_string());
+            }
+            self.pgs.get_mut(&pgid).expect("entered above").inflight.insert(reqid, slot);
+            return;
+        }
         if op.version <= pg.version {
             // Seen before: a resend after the primary's session was reset.
             if pg.done.get(&reqid) == Some(&op.version) {
@@ -1561,7 +1644,8 @@ impl<D: BlockDevice> Core<D> {
         }
         let (txn, created, _, logged) =
             write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(op.trim_upto));
-        let kind = Kind::RepWrite { pg: pgid, version: op.version, created, logged };
+        let kind =
+            Kind::RepWrite { pg: pgid, version: op.version, created, logged, logged_here: true };
         let slot = self.ops.insert(Pending {
             origin: Origin::Local(cookie),
             tid: 0,
@@ -1693,7 +1777,9 @@ impl<D: BlockDevice> Core<D> {
                 continue;
             }
             if r.status == Status::Ok {
-                w.acked += 1;
+                if !w.partial.contains(&m.from) {
+                    w.acked += 1;
+                }
             } else {
                 tracing::warn!("PG {pgid} v{}: {} refused it: {}", r.version, m.from, r.message);
                 if w.replica_error.is_none() {
@@ -1805,20 +1891,22 @@ impl<D: BlockDevice> Core<D> {
                 | Kind::ScrubRead { .. },
                 _,
             ) => unreachable!("handled above"),
-            (Kind::RepWrite { pg, version, created, logged }, r) => {
+            (Kind::RepWrite { pg, version, created, logged, logged_here }, r) => {
                 let st = self.pgs.get_mut(&pg).expect("a PG with writes in flight stays");
                 st.inflight.remove(&logged.reqid);
                 let (status, m) = match r {
                     Ok(_) => {
                         self.stats.rep_applied += 1;
-                        st.insert_log(version, logged);
+                        if logged_here {
+                            st.insert_log(version, logged);
+                        }
                         (Status::Ok, String::new())
                     }
                     Err(e) => {
                         if created || matches!(e, StoreError::NotFound(Missing::Collection(_))) {
                             st.exists = false;
                         }
-                        if st.version == version {
+                        if logged_here && st.version == version {
                             // Not in the log here: a resend of it may take the version.
                             st.version -= 1;
                         }

@@ -30,21 +30,19 @@
 //!
 //! **Backfill.** A member whose last version is older than the start of the
 //! authoritative log (trimmed to `osd_pg_log_keep` entries), or new to the PG, cannot
-//! be recovered from the log: the objects it lacks need not be named in it. The PG is
-//! `backfilling`: the primary lists the objects of that member and its own (a shallow
-//! scrub map each, [`rep::Scrub`]) and pushes every object of either list (those the
-//! primary lacks are pushed as deleted), then its whole log, with the member's older
-//! entries trimmed ([`Push::trim_upto`]). A primary that is itself behind pulls every
-//! object of the member with the authoritative log and of its own list the same way.
-//! Ops wait meanwhile, as for log-based recovery. A backfill cut short (a restart, a
-//! new interval) leaves the member's old log, so the next peering backfills it again.
+//! be recovered from the log: the objects it lacks need not be named in it. The primary
+//! lists the objects of that member and its own (a shallow scrub map each,
+//! [`rep::Scrub`]); a replica is then sent [`Push::begin_backfill`] and copied alongside
+//! writes once the PG is active (the `backfill` module). A primary that is itself behind
+//! pulls every object of the member with the authoritative log and of its own list
+//! here, with ops held, then that member's log with its own older entries trimmed.
 //!
 //! **Throttle.** A core copies at most its share of `osd_recovery_max_active` objects
 //! at once over all its PGs (and [`MAX_PUSHES_PER_PEER`] per PG and member); PGs that
 //! wait for a slot are `recovery_wait` / `backfill_wait`.
 //!
-//! **Not built yet** (issue 7): backfill alongside writes (Ceph's `last_backfill`),
-//! members of prior intervals outside the acting set.
+//! **Not built yet** (issue 7): a temporary primary while a new primary is backfilled
+//! (Ceph's `pg_temp`), members of prior intervals outside the acting set.
 
 use std::collections::BTreeSet;
 
@@ -108,6 +106,9 @@ pub(crate) struct Peering {
     /// authoritative log's start, so every object is copied, not only those the log
     /// names.
     backfill: Vec<OsdId>,
+    /// Replicas to backfill alongside writes once the PG is active, with the objects
+    /// to copy (the `backfill` module).
+    backfill_pending: BTreeMap<OsdId, BTreeSet<String>>,
     /// The read leases the members (this OSD included) granted, as their answers bound
     /// them, with their holders; and, once recovered, until when the PG must wait for
     /// them: the leases of members that answered (they stopped their reads when asked)
@@ -181,6 +182,9 @@ struct Target {
     entries: Vec<(u64, Logged)>,
     /// The member's log entries up to this go first (a backfill).
     trim_upto: u64,
+    /// The log push is a backfill's start ([`Push::begin_backfill`]): the objects
+    /// follow once the PG is active.
+    begin: bool,
     log_sent: bool,
     done: bool,
 }
@@ -227,7 +231,7 @@ impl ReadStage {
 }
 
 /// Log entries in pieces of at most [`LOG_PIECE`] (at least one piece, maybe empty).
-fn log_pieces(entries: Vec<(u64, Logged)>) -> Vec<Vec<(u64, Logged)>> {
+pub(super) fn log_pieces(entries: Vec<(u64, Logged)>) -> Vec<Vec<(u64, Logged)>> {
     if entries.is_empty() {
         return vec![Vec::new()];
     }
@@ -246,6 +250,8 @@ pub(crate) enum PushTo {
     Peer(OsdId),
     /// The primary that pulled it, on this server's session.
     Session(u64),
+    /// A replica backfilled alongside writes (the `backfill` module).
+    Backfill(OsdId),
 }
 
 /// The newest real entry (rolled-back markers do not count), as (epoch, version).
@@ -351,11 +357,13 @@ impl<D: BlockDevice> Core<D> {
                 pg.want_scrub = None;
                 pg.scrub = None;
                 pg.repair.clear();
+                pg.backfills.clear();
                 if pg.peering.take().is_some() {
                     tracing::info!("PG {pgid}: no longer its primary; peering stopped");
                 }
                 self.answer_parked(pgid, true);
                 self.release_held(pgid);
+                self.release_backfill_held(pgid);
             }
         }
         // PGs of pools that are gone.
@@ -486,6 +494,14 @@ impl<D: BlockDevice> Core<D> {
             return;
         }
         pg.want_peer = false;
+        if !pg.backfills.is_empty() {
+            // A new interval starts them again (the targets report version 0).
+            tracing::info!(
+                "PG {pgid}: backfills of {:?} stopped by a new interval",
+                pg.backfills.keys()
+            );
+            pg.backfills.clear();
+        }
         // Replicated writes of older intervals are refused from now on.
         pg.interval_epoch = pg.interval_epoch.max(epoch);
         let replicas: Vec<OsdId> = acting[1..].to_vec();
@@ -508,10 +524,13 @@ impl<D: BlockDevice> Core<D> {
             phase: Phase::GetInfo,
             behind: Vec::new(),
             backfill: Vec::new(),
+            backfill_pending: BTreeMap::new(),
             prior_leases,
             prior_readable: MonoTime::ZERO,
         }));
         self.pg_dirty = true;
+        // Writes that waited for a backfill copy now wait for the peering.
+        self.release_backfill_held(pgid);
         if replicas.is_empty() {
             return self.choose(pgid);
         }
@@ -545,6 +564,8 @@ impl<D: BlockDevice> Core<D> {
             self.answer_query(cookie, q);
         }
         self.maybe_start_scrub(pgid);
+        // A backfill closing waits for no writes in flight.
+        self.backfill_more(pgid);
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         if pg.want_peer
             && let Some(view) = self.view.clone()
@@ -745,7 +766,9 @@ impl<D: BlockDevice> Core<D> {
             let n = pieces.len();
             for (i, piece) in pieces.into_iter().enumerate() {
                 let trim = if i == 0 { trim } else { 0 };
-                self.apply_push(pgid, epoch, None, piece, i + 1 == n, version, trim, None);
+                let last = i + 1 == n;
+                let set = last.then_some(version);
+                self.apply_push(pgid, epoch, None, piece, last, set, trim, None);
             }
             return;
         }
@@ -798,6 +821,7 @@ impl<D: BlockDevice> Core<D> {
                             in_flight: 0,
                             entries,
                             trim_upto,
+                            begin: false,
                             log_sent: false,
                             done: false,
                         },
@@ -910,14 +934,22 @@ impl<D: BlockDevice> Core<D> {
                 self.pull_more(pgid);
             }
             None => {
+                // The replica starts over (its log goes) and gets every object of either
+                // list, alongside writes, once the PG is active (the `backfill` module).
                 for (osd, theirs) in names {
                     let t = push.get_mut(&osd).expect("a backfill target has a target");
                     let mut objects: BTreeSet<String> =
                         std::mem::take(&mut t.objects).into_iter().collect();
                     objects.extend(mine.iter().cloned());
                     objects.extend(theirs);
-                    tracing::info!("PG {pgid}: backfilling {osd}: {} object(s)", objects.len());
-                    t.objects = objects.into_iter().collect();
+                    tracing::info!(
+                        "PG {pgid}: backfilling {osd}: {} object(s), alongside writes",
+                        objects.len()
+                    );
+                    t.entries.clear();
+                    t.trim_upto = u64::MAX;
+                    t.begin = true;
+                    p.backfill_pending.insert(osd, objects);
                 }
                 p.phase = Phase::Push(push);
                 self.push_more(pgid);
@@ -952,14 +984,14 @@ impl<D: BlockDevice> Core<D> {
             starved |= !t.objects.is_empty() && room == 0;
             if t.objects.is_empty() && t.in_flight == 0 && !t.log_sent {
                 t.log_sent = true;
-                logs.push((*osd, std::mem::take(&mut t.entries), t.trim_upto));
+                logs.push((*osd, std::mem::take(&mut t.entries), t.trim_upto, t.begin));
             }
         }
         let all_done = targets.values().all(|t| t.done);
         if starved {
             self.recovery_queue.push_back(pgid); // a slot frees when an object is done
         }
-        for (osd, entries, trim_upto) in logs {
+        for (osd, entries, trim_upto, begin) in logs {
             let pieces = log_pieces(entries);
             let n = pieces.len();
             for (i, piece) in pieces.into_iter().enumerate() {
@@ -972,8 +1004,9 @@ impl<D: BlockDevice> Core<D> {
                     object: None,
                     entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
                     last: i + 1 == n,
-                    last_version: version,
+                    last_version: if begin { 0 } else { version },
                     trim_upto: if i == 0 { trim_upto } else { 0 },
+                    begin_backfill: begin,
                 };
                 let mut b = Vec::new();
                 push.encode(&mut b);
@@ -1036,10 +1069,16 @@ impl<D: BlockDevice> Core<D> {
             .as_ref()
             .and_then(|v| v.map.pools.get(&pgid.pool))
             .map_or(usize::MAX, |pool| usize::from(pool.min_size));
-        // Members left behind are not copies.
-        let enough = p.acting.len().saturating_sub(p.behind.len()) >= min_size;
+        // Members left behind, and those being backfilled, are not copies.
+        let copies = p.acting.len().saturating_sub(p.behind.len() + p.backfill_pending.len());
+        let enough = copies >= min_size;
         pg.active_with = Some(p.interval);
         pg.behind = p.behind;
+        for (osd, pending) in p.backfill_pending {
+            if !pg.behind.contains(&osd) {
+                pg.backfills.insert(osd, backfill::Backfill::new(p.epoch, pending));
+            }
+        }
         // Periodic scrubs count from when this OSD first leads the PG.
         let mono = self.now;
         if pg.scrub_stamp == MonoTime::ZERO {
@@ -1057,6 +1096,7 @@ impl<D: BlockDevice> Core<D> {
         // Reads wait for the first lease round (writes go on meanwhile).
         self.lease_round(vec![(pgid, p.acting)]);
         self.release_held(pgid);
+        self.backfill_more(pgid);
         // A scrub asked for meanwhile (or the one that checks a repair) holds new writes.
         self.maybe_start_scrub(pgid);
     }
@@ -1105,7 +1145,7 @@ impl<D: BlockDevice> Core<D> {
     pub(super) fn on_push_ack(&mut self, from: OsdId, r: RepReply<'_>) {
         let pgid = PgId { pool: PoolId(r.pool), pg: r.pg };
         let Some(p) = self.pgs.get_mut(&pgid).and_then(|pg| pg.peering.as_mut()) else {
-            return;
+            return self.on_backfill_ack(from, r);
         };
         if p.epoch != r.version {
             return; // an earlier peering's
@@ -1129,17 +1169,20 @@ impl<D: BlockDevice> Core<D> {
 
     /// Objects recovery may start copying now on this core: its share of
     /// `osd_recovery_max_active` less those in flight over all its PGs.
-    fn recovery_room(&self) -> usize {
+    pub(super) fn recovery_room(&self) -> usize {
         let max = self.view.as_ref().map_or(8, |v| v.tuning.recovery_max_active);
         let cap = (max / self.cores.max(1)).max(1);
         let busy: usize = self
             .pgs
             .values()
-            .filter_map(|pg| pg.peering.as_ref())
-            .map(|p| match &p.phase {
-                Phase::Pull { in_flight, .. } => *in_flight,
-                Phase::Push(t) => t.values().map(|t| t.in_flight).sum(),
-                _ => 0,
+            .map(|pg| {
+                let backfills: usize = pg.backfills.values().map(|b| b.in_flight.len()).sum();
+                backfills
+                    + pg.peering.as_ref().map_or(0, |p| match &p.phase {
+                        Phase::Pull { in_flight, .. } => *in_flight,
+                        Phase::Push(t) => t.values().map(|t| t.in_flight).sum(),
+                        _ => 0,
+                    })
             })
             .sum();
         cap.saturating_sub(busy)
@@ -1150,9 +1193,11 @@ impl<D: BlockDevice> Core<D> {
         while self.recovery_room() > 0
             && let Some(pgid) = self.recovery_queue.pop_front()
         {
-            match self.pgs.get(&pgid).and_then(|pg| pg.peering.as_ref()).map(|p| &p.phase) {
+            let Some(pg) = self.pgs.get(&pgid) else { continue };
+            match pg.peering.as_ref().map(|p| &p.phase) {
                 Some(Phase::Pull { .. }) => self.pull_more(pgid),
                 Some(Phase::Push(_)) => self.push_more(pgid),
+                None if !pg.backfills.is_empty() => self.backfill_more(pgid),
                 _ => {}
             }
         }
@@ -1197,6 +1242,15 @@ impl<D: BlockDevice> Core<D> {
             if !current.is_some_and(|p| p.epoch == epoch && matches!(p.phase, Phase::Push(_))) {
                 return tracing::debug!("PG {pgid}: a recovery read of an earlier peering");
             }
+        }
+        if let PushTo::Backfill(osd) = to
+            && !self.pgs.get(&pgid).is_some_and(|pg| {
+                pg.backfills
+                    .get(&osd)
+                    .is_some_and(|b| b.epoch == epoch && b.in_flight.contains(&object))
+            })
+        {
+            return tracing::debug!("PG {pgid}: a backfill read of an earlier interval");
         }
         let chunk = |offset: u64, size: u64| (size - offset).min(PUSH_CHUNK_BYTES as u64);
         let (size, offset, data, xattrs) = match (stage, result) {
@@ -1259,9 +1313,10 @@ impl<D: BlockDevice> Core<D> {
             last: false,
             last_version: 0,
             trim_upto: 0,
+            begin_backfill: false,
         };
         match to {
-            PushTo::Peer(osd) => {
+            PushTo::Peer(osd) | PushTo::Backfill(osd) => {
                 let mut b = Vec::with_capacity(data.len() + 256);
                 push.encode(&mut b);
                 self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
@@ -1287,6 +1342,9 @@ impl<D: BlockDevice> Core<D> {
                 }
                 self.push_more(pgid);
                 self.kick_recovery();
+            }
+            PushTo::Backfill(osd) => {
+                self.backfill_failed(pgid, osd, &format!("reading {object}: {why}"))
             }
             PushTo::Session(cookie) => {
                 let m = format!("reading {object}: {why}");
@@ -1357,7 +1415,25 @@ impl<D: BlockDevice> Core<D> {
             }
         }
         let (last, version, trim) = (push.last, push.last_version, push.trim_upto);
-        self.apply_push(pgid, push.epoch, object, entries, last, version, trim, reply);
+        let mut set_version = (object.is_none() && last).then_some(version);
+        if reply.is_some() {
+            let pg = self.pgs.entry(pgid).or_default();
+            if push.begin_backfill {
+                // From now on the primary's writes are applied here without logging
+                // them, until the closing log push (the `backfill` module).
+                tracing::info!("PG {pgid}: backfilled by the primary from epoch {}", push.epoch);
+                pg.backfilling = true;
+                pg.version = 0;
+            } else if set_version.is_some() && pg.backfilling {
+                // The closing log push: the writes that follow it are logged again, at
+                // versions after this one (they may reach this core before the push is
+                // durable, so the version is set now, never set back).
+                pg.backfilling = false;
+                pg.version = version;
+                set_version = None;
+            }
+        }
+        self.apply_push(pgid, push.epoch, object, entries, last, set_version, trim, reply);
     }
 
     /// One transaction: a piece of an object's state and/or log entries (and the
@@ -1370,7 +1446,7 @@ impl<D: BlockDevice> Core<D> {
         object: Option<PushedPiece>,
         entries: Vec<(u64, Logged)>,
         last: bool,
-        version: u64,
+        set_version: Option<u64>,
         trim_upto: u64,
         reply: Option<u64>,
     ) {
@@ -1384,10 +1460,11 @@ impl<D: BlockDevice> Core<D> {
         }
         // Only the last piece of an object, or of the log, is answered (and a failure).
         let mut answer = last;
-        let log_push = object.is_none();
+        let mut pushed = None;
         if let Some(p) = object {
             answer = p.last;
             let name = p.name;
+            pushed = Some(name.clone());
             if p.offset == 0 {
                 // Whatever was there goes: the pushed state is the whole object.
                 txn.ops.push(TxOp::Touch { coll, name: name.clone() });
@@ -1409,10 +1486,10 @@ impl<D: BlockDevice> Core<D> {
         for (v, l) in &entries {
             txn.ops.push(TxOp::PgLogAppend { coll, key: *v, entry: l.entry().encode() });
         }
-        let set_version = (log_push && last).then_some(version);
         let kind = Kind::PushApply {
             pg: pgid,
             epoch,
+            object: pushed,
             entries,
             version: set_version,
             trim_upto,
@@ -1437,6 +1514,7 @@ impl<D: BlockDevice> Core<D> {
         let Kind::PushApply {
             pg: pgid,
             epoch,
+            object,
             entries,
             version,
             trim_upto,
@@ -1470,8 +1548,10 @@ impl<D: BlockDevice> Core<D> {
         match reply {
             Some(_) if !answer && result.is_ok() => {}
             Some(cookie) => {
+                // An object's acknowledgement names it (a backfill's primary tracks
+                // each object it copies alongside writes).
                 let (status, m) = match &result {
-                    Ok(()) => (Status::Ok, String::new()),
+                    Ok(()) => (Status::Ok, object.unwrap_or_default()),
                     Err(e) => (status_of(e), e.to_string()),
                 };
                 let r = RepReply {
@@ -1549,7 +1629,7 @@ impl<D: BlockDevice> Core<D> {
             let interval = interval_of(&view.map, &acting);
             let active = pg
                 .is_some_and(|p| p.active_with.as_ref() == Some(&interval) && p.peering.is_none());
-            let behind_n = pg.map_or(0, |p| p.behind.len());
+            let behind_n = pg.map_or(0, |p| p.behind.len() + p.backfills.len());
             let behind = behind_n > 0;
             let mut state = Vec::new();
             let mut recovering = 0;
@@ -1561,6 +1641,11 @@ impl<D: BlockDevice> Core<D> {
                     state.push(if ok { "active" } else { "peered" });
                     if ok && pg.is_some_and(|p| p.readable_until <= self.now) {
                         state.push("laggy"); // reads wait for a lease round
+                    }
+                    if let Some(p) = pg.filter(|p| !p.backfills.is_empty()) {
+                        let copying = p.backfills.values().any(|b| !b.in_flight.is_empty());
+                        state.push(if copying { "backfilling" } else { "backfill_wait" });
+                        recovering = p.backfills.values().map(|b| b.left()).sum();
                     }
                 }
                 Some(p) => {

@@ -219,7 +219,7 @@ impl<D: BlockDevice> Core<D> {
             .expect("checked above")
             .iter()
             .map(|(o, _)| *o)
-            .filter(|o| !pg.behind.contains(o))
+            .filter(|o| !pg.behind.contains(o) && !pg.backfills.contains_key(o))
             .collect();
         self.next_scrub_id += 1;
         let id = self.next_scrub_id;

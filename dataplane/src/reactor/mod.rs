@@ -78,6 +78,10 @@ pub trait Poller {
     /// The reactor woke up: disarm notifications.
     fn after_park(&mut self) {}
 
+    /// The reactor stops (its thread ends after this): finish what must not be lost
+    /// or left ambiguous, blocking if need be.
+    fn on_stop(&mut self) {}
+
     /// How many device commands this poller has in flight (completions will come). A
     /// parked reactor is woken through the kernel (tens of microseconds here), usually
     /// later than a device answers, so a reactor keeps polling for [`PollMode::Park`]'s
@@ -227,6 +231,13 @@ impl Reactor {
     /// Device commands in flight over all pollers.
     pub fn device_in_flight(&self) -> usize {
         self.pollers.iter().map(|p| p.device_in_flight()).sum()
+    }
+
+    /// The reactor stops: every poller's [`Poller::on_stop`].
+    pub fn stop_pollers(&mut self) {
+        for p in &mut self.pollers {
+            p.on_stop();
+        }
     }
 
     /// Sleeps until a poller fd, the wake eventfd or the next timer fires, or `max_wait`

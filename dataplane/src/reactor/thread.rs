@@ -170,6 +170,7 @@ fn run(reactor: &mut Reactor, mode: PollMode, stop: &AtomicBool, shared: &Shared
             }
         }
     }
+    reactor.stop_pollers();
     shared.publish(reactor.stats_mut());
 }
 

@@ -22,7 +22,12 @@
 //! **Recovery** ([`mount`]): superblock (two slots), checkpoint, then the journal after
 //! it, stopping at a torn tail; corruption anywhere else stops the mount with the device,
 //! structure and offset, after bounded retries. A mount never writes before it has read
-//! everything; then it writes a new checkpoint so a torn tail is never continued.
+//! everything; then it writes a new checkpoint so a torn tail is never continued. A
+//! clean stop writes a checkpoint too ([`Shard::checkpoint_for_stop`]): the newest
+//! batch, which on disk cannot be told from a torn one, is then behind the checkpoint,
+//! so a block of it that rots while the store is stopped is a corrupt read (found by
+//! scrub, repaired from a replica), not a tail cut off at the next mount with every
+//! record after it. After a crash the newest batch stays ambiguous by nature.
 //!
 //! **Space.** The log fills segments; checkpoints of the index let the cleaner reclaim
 //! segments entirely behind the checkpoint, choosing those with the least live data and

@@ -461,6 +461,44 @@ impl<D: BlockDevice> Shard<D> {
         self.dev
     }
 
+    /// For a clean stop (blocking: the reactor is done serving): lets the work under way
+    /// finish, then writes a checkpoint of everything, so the next mount replays no
+    /// journal. A block of the newest batch that rots while the OSD is stopped is then
+    /// a corrupt block that reads report and scrub finds, not a torn tail that replay
+    /// would cut off with every record after it. Events produced meanwhile go to
+    /// `sink`. An error (the checkpoint failed, or found no room) is returned; the
+    /// journal still holds everything then.
+    pub fn checkpoint_for_stop(
+        &mut self,
+        sink: &mut dyn FnMut(StoreEvent),
+    ) -> Result<(), StoreError> {
+        let settle = |sh: &mut Self, sink: &mut dyn FnMut(StoreEvent)| {
+            let mut idle = 0u64;
+            while !sh.is_idle() && sh.failed.is_none() {
+                if !sh.poll(sink) {
+                    idle += 1;
+                    if idle.is_multiple_of(1024) {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        };
+        settle(self, sink);
+        if let Some(e) = self.failed {
+            return Err(StoreError::Failed(e));
+        }
+        let before = self.stats.checkpoints;
+        self.request_checkpoint();
+        settle(self, sink);
+        if let Some(e) = self.failed {
+            return Err(StoreError::Failed(e));
+        }
+        if self.stats.checkpoints == before {
+            return Err(StoreError::NoSpace);
+        }
+        Ok(())
+    }
+
     /// Nothing queued, staged, in flight or waiting.
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty()
@@ -1309,6 +1347,67 @@ mod tests {
         let busy = (0..10_000).filter(|_| s.poll(&mut |_| {})).count();
         assert!(busy < 100, "{busy} of 10000 idle polls were busy");
         assert!(!s.checkpoint_running());
+    }
+
+    /// A clean stop's checkpoint leaves no journal to replay: the next mount reads the
+    /// data from the checkpoint's index (so a block that rots meanwhile is a corrupt
+    /// read, never a torn tail cut off). Without room it says so.
+    #[test]
+    fn a_checkpoint_for_stop_makes_a_rotten_newest_block_a_corrupt_read() {
+        let mut s = shard();
+        for i in 0..20 {
+            let op =
+                TxOp::WriteFull { coll: CollId(1), name: format!("o{i}"), data: vec![i; 9000] };
+            s.submit(Transaction { ops: vec![op] }, u64::from(i)).unwrap();
+        }
+        let mut done = 0;
+        s.checkpoint_for_stop(&mut |e| {
+            if let StoreEvent::Txn { result, .. } = e {
+                result.unwrap();
+                done += 1;
+            }
+        })
+        .unwrap();
+        assert_eq!(done, 20, "the writes under way finished first");
+        // The newest write's data rots while the store is stopped.
+        let dev = s.into_device();
+        let media = std::sync::Arc::clone(dev.media());
+        let mut rotten = 0;
+        let mut block = vec![0u8; BS];
+        for lba in 0..(16u64 << 20) / BS as u64 {
+            media.read(sluice_vocab::Lba(lba), &mut block);
+            if block.iter().all(|b| *b == 19) {
+                block[100] ^= 0xff;
+                media.write(sluice_vocab::Lba(lba), &block);
+                rotten += 1;
+            }
+        }
+        assert!(rotten > 0);
+        let mut s = Shard::open(dev, 0, StoreConfig::default()).unwrap();
+        let read = |s: &mut Shard<RamDevice>, name: &str| {
+            let q = crate::store::Query::Read {
+                coll: CollId(1),
+                name: name.into(),
+                offset: 0,
+                len: 9000,
+            };
+            crate::store::blocking::run_query(s, q)
+        };
+        match read(&mut s, "o7").unwrap() {
+            crate::store::Answer::Data(d) => assert_eq!(d.data(), &[7u8; 9000][..]),
+            other => panic!("{other:?}"),
+        }
+        // Not cut off with the journal's end: found, and reported corrupt.
+        let r = read(&mut s, "o19");
+        assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
+        // No room for a checkpoint: an error, and the journal keeps everything.
+        let held = s.st.space.available();
+        s.st.space.reserved += held;
+        let op = TxOp::WriteFull { coll: CollId(1), name: "late".into(), data: vec![1; 10] };
+        let r = s.checkpoint_for_stop(&mut |_| {});
+        assert!(r.is_err(), "{r:?}");
+        s.st.space.reserved -= held;
+        run_txn(&mut s, Transaction { ops: vec![op] }).unwrap();
     }
 
     /// A checkpoint that finds no room gives up once, and is not retried on every poll
