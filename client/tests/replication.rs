@@ -240,7 +240,7 @@ fn an_osd_killed_under_writes_recovers_from_the_log_after_restart() {
     // sluice-bench writes through all of it too (4 KiB objects of its own, QD 16); it
     // exits non-zero if any op failed.
     let report = c.path().join("bench.json");
-    let mut bench = std::process::Command::new(common::bin_dir().join("sluice-bench"))
+    let bench = std::process::Command::new(common::bin_dir().join("sluice-bench"))
         .args(["objects", "-c"])
         .arg(c.conf())
         .args(["--pool", "r", "--rw", "write", "--size", "4k", "--qd", "16", "--objects", "256"])

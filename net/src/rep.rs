@@ -300,11 +300,22 @@ pub struct Push<'a> {
     /// member keeps nothing older than the primary's log (a trailing field; absent in
     /// pushes of earlier builds).
     pub trim_upto: u64,
-    /// The start of a backfill alongside writes (with no object and no entries): the
-    /// member drops its whole log and, until a closing log push (`last`), applies the
-    /// primary's writes without logging them, so it reports version 0 and is backfilled
-    /// again if the backfill is cut short. A trailing field, like `trim_upto`.
-    pub begin_backfill: bool,
+    /// Its part in a backfill alongside writes (a trailing field, like `trim_upto`).
+    pub backfill: BackfillStep,
+}
+
+/// A push's part in a backfill alongside writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackfillStep {
+    None,
+    /// The start (no object, no entries): the member drops its whole log and, until the
+    /// closing log push, applies the primary's writes without logging them, so it
+    /// reports version 0 and is backfilled again if the backfill is cut short.
+    Begin,
+    /// A piece of the closing log push (no object; `last` on the last one): refused by
+    /// a member that is not being backfilled (it restarted since, so it may lack
+    /// writes the primary sent it).
+    Close,
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -581,7 +592,11 @@ impl<'a> Push<'a> {
         out.push(u8::from(self.last));
         out.extend_from_slice(&self.last_version.to_le_bytes());
         out.extend_from_slice(&self.trim_upto.to_le_bytes());
-        out.push(u8::from(self.begin_backfill));
+        out.push(match self.backfill {
+            BackfillStep::None => 0,
+            BackfillStep::Begin => 1,
+            BackfillStep::Close => 2,
+        });
         message::finish(out, m);
     }
 
@@ -636,11 +651,13 @@ impl<'a> Push<'a> {
         let last = d.u8()? != 0;
         let last_version = d.u64()?;
         let trim_upto = if d.0.remaining() >= 8 { d.u64()? } else { 0 };
-        let begin_backfill = d.0.remaining() >= 1 && d.u8()? != 0;
-        if begin_backfill && (object.is_some() || !entries.is_empty()) {
-            return Err(DecodeError::Unknown { what: "backfill start with content", code: 1 });
-        }
-        Ok(Push { epoch, pool, pg, object, entries, last, last_version, trim_upto, begin_backfill })
+        let backfill = match if d.0.remaining() >= 1 { d.u8()? } else { 0 } {
+            0 => BackfillStep::None,
+            1 if object.is_none() && entries.is_empty() => BackfillStep::Begin,
+            2 if object.is_none() => BackfillStep::Close,
+            c => return Err(DecodeError::Unknown { what: "backfill step", code: u32::from(c) }),
+        };
+        Ok(Push { epoch, pool, pg, object, entries, last, last_version, trim_upto, backfill })
     }
 }
 
@@ -746,7 +763,7 @@ mod tests {
             let entries: Vec<(u64, &[u8])> = entries.into_iter().map(|(v, e)| (v | 1, e)).collect();
             let push = Push {
                 epoch, pool, pg, object, entries, last: exists, last_version: last, trim_upto: last / 3,
-                begin_backfill: false,
+                backfill: if with_object { BackfillStep::None } else if exists { BackfillStep::Close } else { BackfillStep::None },
             };
             push.encode(all.push_get());
             prop_assert_eq!(Push::decode(all.last().unwrap()).unwrap(), push);
@@ -826,7 +843,7 @@ mod tests {
             last: true,
             last_version: 0,
             trim_upto: u64::MAX,
-            begin_backfill: true,
+            backfill: BackfillStep::Begin,
         };
         let mut b = Vec::new();
         push.encode(&mut b);
@@ -836,10 +853,28 @@ mod tests {
         let len = (old.len() - message::HEADER_BYTES) as u32;
         old[4..8].copy_from_slice(&len.to_le_bytes());
         let d = Push::decode(&old).unwrap();
-        assert_eq!((d.trim_upto, d.begin_backfill), (0, false));
-        // A backfill start with log entries is refused.
+        assert_eq!((d.trim_upto, d.backfill), (0, BackfillStep::None));
+        // A backfill start with log entries is refused, and so is a closing log piece
+        // with an object; a closing piece with entries is fine.
         let e = [0u8; 30];
-        let bad = Push { entries: vec![(5, &e[..])], ..push };
+        let bad = Push { entries: vec![(5, &e[..])], ..push.clone() };
+        let mut b = Vec::new();
+        bad.encode(&mut b);
+        assert!(Push::decode(&b).is_err());
+        let close =
+            Push { entries: vec![(5, &e[..])], backfill: BackfillStep::Close, ..push.clone() };
+        let mut b = Vec::new();
+        close.encode(&mut b);
+        assert_eq!(Push::decode(&b).unwrap(), close);
+        let object = ObjectState {
+            name: "x",
+            exists: false,
+            size: 0,
+            offset: 0,
+            data: &[],
+            xattrs: Vec::new(),
+        };
+        let bad = Push { object: Some(object), backfill: BackfillStep::Close, ..push };
         let mut b = Vec::new();
         bad.encode(&mut b);
         assert!(Push::decode(&b).is_err());

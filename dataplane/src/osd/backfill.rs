@@ -2,7 +2,7 @@
 //!
 //! **Start** (peering, `peering.rs`): a replica whose last version is older than the
 //! start of the primary's log (or new to the PG) is listed, as the primary is (shallow
-//! scrub maps), and sent a [`Push::begin_backfill`]: it drops its whole log and from then
+//! scrub maps), and sent a [`BackfillStep::Begin`] push: it drops its whole log and from then
 //! on applies the primary's writes without logging them, so its version stays 0 and a
 //! backfill cut short (a restart, a new interval) starts over. The PG then goes active
 //! with the replica as a *backfill target*: not a copy (not counted for `min_size`, its
@@ -16,20 +16,27 @@
 //! - already copied, or new, is sent (the target has the object's state).
 //!
 //! An object with writes in flight is not copied until they are done (the copy must
-//! read their result).
+//! read their result); new writes to it wait meanwhile, so a busy object is copied all
+//! the same. Writes parked for want of copies are in the object already and do not
+//! delay it. The target applies the writes in version order and takes an older version
+//! for a resend (after a session reset), not a write.
 //!
 //! **Close.** With every object copied, new writes are held until those in flight are
-//! done, then the primary sends its whole log (the closing log push: the target sets its
-//! version to the primary's and logs writes again) and lets the writes go; they reach
-//! the target after the log, in order, on the same connection. Once the target
-//! acknowledges the log it is a copy: the PG is clean.
+//! done, then the primary sends its whole log (the closing log push,
+//! [`BackfillStep::Close`]: the target sets its version to the primary's and logs writes
+//! again) and lets the writes go; they reach the target after the log, in order, on the
+//! same connection. Once the target acknowledges the log it is a copy: the PG is clean,
+//! and parked writes are answered if that made enough copies. A target that restarted
+//! since the start refuses the closing log (it may have lost writes sent to the earlier
+//! process), and any new interval ends the backfills at once; either way it is
+//! backfilled again from the start.
 //!
 //! `osd_nobackfill` (central config) holds backfills (`backfill_wait`): nothing is
 //! copied while it is set; writes go on.
 
 use std::collections::BTreeSet;
 
-use sluice_net::rep::Push;
+use sluice_net::rep::{BackfillStep, Push};
 
 use super::peering::{MAX_PUSHES_PER_PEER, PushTo};
 use super::*;
@@ -46,6 +53,9 @@ pub(crate) struct Backfill {
     pub pending: BTreeSet<String>,
     /// Objects being copied (writes to them wait).
     pub in_flight: BTreeSet<String>,
+    /// Objects whose copy waits for their writes in flight: new writes to them wait,
+    /// so a busy object is copied all the same.
+    pub blocked: BTreeSet<String>,
     pub stage: Stage,
 }
 
@@ -71,11 +81,20 @@ pub(crate) enum ForTarget {
 
 impl Backfill {
     pub(crate) fn new(epoch: u64, pending: BTreeSet<String>) -> Backfill {
-        Backfill { epoch, pending, in_flight: BTreeSet::new(), stage: Stage::Copying }
+        Backfill {
+            epoch,
+            pending,
+            in_flight: BTreeSet::new(),
+            blocked: BTreeSet::new(),
+            stage: Stage::Copying,
+        }
     }
 
     pub(crate) fn for_write(&self, object: &str) -> ForTarget {
-        if self.stage == Stage::Closing || self.in_flight.contains(object) {
+        if self.stage == Stage::Closing
+            || self.in_flight.contains(object)
+            || self.blocked.contains(object)
+        {
             ForTarget::Wait
         } else if self.pending.contains(object) {
             ForTarget::Skip
@@ -95,26 +114,42 @@ impl<D: BlockDevice> Core<D> {
     /// copied (see the module documentation).
     pub(super) fn backfill_more(&mut self, pgid: PgId) {
         let Some(view) = self.view.clone() else { return };
+        let Some(pool) = view.map.pools.get(&pgid.pool) else { return };
+        let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
         let paused = view.tuning.nobackfill;
         let mut room = self.recovery_room();
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
-        if pg.peering.is_some() || pg.backfills.is_empty() {
-            return;
+        let current = pg
+            .active_with
+            .as_ref()
+            .is_some_and(|i| super::peering::is_interval(i, &view.map, &acting));
+        if pg.peering.is_some() || pg.backfills.is_empty() || !current {
+            return; // a new interval ends them (`peer_all`)
         }
         let mut reads = Vec::new();
         let mut starved = false;
         let mut logs = Vec::new();
         let writes_in_flight = !pg.inflight.is_empty();
-        for (osd, b) in pg.backfills.iter_mut() {
+        let Pg { backfills, writing, parked, .. } = pg;
+        // Writes parked (durable here, waiting for enough copies) are in the object:
+        // only those in flight must finish before it is copied.
+        let busy = |o: &str| {
+            let n = writing.get(o).copied().unwrap_or(0) as usize;
+            n > parked.iter().filter(|w| w.object == o).count()
+        };
+        for (osd, b) in backfills.iter_mut() {
             if b.stage == Stage::Copying && !paused {
                 let mut skipped = Vec::new();
                 while b.in_flight.len() < MAX_PUSHES_PER_PEER && room > 0 {
                     let Some(o) = b.pending.pop_first() else { break };
-                    if pg.writing.contains_key(&o) {
-                        skipped.push(o); // copied once its writes are done
+                    if busy(&o) {
+                        // Copied once its writes are done; new ones wait meanwhile.
+                        b.blocked.insert(o.clone());
+                        skipped.push(o);
                         continue;
                     }
                     room -= 1;
+                    b.blocked.remove(&o);
                     b.in_flight.insert(o.clone());
                     reads.push((*osd, o, b.epoch));
                 }
@@ -130,7 +165,7 @@ impl<D: BlockDevice> Core<D> {
                 logs.push((*osd, b.epoch));
             }
         }
-        if starved {
+        if starved && !self.recovery_queue.contains(&pgid) {
             self.recovery_queue.push_back(pgid);
         }
         if !logs.is_empty() {
@@ -153,7 +188,7 @@ impl<D: BlockDevice> Core<D> {
                         last: i + 1 == n,
                         last_version: version,
                         trim_upto: if i == 0 { trim_upto } else { 0 },
-                        begin_backfill: false,
+                        backfill: BackfillStep::Close,
                     };
                     let mut b = Vec::new();
                     push.encode(&mut b);
@@ -186,6 +221,10 @@ impl<D: BlockDevice> Core<D> {
                 pg.backfills.remove(&from);
                 self.pg_dirty = true;
                 tracing::info!("PG {pgid}: {from} backfilled");
+                // One more copy: writes parked for want of copies may be answered.
+                if !pg.parked.is_empty() && self.copies(pgid) >= self.min_size(pgid) {
+                    self.answer_parked(pgid, false);
+                }
             }
             return;
         }
@@ -203,6 +242,22 @@ impl<D: BlockDevice> Core<D> {
         }
         self.backfill_more(pgid);
         self.kick_recovery();
+    }
+
+    /// Acting members that are copies (not left behind, not being backfilled).
+    fn copies(&mut self, pgid: PgId) -> usize {
+        let Some(view) = self.view.clone() else { return 0 };
+        let Some(pool) = view.map.pools.get(&pgid.pool) else { return 0 };
+        let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
+        let Some(pg) = self.pgs.get(&pgid) else { return 0 };
+        acting.iter().filter(|o| !pg.behind.contains(o) && !pg.backfills.contains_key(o)).count()
+    }
+
+    fn min_size(&self, pgid: PgId) -> usize {
+        self.view
+            .as_ref()
+            .and_then(|v| v.map.pools.get(&pgid.pool))
+            .map_or(usize::MAX, |p| usize::from(p.min_size))
     }
 
     /// A backfill could not go on: the target stays behind (not a copy, not sent writes)

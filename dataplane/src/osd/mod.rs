@@ -267,8 +267,10 @@ struct Pg {
     backfills: BTreeMap<OsdId, backfill::Backfill>,
     backfill_held: Vec<(String, Origin, Vec<u8>)>,
     /// As member: backfilled by the primary (its writes are applied without logging
-    /// them, the version stays 0, until the closing log push).
+    /// them, the version stays 0, until the closing log push), and the newest version
+    /// applied so (a resend of an older one is not applied again).
     backfilling: bool,
+    backfill_applied: u64,
     /// As primary: objects with writes not yet committed on every acting member (in
     /// flight or parked), with how many; reads of them wait (never see a value that a
     /// failure could still roll back).
@@ -1583,6 +1585,18 @@ impl<D: BlockDevice> Core<D> {
         }
         if pg.backfilling {
             // Backfilled alongside writes: applied, not logged (the `backfill` module).
+            // Versions arrive in order (gaps are writes to objects not copied yet): an
+            // older one is a resend after a session reset.
+            if let Some(&slot) = pg.inflight.get(&reqid) {
+                self.stats.dedup_hits += 1;
+                self.ops[slot].dups.push((Origin::Local(cookie), 0));
+                return;
+            }
+            if op.version <= pg.backfill_applied {
+                self.stats.dedup_hits += 1;
+                return refuse(self, Status::Ok, "");
+            }
+            pg.backfill_applied = op.version;
             let (mut txn, created, _, logged) =
                 write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(0));
             txn.ops.retain(|o| !matches!(o, TxOp::PgLogAppend { .. }));

@@ -32,7 +32,7 @@
 //! authoritative log (trimmed to `osd_pg_log_keep` entries), or new to the PG, cannot
 //! be recovered from the log: the objects it lacks need not be named in it. The primary
 //! lists the objects of that member and its own (a shallow scrub map each,
-//! [`rep::Scrub`]); a replica is then sent [`Push::begin_backfill`] and copied alongside
+//! [`rep::Scrub`]); a replica is then sent [`rep::BackfillStep::Begin`] and copied alongside
 //! writes once the PG is active (the `backfill` module). A primary that is itself behind
 //! pulls every object of the member with the authoritative log and of its own list
 //! here, with ops held, then that member's log with its own older entries trimmed.
@@ -62,7 +62,7 @@ fn up_from(map: &OsdMap, o: OsdId) -> u64 {
 }
 
 /// Whether `interval` is `acting`'s in `map` (checked per op: no allocation).
-fn is_interval(interval: &Interval, map: &OsdMap, acting: &[OsdId]) -> bool {
+pub(super) fn is_interval(interval: &Interval, map: &OsdMap, acting: &[OsdId]) -> bool {
     interval.len() == acting.len()
         && interval.iter().zip(acting).all(|((o, u), a)| o == a && *u == up_from(map, *a))
 }
@@ -182,7 +182,7 @@ struct Target {
     entries: Vec<(u64, Logged)>,
     /// The member's log entries up to this go first (a backfill).
     trim_upto: u64,
-    /// The log push is a backfill's start ([`Push::begin_backfill`]): the objects
+    /// The log push is a backfill's start ([`rep::BackfillStep::Begin`]): the objects
     /// follow once the PG is active.
     begin: bool,
     log_sent: bool,
@@ -337,13 +337,20 @@ impl<D: BlockDevice> Core<D> {
         // States may change with any map (undersized, a new pool).
         self.pg_dirty = true;
         let mut start = Vec::new();
+        let mut ended = Vec::new();
         for (pgid, acting) in self.core_pgs(&view.map) {
             if acting.first() == Some(&view.me) {
                 let interval = interval_of(&view.map, &acting);
                 let pg = self.pgs.entry(pgid).or_default();
                 if pg.active_with.as_ref() != Some(&interval) {
-                    // Not active with this interval any more, even if it comes back.
+                    // Not active with this interval any more, even if it comes back; its
+                    // backfills end at once (a target that restarted may have lost
+                    // writes: it must not be sent the closing log before the peering).
                     pg.active_with = None;
+                    if !pg.backfills.is_empty() {
+                        pg.backfills.clear();
+                        ended.push(pgid);
+                    }
                 }
                 let same_peering = pg.peering.as_ref().is_some_and(|p| p.interval == interval);
                 if pg.active_with.is_none() && !same_peering {
@@ -372,7 +379,10 @@ impl<D: BlockDevice> Core<D> {
             .iter()
             .filter(|(id, pg)| {
                 !view.map.pools.contains_key(&id.pool)
-                    && (pg.peering.is_some() || !pg.held.is_empty())
+                    && (pg.peering.is_some()
+                        || !pg.held.is_empty()
+                        || !pg.backfills.is_empty()
+                        || !pg.backfill_held.is_empty())
             })
             .map(|(id, _)| *id)
             .collect();
@@ -380,7 +390,12 @@ impl<D: BlockDevice> Core<D> {
             let pg = self.pgs.get_mut(&pgid).expect("listed");
             pg.peering = None;
             pg.active_with = None;
+            pg.backfills.clear();
             self.release_held(pgid);
+            self.release_backfill_held(pgid);
+        }
+        for pgid in ended {
+            self.release_backfill_held(pgid);
         }
         for (pgid, acting) in start {
             self.start_peering(pgid, acting, view.map.epoch);
@@ -494,6 +509,8 @@ impl<D: BlockDevice> Core<D> {
             return;
         }
         pg.want_peer = false;
+        // Leading it now: a backfill this OSD was receiving is over (it recovers itself).
+        pg.backfilling = false;
         if !pg.backfills.is_empty() {
             // A new interval starts them again (the targets report version 0).
             tracing::info!(
@@ -591,6 +608,16 @@ impl<D: BlockDevice> Core<D> {
             pg.lease_waiting.clear();
         }
         pg.interval_epoch = pg.interval_epoch.max(q.epoch);
+        if pg.backfilling {
+            // A new interval: its primary decides afresh (this member reports version 0
+            // and an empty log, which is what it holds), and sends a new start if it
+            // backfills it; until then writes are checked and logged as usual.
+            tracing::info!(
+                "PG {pgid}: a backfill here ends with the interval of epoch {}",
+                q.epoch
+            );
+            pg.backfilling = false;
+        }
         if pg.inflight.is_empty() {
             self.answer_query(cookie, q);
         } else {
@@ -750,7 +777,7 @@ impl<D: BlockDevice> Core<D> {
             room -= 1;
             send.push(o);
         }
-        if !objects.is_empty() && room == 0 {
+        if !objects.is_empty() && room == 0 && !self.recovery_queue.contains(&pgid) {
             self.recovery_queue.push_back(pgid); // a slot frees when an object is done
         }
         if send.is_empty() && *in_flight == 0 && objects.is_empty() {
@@ -988,7 +1015,7 @@ impl<D: BlockDevice> Core<D> {
             }
         }
         let all_done = targets.values().all(|t| t.done);
-        if starved {
+        if starved && !self.recovery_queue.contains(&pgid) {
             self.recovery_queue.push_back(pgid); // a slot frees when an object is done
         }
         for (osd, entries, trim_upto, begin) in logs {
@@ -1006,7 +1033,11 @@ impl<D: BlockDevice> Core<D> {
                     last: i + 1 == n,
                     last_version: if begin { 0 } else { version },
                     trim_upto: if i == 0 { trim_upto } else { 0 },
-                    begin_backfill: begin,
+                    backfill: if begin {
+                        rep::BackfillStep::Begin
+                    } else {
+                        rep::BackfillStep::None
+                    },
                 };
                 let mut b = Vec::new();
                 push.encode(&mut b);
@@ -1070,7 +1101,8 @@ impl<D: BlockDevice> Core<D> {
             .and_then(|v| v.map.pools.get(&pgid.pool))
             .map_or(usize::MAX, |pool| usize::from(pool.min_size));
         // Members left behind, and those being backfilled, are not copies.
-        let copies = p.acting.len().saturating_sub(p.behind.len() + p.backfill_pending.len());
+        let pending = p.backfill_pending.keys().filter(|o| !p.behind.contains(o)).count();
+        let copies = p.acting.len().saturating_sub(p.behind.len() + pending);
         let enough = copies >= min_size;
         pg.active_with = Some(p.interval);
         pg.behind = p.behind;
@@ -1157,8 +1189,10 @@ impl<D: BlockDevice> Core<D> {
             t.done = true;
             p.behind.push(from);
         } else if t.done {
-        } else if t.in_flight > 0 {
-            t.in_flight -= 1;
+        } else if !r.message.is_empty() {
+            // An object's (it names it); a log's names none. One of an earlier peering
+            // at the same epoch (a repair) may arrive first: never taken for the log's.
+            t.in_flight = t.in_flight.saturating_sub(1);
         } else if t.log_sent {
             tracing::info!("PG {pgid}: {from} recovered");
             t.done = true;
@@ -1313,7 +1347,7 @@ impl<D: BlockDevice> Core<D> {
             last: false,
             last_version: 0,
             trim_upto: 0,
-            begin_backfill: false,
+            backfill: rep::BackfillStep::None,
         };
         match to {
             PushTo::Peer(osd) | PushTo::Backfill(osd) => {
@@ -1416,21 +1450,48 @@ impl<D: BlockDevice> Core<D> {
         }
         let (last, version, trim) = (push.last, push.last_version, push.trim_upto);
         let mut set_version = (object.is_none() && last).then_some(version);
-        if reply.is_some() {
+        if let Some(cookie) = reply {
             let pg = self.pgs.entry(pgid).or_default();
-            if push.begin_backfill {
-                // From now on the primary's writes are applied here without logging
-                // them, until the closing log push (the `backfill` module).
-                tracing::info!("PG {pgid}: backfilled by the primary from epoch {}", push.epoch);
-                pg.backfilling = true;
-                pg.version = 0;
-            } else if set_version.is_some() && pg.backfilling {
-                // The closing log push: the writes that follow it are logged again, at
-                // versions after this one (they may reach this core before the push is
-                // durable, so the version is set now, never set back).
-                pg.backfilling = false;
-                pg.version = version;
-                set_version = None;
+            match push.backfill {
+                rep::BackfillStep::Begin => {
+                    // From now on the primary's writes are applied here without logging
+                    // them, until the closing log push (the `backfill` module).
+                    tracing::info!(
+                        "PG {pgid}: backfilled by the primary from epoch {}",
+                        push.epoch
+                    );
+                    pg.backfilling = true;
+                    pg.backfill_applied = 0;
+                    pg.version = 0;
+                }
+                rep::BackfillStep::Close if !pg.backfilling => {
+                    // Restarted since the backfill began (writes sent to the earlier
+                    // process may be lost): it must start over, not look complete.
+                    let m = format!("PG {pgid}: not being backfilled here (restarted?)");
+                    tracing::warn!("refused a closing backfill log: {m}");
+                    let r = RepReply {
+                        pool: push.pool,
+                        pg: push.pg,
+                        version: push.epoch,
+                        status: Status::Again,
+                        message: &m,
+                    };
+                    return self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+                }
+                rep::BackfillStep::Close if last => {
+                    // The writes that follow it are logged again, at versions after
+                    // this one (they may reach this core before the push is durable,
+                    // so the version is set now, never set back).
+                    pg.backfilling = false;
+                    pg.version = version;
+                    set_version = None;
+                }
+                rep::BackfillStep::Close => {} // an earlier piece: entries only
+                rep::BackfillStep::None if set_version.is_some() => {
+                    // A peering's closing log: whatever backfill ran here is over.
+                    pg.backfilling = false;
+                }
+                rep::BackfillStep::None => {}
             }
         }
         self.apply_push(pgid, push.epoch, object, entries, last, set_version, trim, reply);

@@ -191,10 +191,17 @@ async fn stop(dir: &Path, name: &str, grace: Duration) -> bool {
     false
 }
 
-fn free_port(ip: std::net::IpAddr) -> Result<u16, Fail> {
-    let l = std::net::TcpListener::bind((ip, 0))
-        .map_err(|e| fail(format!("no port on {ip} ({e}): is it an address of this machine?")))?;
-    Ok(l.local_addr().map_err(fail)?.port())
+/// `n` distinct free ports on `ip`: each is held until all are picked (a port given
+/// back at once can be handed out again by the next bind).
+fn free_ports(ip: std::net::IpAddr, n: usize) -> Result<Vec<u16>, Fail> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| {
+            fail(format!("no port on {ip} ({e}): is it an address of this machine?"))
+        })?;
+        held.push(l);
+    }
+    held.iter().map(|l| Ok(l.local_addr().map_err(fail)?.port())).collect()
 }
 
 fn random_fsid() -> Result<[u8; 16], Fail> {
@@ -439,10 +446,12 @@ fn create(
     let dir = std::fs::canonicalize(dir).map_err(fail)?;
     let fsid = random_fsid()?;
     let names = ["a", "b", "c", "d", "e"];
-    let mut members = Vec::new();
-    for n in &names[..mons] {
-        members.push((n.to_string(), std::net::SocketAddr::new(ip, free_port(ip)?).to_string()));
-    }
+    let ports = free_ports(ip, mons)?;
+    let members: Vec<(String, String)> = names[..mons]
+        .iter()
+        .zip(ports)
+        .map(|(n, port)| (n.to_string(), std::net::SocketAddr::new(ip, port).to_string()))
+        .collect();
     let list: Vec<String> = members.iter().map(|(n, a)| format!("{n}={a}")).collect();
     let mut daemons = Vec::new();
     for (n, _) in &members {
