@@ -32,7 +32,11 @@
 //! backfilled again from the start.
 //!
 //! `osd_nobackfill` (central config) holds backfills (`backfill_wait`): nothing is
-//! copied while it is set; writes go on.
+//! copied while it is set, and no write waits for a copy.
+//!
+//! **On the target** the backfill also ends (it reports the version its log shows and
+//! is backfilled again) when a primary of the current or a newer interval queries it,
+//! when it leads the PG, and when a write the backfill sent fails to apply.
 
 use std::collections::BTreeSet;
 
@@ -137,7 +141,13 @@ impl<D: BlockDevice> Core<D> {
             let n = writing.get(o).copied().unwrap_or(0) as usize;
             n > parked.iter().filter(|w| w.object == o).count()
         };
+        let mut unblocked = false;
         for (osd, b) in backfills.iter_mut() {
+            if paused && !b.blocked.is_empty() {
+                // Held: nothing is copied, so writes must not wait for a copy.
+                b.blocked.clear();
+                unblocked = true;
+            }
             if b.stage == Stage::Copying && !paused {
                 let mut skipped = Vec::new();
                 while b.in_flight.len() < MAX_PUSHES_PER_PEER && room > 0 {
@@ -167,6 +177,9 @@ impl<D: BlockDevice> Core<D> {
         }
         if starved && !self.recovery_queue.contains(&pgid) {
             self.recovery_queue.push_back(pgid);
+        }
+        if unblocked {
+            self.release_backfill_held(pgid);
         }
         if !logs.is_empty() {
             let pg = self.pgs.get(&pgid).expect("checked above");
@@ -222,7 +235,11 @@ impl<D: BlockDevice> Core<D> {
                 self.pg_dirty = true;
                 tracing::info!("PG {pgid}: {from} backfilled");
                 // One more copy: writes parked for want of copies may be answered.
-                if !pg.parked.is_empty() && self.copies(pgid) >= self.min_size(pgid) {
+                // (Not while a re-peering is due: a replica refused one of them.)
+                if !pg.parked.is_empty()
+                    && !pg.want_peer
+                    && self.copies(pgid) >= self.min_size(pgid)
+                {
                     self.answer_parked(pgid, false);
                 }
             }

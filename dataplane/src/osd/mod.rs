@@ -278,6 +278,15 @@ struct Pg {
 }
 
 impl Pg {
+    /// A backfill this member was receiving ends before its closing log (a new
+    /// interval, a failed write): writes are checked and logged again, from the version
+    /// its log shows (entries of closing-log pieces that arrived count; the objects they
+    /// name were all copied before), and a new primary backfills it again if needed.
+    fn end_backfilling(&mut self) {
+        self.backfilling = false;
+        self.version = self.log.iter().rev().find(|(_, l)| !l.rolled_back()).map_or(0, |(v, _)| *v);
+    }
+
     /// Drops the log entries up to and including `upto` (and their request ids).
     fn trim_log(&mut self, upto: u64) {
         let kept = upto.checked_add(1).map_or_else(BTreeMap::new, |k| self.log.split_off(&k));
@@ -1615,8 +1624,10 @@ impl<D: BlockDevice> Core<D> {
             });
             if let Err(e) = self.shard.submit(txn, slot as u64) {
                 self.ops.remove(slot);
-                if created && let Some(pg) = self.pgs.get_mut(&pgid) {
-                    pg.exists = false;
+                if let Some(pg) = self.pgs.get_mut(&pgid) {
+                    pg.exists &= !created;
+                    // Not applied: the backfill cannot go on (it starts over).
+                    pg.end_backfilling();
                 }
                 return refuse(self, status_of(&e), &e.to_string());
             }
@@ -1919,6 +1930,12 @@ impl<D: BlockDevice> Core<D> {
                     Err(e) => {
                         if created || matches!(e, StoreError::NotFound(Missing::Collection(_))) {
                             st.exists = false;
+                        }
+                        if !logged_here && st.backfilling {
+                            // A write a backfill sent is not here: the backfill starts
+                            // over (a resend must not be taken for applied, nor the
+                            // closing log for complete).
+                            st.end_backfilling();
                         }
                         if logged_here && st.version == version {
                             // Not in the log here: a resend of it may take the version.

@@ -381,6 +381,7 @@ impl<D: BlockDevice> Core<D> {
                 !view.map.pools.contains_key(&id.pool)
                     && (pg.peering.is_some()
                         || !pg.held.is_empty()
+                        || !pg.parked.is_empty()
                         || !pg.backfills.is_empty()
                         || !pg.backfill_held.is_empty())
             })
@@ -391,14 +392,15 @@ impl<D: BlockDevice> Core<D> {
             pg.peering = None;
             pg.active_with = None;
             pg.backfills.clear();
+            self.answer_parked(pgid, true);
             self.release_held(pgid);
-            self.release_backfill_held(pgid);
-        }
-        for pgid in ended {
             self.release_backfill_held(pgid);
         }
         for (pgid, acting) in start {
             self.start_peering(pgid, acting, view.map.epoch);
+        }
+        for pgid in ended {
+            self.release_backfill_held(pgid); // held again by the peering
         }
     }
 
@@ -510,7 +512,9 @@ impl<D: BlockDevice> Core<D> {
         }
         pg.want_peer = false;
         // Leading it now: a backfill this OSD was receiving is over (it recovers itself).
-        pg.backfilling = false;
+        if pg.backfilling {
+            pg.end_backfilling();
+        }
         if !pg.backfills.is_empty() {
             // A new interval starts them again (the targets report version 0).
             tracing::info!(
@@ -607,17 +611,16 @@ impl<D: BlockDevice> Core<D> {
             pg.readable_until = MonoTime::ZERO;
             pg.lease_waiting.clear();
         }
-        pg.interval_epoch = pg.interval_epoch.max(q.epoch);
-        if pg.backfilling {
-            // A new interval: its primary decides afresh (this member reports version 0
-            // and an empty log, which is what it holds), and sends a new start if it
+        if pg.backfilling && q.epoch >= pg.interval_epoch {
+            // A new interval: its primary decides afresh, and sends a new start if it
             // backfills it; until then writes are checked and logged as usual.
             tracing::info!(
                 "PG {pgid}: a backfill here ends with the interval of epoch {}",
                 q.epoch
             );
-            pg.backfilling = false;
+            pg.end_backfilling();
         }
+        pg.interval_epoch = pg.interval_epoch.max(q.epoch);
         if pg.inflight.is_empty() {
             self.answer_query(cookie, q);
         } else {
