@@ -388,16 +388,7 @@ fn a_member_away_for_600_writes_gets_them_from_the_log_and_can_lead() {
     c.wait_state("active+clean");
 
     // It leads (epoch 4: the others take no primaries) and serves everything.
-    let mut m4 = m;
-    m4.epoch = 4;
-    for (id, o) in m4.osds.iter_mut() {
-        if *id != away {
-            o.primary_affinity = 0;
-        }
-    }
-    c.publish(m4);
-    c.follow_primary();
-    assert_eq!(c.acting[0], away);
+    c.make_primary(m, 4, away);
     for i in (0..600).step_by(37).chain([599]) {
         let (st, got) = c.call(&format!("o{i}"), Op::Read { offset: 0, len: 0 });
         assert_eq!((st, got), (Status::Ok, data(i)), "o{i} read from the recovered member");
@@ -466,16 +457,7 @@ fn a_member_behind_the_log_is_backfilled_alongside_writes() {
     c.wait_state("active+clean");
 
     // It leads (the others take no primaries) and has everything, and nothing deleted.
-    let mut m5 = m;
-    m5.epoch = 5;
-    for (id, o) in m5.osds.iter_mut() {
-        if *id != away {
-            o.primary_affinity = 0;
-        }
-    }
-    c.publish(m5);
-    c.follow_primary();
-    assert_eq!(c.acting[0], away);
+    c.make_primary(m, 5, away);
     for i in 0..70 {
         let want = match i {
             59 => None,
@@ -495,6 +477,20 @@ fn a_member_behind_the_log_is_backfilled_alongside_writes() {
 }
 
 impl Cluster {
+    /// Publishes `map` at `epoch` with every OSD but `osd` at primary affinity 0, and
+    /// follows it: `osd` leads the PG.
+    fn make_primary(&mut self, mut map: OsdMap, epoch: u64, osd: OsdId) {
+        map.epoch = epoch;
+        for (id, o) in map.osds.iter_mut() {
+            if *id != osd {
+                o.primary_affinity = 0;
+            }
+        }
+        self.publish(map);
+        self.follow_primary();
+        assert_eq!(self.acting[0], osd);
+    }
+
     /// Hands `map` to some OSDs only (the others keep the map they have).
     fn publish_to(&mut self, map: &OsdMap, to: &[OsdId]) {
         let map = Arc::new(map.clone());

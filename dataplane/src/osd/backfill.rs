@@ -40,7 +40,7 @@
 
 use std::collections::BTreeSet;
 
-use sluice_net::rep::{BackfillStep, Push};
+use sluice_net::rep::BackfillStep;
 
 use super::peering::{MAX_PUSHES_PER_PEER, PushTo};
 use super::*;
@@ -117,6 +117,10 @@ impl<D: BlockDevice> Core<D> {
     /// Copies more objects to the PG's backfill targets, closes those with every object
     /// copied (see the module documentation).
     pub(super) fn backfill_more(&mut self, pgid: PgId) {
+        // Called after every write: nothing to look up for a PG without backfills.
+        if self.pgs.get(&pgid).is_none_or(|pg| pg.backfills.is_empty()) {
+            return;
+        }
         let Some(view) = self.view.clone() else { return };
         let Some(pool) = view.map.pools.get(&pgid.pool) else { return };
         let acting = self.primaries.mapping(&view.map, pool, pgid).up.clone();
@@ -187,26 +191,8 @@ impl<D: BlockDevice> Core<D> {
             let trim_upto = pg.log.keys().next().map_or(0, |f| f - 1);
             let version = pg.version;
             for (osd, epoch) in logs {
-                let pieces = super::peering::log_pieces(entries.clone());
-                let n = pieces.len();
-                for (i, piece) in pieces.into_iter().enumerate() {
-                    let encoded: Vec<(u64, Vec<u8>)> =
-                        piece.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
-                    let push = Push {
-                        epoch,
-                        pool: pgid.pool.0,
-                        pg: pgid.pg,
-                        object: None,
-                        entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
-                        last: i + 1 == n,
-                        last_version: version,
-                        trim_upto: if i == 0 { trim_upto } else { 0 },
-                        backfill: BackfillStep::Close,
-                    };
-                    let mut b = Vec::new();
-                    push.encode(&mut b);
-                    self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
-                }
+                let step = BackfillStep::Close;
+                self.send_log(pgid, osd, epoch, entries.clone(), version, trim_upto, step);
                 tracing::info!("PG {pgid}: backfill of {osd}: the log went (v{version})");
             }
             // Writes held while closing go now: after the log, on the same connection.

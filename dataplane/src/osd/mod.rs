@@ -1592,8 +1592,9 @@ impl<D: BlockDevice> Core<D> {
             );
             return refuse(self, Status::Again, &m);
         }
-        if pg.backfilling {
-            // Backfilled alongside writes: applied, not logged (the `backfill` module).
+        // Backfilled alongside writes (the `backfill` module): applied, not logged.
+        let logged_here = !pg.backfilling;
+        if !logged_here {
             // Versions arrive in order (gaps are writes to objects not copied yet): an
             // older one is a resend after a session reset.
             if let Some(&slot) = pg.inflight.get(&reqid) {
@@ -1606,35 +1607,7 @@ impl<D: BlockDevice> Core<D> {
                 return refuse(self, Status::Ok, "");
             }
             pg.backfill_applied = op.version;
-            let (mut txn, created, _, logged) =
-                write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(0));
-            txn.ops.retain(|o| !matches!(o, TxOp::PgLogAppend { .. }));
-            let kind = Kind::RepWrite {
-                pg: pgid,
-                version: op.version,
-                created,
-                logged,
-                logged_here: false,
-            };
-            let slot = self.ops.insert(Pending {
-                origin: Origin::Local(cookie),
-                tid: 0,
-                kind,
-                dups: Vec::new(),
-            });
-            if let Err(e) = self.shard.submit(txn, slot as u64) {
-                self.ops.remove(slot);
-                if let Some(pg) = self.pgs.get_mut(&pgid) {
-                    pg.exists &= !created;
-                    // Not applied: the backfill cannot go on (it starts over).
-                    pg.end_backfilling();
-                }
-                return refuse(self, status_of(&e), &e.to_string());
-            }
-            self.pgs.get_mut(&pgid).expect("entered above").inflight.insert(reqid, slot);
-            return;
-        }
-        if op.version <= pg.version {
+        } else if op.version <= pg.version {
             // Seen before: a resend after the primary's session was reset.
             if pg.done.get(&reqid) == Some(&op.version) {
                 self.stats.dedup_hits += 1;
@@ -1653,8 +1626,7 @@ impl<D: BlockDevice> Core<D> {
             );
             tracing::error!("replicated write refused: {m}");
             return refuse(self, Status::Invalid, &m);
-        }
-        if op.version > pg.version + 1 {
+        } else if op.version > pg.version + 1 {
             // Writes this replica never saw: applying past them would make a log with a
             // hole. The primary parks the write and peers again (recovery fills it).
             self.stats.rep_gaps += 1;
@@ -1667,10 +1639,12 @@ impl<D: BlockDevice> Core<D> {
             tracing::warn!("replicated write refused: {m}");
             return refuse(self, Status::Again, &m);
         }
-        let (txn, created, _, logged) =
-            write_txn(pg, pgid, &req, op.version, op.epoch, Trim::Upto(op.trim_upto));
-        let kind =
-            Kind::RepWrite { pg: pgid, version: op.version, created, logged, logged_here: true };
+        let trim = Trim::Upto(if logged_here { op.trim_upto } else { 0 });
+        let (mut txn, created, _, logged) = write_txn(pg, pgid, &req, op.version, op.epoch, trim);
+        if !logged_here {
+            txn.ops.retain(|o| !matches!(o, TxOp::PgLogAppend { .. }));
+        }
+        let kind = Kind::RepWrite { pg: pgid, version: op.version, created, logged, logged_here };
         let slot = self.ops.insert(Pending {
             origin: Origin::Local(cookie),
             tid: 0,
@@ -1679,13 +1653,19 @@ impl<D: BlockDevice> Core<D> {
         });
         if let Err(e) = self.shard.submit(txn, slot as u64) {
             self.ops.remove(slot);
-            if created && let Some(pg) = self.pgs.get_mut(&pgid) {
-                pg.exists = false;
+            if let Some(pg) = self.pgs.get_mut(&pgid) {
+                pg.exists &= !created;
+                if !logged_here {
+                    // Not applied: the backfill cannot go on (it starts over).
+                    pg.end_backfilling();
+                }
             }
             return refuse(self, status_of(&e), &e.to_string());
         }
         let pg = self.pgs.get_mut(&pgid).expect("entered above");
-        pg.version = op.version;
+        if logged_here {
+            pg.version = op.version;
+        }
         pg.inflight.insert(reqid, slot);
     }
 

@@ -1022,36 +1022,53 @@ impl<D: BlockDevice> Core<D> {
             self.recovery_queue.push_back(pgid); // a slot frees when an object is done
         }
         for (osd, entries, trim_upto, begin) in logs {
-            let pieces = log_pieces(entries);
-            let n = pieces.len();
-            for (i, piece) in pieces.into_iter().enumerate() {
-                let encoded: Vec<(u64, Vec<u8>)> =
-                    piece.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
-                let push = Push {
-                    epoch,
-                    pool: pgid.pool.0,
-                    pg: pgid.pg,
-                    object: None,
-                    entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
-                    last: i + 1 == n,
-                    last_version: if begin { 0 } else { version },
-                    trim_upto: if i == 0 { trim_upto } else { 0 },
-                    backfill: if begin {
-                        rep::BackfillStep::Begin
-                    } else {
-                        rep::BackfillStep::None
-                    },
-                };
-                let mut b = Vec::new();
-                push.encode(&mut b);
-                self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
-            }
+            let (last_version, step) = match begin {
+                true => (0, rep::BackfillStep::Begin),
+                false => (version, rep::BackfillStep::None),
+            };
+            self.send_log(pgid, osd, epoch, entries, last_version, trim_upto, step);
         }
         for (osd, object) in reads {
             self.recovery_read(pgid, object, PushTo::Peer(osd), epoch);
         }
         if all_done {
             self.activate(pgid);
+        }
+    }
+
+    /// Sends `entries` to `osd` as log pushes of at least one piece: the first trims the
+    /// member's log up to `trim_upto`, the last sets its version to `last_version` and is
+    /// acknowledged; every piece carries `step`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_log(
+        &mut self,
+        pgid: PgId,
+        osd: OsdId,
+        epoch: u64,
+        entries: Vec<(u64, Logged)>,
+        last_version: u64,
+        trim_upto: u64,
+        step: rep::BackfillStep,
+    ) {
+        let pieces = log_pieces(entries);
+        let n = pieces.len();
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let encoded: Vec<(u64, Vec<u8>)> =
+                piece.iter().map(|(v, l)| (*v, l.entry().encode())).collect();
+            let push = Push {
+                epoch,
+                pool: pgid.pool.0,
+                pg: pgid.pg,
+                object: None,
+                entries: encoded.iter().map(|(v, e)| (*v, &e[..])).collect(),
+                last: i + 1 == n,
+                last_version,
+                trim_upto: if i == 0 { trim_upto } else { 0 },
+                backfill: step,
+            };
+            let mut b = Vec::new();
+            push.encode(&mut b);
+            self.send_peer(pgid, osd, rep::MSG_PUSH, &b);
         }
     }
 
@@ -1397,6 +1414,12 @@ impl<D: BlockDevice> Core<D> {
         }
     }
 
+    /// Refuses a push of the peering at `epoch` (the acknowledgement carries the epoch).
+    fn push_refused(&mut self, cookie: u64, pgid: PgId, epoch: u64, status: Status, m: &str) {
+        let r = RepReply { pool: pgid.pool.0, pg: pgid.pg, version: epoch, status, message: m };
+        self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+    }
+
     /// A member's side: the primary pulls an object.
     pub(super) fn on_pull(&mut self, cookie: u64, pull: Pull<'_>) {
         let pgid = PgId { pool: PoolId(pull.pool), pg: pull.pg };
@@ -1415,14 +1438,7 @@ impl<D: BlockDevice> Core<D> {
                     let m = format!("undecodable log entry {v}");
                     tracing::error!("PG {pgid}: push: {m}");
                     if let Some(cookie) = reply {
-                        let r = RepReply {
-                            pool: push.pool,
-                            pg: push.pg,
-                            version: push.epoch,
-                            status: Status::Invalid,
-                            message: &m,
-                        };
-                        self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+                        self.push_refused(cookie, pgid, push.epoch, Status::Invalid, &m);
                     }
                     return;
                 }
@@ -1441,14 +1457,7 @@ impl<D: BlockDevice> Core<D> {
             if push.epoch < pg.interval_epoch {
                 // From a peering a newer primary has superseded.
                 let m = format!("push of epoch {} < interval {}", push.epoch, pg.interval_epoch);
-                let r = RepReply {
-                    pool: push.pool,
-                    pg: push.pg,
-                    version: push.epoch,
-                    status: Status::Again,
-                    message: &m,
-                };
-                return self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+                return self.push_refused(cookie, pgid, push.epoch, Status::Again, &m);
             }
         }
         let (last, version, trim) = (push.last, push.last_version, push.trim_upto);
@@ -1472,14 +1481,7 @@ impl<D: BlockDevice> Core<D> {
                     // process may be lost): it must start over, not look complete.
                     let m = format!("PG {pgid}: not being backfilled here (restarted?)");
                     tracing::warn!("refused a closing backfill log: {m}");
-                    let r = RepReply {
-                        pool: push.pool,
-                        pg: push.pg,
-                        version: push.epoch,
-                        status: Status::Again,
-                        message: &m,
-                    };
-                    return self.rep_reply_as(cookie, rep::MSG_PUSH_ACK, &r);
+                    return self.push_refused(cookie, pgid, push.epoch, Status::Again, &m);
                 }
                 rep::BackfillStep::Close if last => {
                     // The writes that follow it are logged again, at versions after

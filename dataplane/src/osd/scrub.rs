@@ -206,6 +206,10 @@ impl<D: BlockDevice> Core<D> {
 
     /// Starts the wanted scrub if the PG is active with no writes in flight.
     pub(super) fn maybe_start_scrub(&mut self, pgid: PgId) {
+        // Called after every write: most PGs want none.
+        if self.pgs.get(&pgid).is_none_or(|pg| pg.want_scrub.is_none()) {
+            return;
+        }
         let Some(view) = self.view.clone() else { return };
         let Some(pg) = self.pgs.get_mut(&pgid) else { return };
         let Some((deep, repair)) = pg.want_scrub else { return };
